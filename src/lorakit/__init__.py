@@ -1,0 +1,38 @@
+"""lorakit: Low-Rank Adaptation for PyTorch and Hugging Face models.
+
+    from lorakit import LoraConfig, add_lora, merge, save_adapter
+    add_lora(model, LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]))
+
+The core (this namespace) needs only torch and safetensors; the CLI's model loading, data and
+training live in their own modules and import transformers when used.
+"""
+
+from .adapters import active_adapters, delete_adapter, disable_adapters, route, set_adapter
+from .config import LoraConfig
+from .errors import LoraError
+from .inject import Plan, add_lora, plan, trainable_parameters
+from .io import load_adapter, save_adapter
+from .layers import lora_delta
+from .merge import merge, unload, unmerge
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraConfig",
+    "LoraError",
+    "Plan",
+    "active_adapters",
+    "add_lora",
+    "delete_adapter",
+    "disable_adapters",
+    "load_adapter",
+    "lora_delta",
+    "merge",
+    "plan",
+    "route",
+    "save_adapter",
+    "set_adapter",
+    "trainable_parameters",
+    "unload",
+    "unmerge",
+]

