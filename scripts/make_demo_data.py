@@ -25,11 +25,9 @@ OUT_DIR = Path(__file__).resolve().parent.parent / "src" / "lorakit" / "demo"
 SYSTEM = "Reply with JSON: items (name, size, qty) and address."
 
 # (singular, plural): the JSON takes the singular, the order text the form its quantity needs.
+PIZZAS = "pepperoni,margherita,hawaiian,veggie,bbq chicken,four cheese,mushroom,meat lovers"
 ITEMS = [
-    *((f"{kind} pizza", f"{kind} pizzas") for kind in (
-        "pepperoni", "margherita", "hawaiian", "veggie", "bbq chicken", "four cheese",
-        "mushroom", "meat lovers",
-    )),
+    *((f"{kind} pizza", f"{kind} pizzas") for kind in PIZZAS.split(",")),
     ("coke", "cokes"),
     ("diet coke", "diet cokes"),
     ("sprite", "sprites"),
@@ -42,11 +40,10 @@ ITEMS = [
 ]
 SIZES = ["small", "medium", "large"]
 QTY_WORDS = {1: ["a", "one", "1"], 2: ["two", "2"], 3: ["three", "3"], 4: ["four", "4"]}
-STREETS = [
-    "Elm", "Oak", "Maple", "Pine", "Cedar", "Main", "High", "Park", "Lake", "Hill", "Church",
-    "Mill", "River", "Station", "King", "Queen", "Bridge", "Market", "Willow", "Birch",
-    "Sunset", "Harbor", "Forest", "Garden", "Spring", "Chestnut", "Victoria", "Walnut",
-]
+STREETS = (  # split on spaces where used
+    "Elm Oak Maple Pine Cedar Main High Park Lake Hill Church Mill River Station King Queen "
+    "Bridge Market Willow Birch Sunset Harbor Forest Garden Spring Chestnut Victoria Walnut"
+)
 STREET_TYPES = ["Street", "Avenue", "Road", "Lane", "Drive", "Way", "Court", "Place"]
 
 ITEM_FORMS = ["{qty} {size} {name}", "{qty} {size} {name}", "{qty} {size}-size {name}"]
@@ -79,7 +76,7 @@ def make_order(rng: random.Random) -> tuple[str, str]:
         items.append({"name": singular, "size": size, "qty": qty})
     sep, last = rng.choice(JOINS)
     text = phrases[0] if len(phrases) == 1 else sep.join(phrases[:-1]) + last + phrases[-1]
-    address = f"{rng.randint(1, 999)} {rng.choice(STREETS)} {rng.choice(STREET_TYPES)}"
+    address = f"{rng.randint(1, 999)} {rng.choice(STREETS.split())} {rng.choice(STREET_TYPES)}"
     order = rng.choice(ORDERS).format(items=text, address=address)
     answer = json.dumps({"items": items, "address": address}, separators=(",", ":"))
     return order[0].upper() + order[1:], answer

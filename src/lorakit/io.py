@@ -306,8 +306,11 @@ def load_adapter(
             problems.append(
                 f"{key}: file has shape {tuple(tensors[key].shape)}, model expects {shape}"
             )
+    embeddings = _embedding_weights(model, result.entries)
     for key in sorted(set(tensors) - set(expected)):
-        if not _peft_duplicate(key, result.entries):
+        if key in embeddings and tuple(tensors[key].shape) == tuple(embeddings[key].shape):
+            expected[key] = (None, "embedding", tuple(embeddings[key].shape))
+        elif not _peft_duplicate(key, result.entries):
             problems.append(f"unexpected tensor {key}")
     if problems:
         shown = problems[:50] + (["..."] if len(problems) > 50 else [])
@@ -319,6 +322,18 @@ def load_adapter(
     add_lora(model, config, adapter_name)
     _copy_in(model, tensors, expected, adapter_name)
     return model
+
+
+def _embedding_weights(model: nn.Module, entries: list[PlanEntry]) -> dict[str, nn.Parameter]:
+    """PEFT key -> weight for the input/output embeddings, which PEFT saves in full when an
+    embedding is adapted (to carry a resized vocabulary); loading them does what PEFT does."""
+    wrapped = {e.path for e in entries if e.kind != "modules_to_save"}
+    weights = {}
+    for path, module in walk(model):
+        if isinstance(unwrap(module), nn.Embedding) or path == "lm_head":
+            name = f"{path}.base_layer.weight" if path in wrapped else f"{path}.weight"
+            weights[PREFIX + name] = unwrap(module).weight
+    return weights
 
 
 def _peft_duplicate(key: str, entries: list[PlanEntry]) -> bool:
@@ -334,12 +349,11 @@ def _peft_duplicate(key: str, entries: list[PlanEntry]) -> bool:
 def _copy_in(model: nn.Module, tensors: dict, expected: dict, adapter_name: str) -> None:
     """Copy checked file tensors into the freshly added adapter (and biases)."""
     modules = dict(iter_adapter_modules(model))
-    params = dict(model.named_parameters())
     pairs: dict[str, dict[str, Tensor]] = {}
     with torch.no_grad():
         for key, (entry, role, _) in expected.items():
-            if entry is None:  # a bias
-                params[key.removeprefix(PREFIX)].copy_(tensors[key])
+            if entry is None:  # a bias or a full embedding weight
+                model.get_parameter(key.removeprefix(PREFIX)).copy_(tensors[key])
             elif entry.kind == "modules_to_save":
                 copy = modules[entry.path].modules_to_save[adapter_name]
                 copy.get_parameter(role).copy_(tensors[key])

@@ -297,7 +297,8 @@ class LoraFused(LoraLayer):
     def delta_weight(self, name: str) -> Tensor:
         # (n_on, s, r) @ (n_on, r, in) -> (n_on, s, in), placed as rows of (out, in)
         per_slice = lora_delta(self.lora_B[name], self.lora_A[name], self.scale[name])
-        delta = self._scatter(per_slice.transpose(0, 1)).T
+        full = per_slice.new_zeros(len(self.enabled), *per_slice.shape[1:])
+        delta = full.index_copy(0, self.slice_index, per_slice).flatten(0, 1)
         return delta.T if self.fan_in_fan_out else delta
 
     def lora_output(self, name: str, x: Tensor) -> Tensor:

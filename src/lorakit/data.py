@@ -1,0 +1,465 @@
+"""Fine-tuning data: reading files, chat templates, prompt masking, truncation, packing, batches.
+
+A data file is JSON (a list of records) or JSONL (one record a line). Each file holds one
+format, detected from its first record or forced with ``data_format``:
+
+============  ====================================================================
+``alpaca``    ``{"instruction": str, "input": str (optional), "output": str}``
+``chat``      ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}]}``
+``sharegpt``  ``{"conversations": [{"from": "system"|"human"|"gpt", "value": str}]}``
+``text``      ``{"text": str}``
+============  ====================================================================
+
+Every format but ``text`` becomes a conversation (a list of ``{"role", "content"}`` messages)
+rendered with the tokenizer's chat template; alpaca's ``input``, when present, follows the
+instruction after a blank line. Loss falls on the assistant's tokens only, each reply's
+end-of-turn token included so the model learns to stop (``train_on_prompt=True``: on every
+token). A ``text`` record is trained on every token, with eos appended.
+
+Labels follow Hugging Face's convention: ``labels`` is aligned with ``input_ids``, -100 marks
+no loss, and the model shifts by one to predict each token from those before it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from .errors import LoraError
+
+Conversation = list[dict[str, str]]
+Example = Conversation | str  # a conversation, or the text of a ``text`` record
+IGNORE_INDEX = -100  # the label that carries no loss (PyTorch's cross_entropy default)
+FORMATS = ("alpaca", "chat", "sharegpt", "text")
+_ROLES = ("system", "user", "assistant")
+_SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
+# The key that gives each format away in a file's first record.
+_FORMAT_KEYS = {"messages": "chat", "conversations": "sharegpt", "instruction": "alpaca"}
+
+
+@dataclass
+class EncodedDataset:
+    """Token sequences ready for training, with what encoding them kept and cut.
+
+    Items are ``{"input_ids": [...], "labels": [...]}``, so the data set plugs straight into a
+    ``torch.utils.data.DataLoader`` with :func:`collate`.
+
+    Attributes:
+        input_ids: one list of token ids per sequence.
+        labels: aligned with ``input_ids``; ``IGNORE_INDEX`` where there is no loss.
+        seq_len: the most tokens a sequence holds.
+        examples: examples read, dropped ones included.
+        truncated: examples cut to ``seq_len`` tokens (and kept).
+        dropped: examples left with no token to learn from once cut.
+    """
+
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    seq_len: int
+    examples: int
+    truncated: int = 0
+    dropped: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.input_ids) != len(self.labels):
+            raise LoraError(
+                f"{len(self.input_ids)} input sequences but {len(self.labels)} label sequences."
+            )
+        for i, (ids, labels) in enumerate(zip(self.input_ids, self.labels, strict=True)):
+            if len(ids) != len(labels) or len(ids) > self.seq_len:
+                raise LoraError(
+                    f"Sequence {i}: {len(ids)} tokens and {len(labels)} labels; both must be "
+                    f"equal and at most seq_len={self.seq_len}."
+                )
+        if min(self.examples, self.truncated, self.dropped) < 0:
+            raise LoraError("Example counts must not be negative.")
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        return {"input_ids": self.input_ids[index], "labels": self.labels[index]}
+
+    @property
+    def tokens(self) -> int:
+        """Tokens in all sequences, padding excluded."""
+        return sum(len(ids) for ids in self.input_ids)
+
+    @property
+    def target_tokens(self) -> int:
+        """Tokens that carry loss."""
+        return sum(label != IGNORE_INDEX for labels in self.labels for label in labels)
+
+    def summary(self) -> str:
+        """One line for logs, e.g. ``500 examples -> 500 sequences (<= 256 tokens): ...``."""
+        return (
+            f"{self.examples} examples -> {len(self)} sequences (<= {self.seq_len} tokens): "
+            f"{self.tokens:,} tokens, {self.target_tokens:,} with loss; "
+            f"{self.truncated} truncated, {self.dropped} dropped"
+        )
+
+
+def read_examples(path: str | Path, data_format: str | None = None) -> list[Example]:
+    """Read a JSON or JSONL data file into conversations (or texts, for the ``text`` format).
+
+    Args:
+        path: the file; JSON when its first character is ``[``, JSONL otherwise.
+        data_format: one of :data:`FORMATS`; ``None`` detects it from the first record.
+
+    Returns:
+        One example per record, in file order.
+
+    Raises:
+        LoraError: unreadable or empty file, unknown format, or a malformed record (the
+            message names the file, the line or list index, and the field).
+    """
+    path = Path(path)
+    if data_format is not None and data_format not in FORMATS:
+        raise LoraError(f"Unknown data format {data_format!r}; choose one of {', '.join(FORMATS)}.")
+    records = _read_records(path)
+    if not records:
+        raise LoraError(
+            f"{path} holds no examples: write one JSON object a line (JSONL) or a JSON list."
+        )
+    where, first = records[0]
+    fmt = data_format or _detect_format(first, f"{path}, {where}")
+    parse = {
+        "alpaca": _parse_alpaca,
+        "chat": _parse_chat,
+        "sharegpt": _parse_sharegpt,
+        "text": _parse_text,
+    }[fmt]
+    return [parse(record, f"{path}, {where}") for where, record in records]
+
+
+def _read_records(path: Path) -> list[tuple[str, Any]]:
+    """``(where, record)`` pairs, ``where`` being "line N" (JSONL) or "index N" (JSON)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise LoraError(f"Cannot read data file {path}: {error}") from error
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise LoraError(
+                f"{path}, line {error.lineno}: not valid JSON ({error.msg})."
+            ) from error
+        return [(f"index {i}", record) for i, record in enumerate(records)]
+    pairs = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            pairs.append((f"line {number}", json.loads(line)))
+        except json.JSONDecodeError as error:
+            raise LoraError(
+                f"{path}, line {number}: not valid JSON ({error.msg}); JSONL wants one object "
+                "a line."
+            ) from error
+    return pairs
+
+
+def _detect_format(record: Any, where: str) -> str:
+    if isinstance(record, dict):
+        for key, fmt in _FORMAT_KEYS.items():
+            if key in record:
+                return fmt
+        if "text" in record:
+            return "text"
+    keys = ", ".join(map(repr, record)) if isinstance(record, dict) else type(record).__name__
+    raise LoraError(
+        f"{where}: cannot tell the data format from the first record ({keys}). Expected keys: "
+        "alpaca (instruction, input, output), chat (messages), sharegpt (conversations) or "
+        "text (text). Rename the fields, or pass the format explicitly."
+    )
+
+
+def _field(record: Any, key: str, where: str, optional: bool = False) -> str:
+    """``record[key]`` checked to be a string (missing or null allowed when ``optional``)."""
+    if not isinstance(record, dict):
+        raise LoraError(f"{where}: expected a JSON object, got {type(record).__name__}.")
+    value = record.get(key)
+    if value is None and optional:
+        return ""
+    if not isinstance(value, str):
+        problem = "missing" if key not in record else f"a {type(value).__name__}"
+        raise LoraError(f"{where}: field {key!r} must be a string, is {problem}.")
+    return value
+
+
+def _parse_alpaca(record: Any, where: str) -> Conversation:
+    instruction = _field(record, "instruction", where)
+    extra = _field(record, "input", where, optional=True)
+    prompt = f"{instruction}\n\n{extra}" if extra else instruction
+    return [
+        {"role": "user", "content": prompt},
+        {"role": "assistant", "content": _field(record, "output", where)},
+    ]
+
+
+def _parse_turns(
+    record: Any, where: str, key: str, role_key: str, text_key: str, roles: Mapping[str, str]
+) -> Conversation:
+    """Shared by chat and sharegpt: a non-empty list of turns, one assistant turn at least."""
+    if not isinstance(record, dict):
+        raise LoraError(f"{where}: expected a JSON object, got {type(record).__name__}.")
+    turns = record.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise LoraError(f"{where}: field {key!r} must be a non-empty list of turns.")
+    messages = []
+    for i, turn in enumerate(turns):
+        role = _field(turn, role_key, f"{where}, {key}[{i}]")
+        if role not in roles:
+            raise LoraError(
+                f"{where}: field '{key}[{i}].{role_key}' is {role!r}; expected one of "
+                f"{', '.join(roles)}."
+            )
+        messages.append(
+            {"role": roles[role], "content": _field(turn, text_key, f"{where}, {key}[{i}]")}
+        )
+    if not any(message["role"] == "assistant" for message in messages):
+        raise LoraError(f"{where}: field {key!r} has no assistant turn, so nothing to learn.")
+    return messages
+
+
+def _parse_chat(record: Any, where: str) -> Conversation:
+    return _parse_turns(record, where, "messages", "role", "content", {r: r for r in _ROLES})
+
+
+def _parse_sharegpt(record: Any, where: str) -> Conversation:
+    return _parse_turns(record, where, "conversations", "from", "value", _SHAREGPT_ROLES)
+
+
+def _parse_text(record: Any, where: str) -> str:
+    return _field(record, "text", where)
+
+
+def encode_examples(
+    examples: Sequence[Example],
+    tokenizer: PreTrainedTokenizerBase,
+    seq_len: int,
+    *,
+    train_on_prompt: bool = False,
+    pack: bool = False,
+) -> EncodedDataset:
+    """Tokenise examples, mask the prompts, cut to ``seq_len`` and optionally pack.
+
+    An example longer than ``seq_len`` loses its end (counted as truncated); one left with no
+    token carrying loss is dropped (counted). The first token of every example carries no
+    loss: nothing comes before it to predict it from (and with packing, it would be predicted
+    from the previous, unrelated example).
+
+    Packing fills sequences of up to ``seq_len`` tokens with whole examples, in order, so
+    fewer tokens are spent on padding. Attention is not blocked between the examples sharing
+    a sequence, and positions run on across them: each example still starts with its chat
+    template's opening tokens, and the cross-talk costs little for short fine-tuning runs.
+
+    Args:
+        examples: from :func:`read_examples`.
+        tokenizer: with a chat template if any example is a conversation.
+        seq_len: the most tokens a sequence may hold.
+        train_on_prompt: put loss on every token of conversations, not only the assistant's.
+        pack: pack several examples into each sequence.
+
+    Raises:
+        LoraError: bad ``seq_len``, no chat template, a template that renders a conversation
+            inconsistently with its beginning, or every example dropped.
+    """
+    if seq_len < 2:
+        raise LoraError(f"seq_len must be at least 2, got {seq_len}.")
+    sequences = []
+    truncated = dropped = 0
+    for example in examples:
+        if isinstance(example, str):
+            ids, labels = _encode_text(example, tokenizer)
+        else:
+            ids, labels = _encode_conversation(example, tokenizer, train_on_prompt)
+        labels[0] = IGNORE_INDEX
+        if len(ids) > seq_len:
+            truncated += 1
+            ids, labels = ids[:seq_len], labels[:seq_len]
+        if all(label == IGNORE_INDEX for label in labels):
+            dropped += 1
+            continue
+        sequences.append((ids, labels))
+    if not sequences:
+        raise LoraError(
+            f"All {len(examples)} examples were dropped: none has a target token within the "
+            f"first {seq_len} tokens. Raise --seq-len."
+        )
+    if pack:
+        sequences = _pack(sequences, seq_len)
+    return EncodedDataset(
+        input_ids=[ids for ids, _ in sequences],
+        labels=[labels for _, labels in sequences],
+        seq_len=seq_len,
+        examples=len(examples),
+        truncated=truncated,
+        dropped=dropped,
+    )
+
+
+def _encode_text(text: str, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    if tokenizer.eos_token_id is None:
+        raise LoraError("The tokenizer has no eos token to end text examples with.")
+    # The tokenizer's own special tokens (a bos, for models that want one), then eos so the
+    # model learns where a document ends.
+    ids = tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+    return ids, list(ids)
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: Conversation, prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
+
+
+def _encode_conversation(
+    messages: Conversation, tokenizer: PreTrainedTokenizerBase, train_on_prompt: bool
+) -> tuple[list[int], list[int]]:
+    """Token ids of the rendered conversation and labels masking everything but the replies.
+
+    The masks are found on the text, not on token counts: each assistant reply spans from the
+    end of the conversation rendered up to it (with the generation prompt) to the end of the
+    conversation rendered through it, cut after the reply's first eos so the template's
+    trailing newline carries no loss. A token carries loss when its first character falls in
+    a reply, so tokens merging across a boundary cannot shift the masks.
+    """
+    if tokenizer.chat_template is None:
+        raise LoraError(
+            "The tokenizer has no chat template, so conversations cannot be rendered. Use a "
+            "chat (instruct) model, or data in the text format."
+        )
+    text = _render(tokenizer, messages, prompt=False)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encoded["input_ids"]
+    if train_on_prompt:
+        return ids, list(ids)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], prompt=True)
+        through = _render(tokenizer, messages[: i + 1], prompt=False)
+        if not (text.startswith(before) and text.startswith(through)):
+            raise LoraError(
+                "The chat template renders a conversation differently from its beginning, so "
+                "the assistant's tokens cannot be told apart. Train on every token instead "
+                "(train_on_prompt / --train-on-prompt)."
+            )
+        end = len(through)
+        eos = tokenizer.eos_token
+        stop = text.find(eos, len(before), end) if eos else -1
+        spans.append((len(before), stop + len(eos) if stop >= 0 else end))
+    labels = [
+        token if any(start <= first < end for start, end in spans) else IGNORE_INDEX
+        for token, (first, _) in zip(ids, encoded["offset_mapping"], strict=True)
+    ]
+    return ids, labels
+
+
+def _pack(
+    sequences: list[tuple[list[int], list[int]]], seq_len: int
+) -> list[tuple[list[int], list[int]]]:
+    """Concatenate whole examples, in order, into sequences of at most ``seq_len`` tokens."""
+    packed: list[tuple[list[int], list[int]]] = []
+    for ids, labels in sequences:
+        if packed and len(packed[-1][0]) + len(ids) <= seq_len:
+            packed[-1][0].extend(ids)
+            packed[-1][1].extend(labels)
+        else:
+            packed.append((list(ids), list(labels)))
+    return packed
+
+
+def split_examples(
+    examples: Sequence[Example], val_fraction: float, seed: int = 0
+) -> tuple[list[Example], list[Example]]:
+    """Hold out a random ``val_fraction`` of the examples (at least one), the same every run.
+
+    Returns:
+        ``(train, val)``, each in the original order.
+
+    Raises:
+        LoraError: ``val_fraction`` outside (0, 1), or a split leaving no training example.
+    """
+    if not 0 < val_fraction < 1:
+        raise LoraError(f"val_fraction must be between 0 and 1, got {val_fraction}.")
+    n_val = max(1, round(len(examples) * val_fraction))
+    if n_val >= len(examples):
+        raise LoraError(
+            f"val_fraction={val_fraction} of {len(examples)} examples leaves none to train on; "
+            "lower it or add examples."
+        )
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held_out = set(order[:n_val])
+    train = [example for i, example in enumerate(examples) if i not in held_out]
+    val = [example for i, example in enumerate(examples) if i in held_out]
+    return train, val
+
+
+def load_datasets(
+    train_path: str | Path,
+    tokenizer: PreTrainedTokenizerBase,
+    seq_len: int,
+    *,
+    val_path: str | Path | None = None,
+    val_fraction: float = 0.0,
+    data_format: str | None = None,
+    train_on_prompt: bool = False,
+    pack: bool = False,
+    seed: int = 0,
+) -> tuple[EncodedDataset, EncodedDataset | None]:
+    """Read, split and encode the training data and the validation data, if any.
+
+    Validation comes from ``val_path`` or, with ``val_fraction``, from the training file
+    (see :func:`split_examples`). It is never packed, so its loss does not depend on
+    ``pack``. ``data_format`` applies to both files; without it each file is detected alone.
+
+    Returns:
+        ``(train, val)``; ``val`` is ``None`` without ``val_path`` or ``val_fraction``.
+
+    Raises:
+        LoraError: both ``val_path`` and ``val_fraction`` given, or as in
+            :func:`read_examples`, :func:`split_examples` and :func:`encode_examples`.
+    """
+    if val_path is not None and val_fraction:
+        raise LoraError("Give a validation file or a validation fraction, not both.")
+    train = read_examples(train_path, data_format)
+    val = read_examples(val_path, data_format) if val_path is not None else None
+    if val_fraction:
+        train, val = split_examples(train, val_fraction, seed)
+    encoded = encode_examples(train, tokenizer, seq_len, train_on_prompt=train_on_prompt, pack=pack)
+    if val is None:
+        return encoded, None
+    return encoded, encode_examples(val, tokenizer, seq_len, train_on_prompt=train_on_prompt)
+
+
+def collate(batch: Sequence[Mapping[str, Sequence[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad a batch of :class:`EncodedDataset` items on the right into ``(B, T)`` tensors.
+
+    Use as ``DataLoader(dataset, collate_fn=functools.partial(collate, pad_id=...))``.
+
+    Returns:
+        ``input_ids`` (padded with ``pad_id``), ``attention_mask`` (0 on padding) and
+        ``labels`` (``IGNORE_INDEX`` on padding), all ``torch.long``.
+    """
+    width = max(len(item["input_ids"]) for item in batch)
+    input_ids, attention_mask, labels = [], [], []
+    for item in batch:
+        pad = width - len(item["input_ids"])
+        input_ids.append([*item["input_ids"], *[pad_id] * pad])
+        attention_mask.append([1] * len(item["input_ids"]) + [0] * pad)
+        labels.append([*item["labels"], *[IGNORE_INDEX] * pad])
+    return {
+        "input_ids": torch.tensor(input_ids, dtype=torch.long),
+        "attention_mask": torch.tensor(attention_mask, dtype=torch.long),
+        "labels": torch.tensor(labels, dtype=torch.long),
+    }

@@ -1,0 +1,25 @@
+"""Shared fixtures: the bundled SmolLM2 model and tokenizer, loaded once per test session.
+
+They load through lorakit's own cache (``$LORAKIT_CACHE`` or ``~/.cache/lorakit``), the same
+one ``lorakit train`` uses: the GGUF is converted at most once, on the first run ever, and
+later sessions load the converted copy in well under a second.
+"""
+
+from __future__ import annotations
+
+import pytest
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lorakit.models import DEFAULT_MODEL, load_model
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """SmolLM2-135M-Instruct and its tokenizer. Shared: tests must not modify them."""
+    return load_model(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2) -> PreTrainedTokenizerBase:
+    """The SmolLM2 tokenizer. Shared: tests must not modify it (copy it first)."""
+    return smollm2[1]

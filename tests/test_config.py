@@ -1,0 +1,80 @@
+"""LoraConfig validation and its PEFT JSON form."""
+
+import pytest
+from peft import LoraConfig as PeftLoraConfig
+
+from lorakit import LoraConfig, LoraError
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"r": 0}, "r must be a positive integer, got 0"),
+        ({"r": 2.5}, "r must be a positive integer"),
+        ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
+        ({"dropout": -0.1}, r"dropout must be in \[0, 1\)"),
+        ({"bias": "some"}, "bias must be one of"),
+        ({"init": "xavier"}, "init must be one of"),
+        ({"target_modules": None}, "nothing to adapt"),
+        ({"rank_pattern": {"v_proj": 0}}, r"rank_pattern\['v_proj'\] must be a positive integer"),
+        ({"fused_slices": {"c_attn": [False, False]}}, "at least one True"),
+        ({"target_modules": ".*proj", "layers_to_transform": [0]}, "layers_to_transform needs"),
+    ],
+)
+def test_invalid_values_raise(kwargs, message):
+    args = {"target_modules": ["q_proj"], **kwargs}
+    with pytest.raises(LoraError, match=message):
+        LoraConfig(**args)
+
+
+def test_all_problems_in_one_error():
+    with pytest.raises(LoraError) as err:
+        LoraConfig(r=-1, dropout=2.0, bias="x", target_modules=["q"])
+    assert str(err.value).count("\n  - ") == 3
+
+
+def test_scale_rules():
+    cfg = LoraConfig(
+        r=8, alpha=16, target_modules=["q"], rank_pattern={"v_proj": 4}, alpha_pattern={"v_proj": 2}
+    )
+    assert cfg.scale_for("model.layers.0.q") == 2.0
+    assert cfg.scale_for("model.layers.0.v_proj") == 0.5
+    rs = LoraConfig(r=16, alpha=8, target_modules=["q"], use_rslora=True)
+    assert rs.scale_for("q") == 2.0
+
+
+def test_peft_json_round_trip_and_peft_accepts_it():
+    cfg = LoraConfig(
+        r=4,
+        alpha=8,
+        dropout=0.1,
+        target_modules=["q_proj", "v_proj"],
+        rank_pattern={"v_proj": 2},
+        bias="lora_only",
+        init="gaussian",
+        use_rslora=True,
+        modules_to_save=["score"],
+    )
+    data = cfg.to_peft_dict()
+    assert (
+        data["lora_alpha"] == 8
+        and data["lora_dropout"] == 0.1
+        and data["init_lora_weights"] == "gaussian"
+    )
+    peft_cfg = PeftLoraConfig(**{k: v for k, v in data.items() if k != "peft_type"})
+    assert peft_cfg.r == 4 and peft_cfg.rank_pattern == {"v_proj": 2}
+    assert set(peft_cfg.target_modules) == {"q_proj", "v_proj"}
+    back = LoraConfig.from_peft_dict(data)
+    assert back == cfg
+    assert LoraConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_reading_peft_features_we_lack_is_an_error():
+    with pytest.raises(LoraError, match="use_dora"):
+        LoraConfig.from_peft_dict(
+            {"peft_type": "LORA", "r": 8, "target_modules": ["q"], "use_dora": True}
+        )
+    with pytest.raises(LoraError, match="peft_type='IA3'"):
+        LoraConfig.from_peft_dict({"peft_type": "IA3", "r": 8})
+    with pytest.raises(LoraError, match=r"Unknown LoraConfig keys \['rank'\]"):
+        LoraConfig.from_dict({"rank": 8, "target_modules": ["q"]})

