@@ -36,7 +36,7 @@ def two_adapters():
 
 
 def test_set_adapter_single_and_sum():
-    model, base, out_a, out_b = two_adapters()
+    model, _base, out_a, _out_b = two_adapters()
     assert active_adapters(model) == ["b"]
     set_adapter(model, "a")
     torch.testing.assert_close(model(IDS).logits, out_a)
@@ -54,7 +54,7 @@ def test_set_adapter_single_and_sum():
 
 
 def test_disable_adapters_gives_base_and_restores_on_error():
-    model, base, out_a, out_b = two_adapters()
+    model, base, _out_a, out_b = two_adapters()
     merge(model)
     with pytest.raises(RuntimeError), disable_adapters(model):
         torch.testing.assert_close(model(IDS).logits, base, rtol=1e-5, atol=1e-5)
@@ -65,7 +65,7 @@ def test_disable_adapters_gives_base_and_restores_on_error():
 
 
 def test_delete_merged_adapter_restores_weights_and_unwraps():
-    model, base, out_a, out_b = two_adapters()
+    model, _base, out_a, _out_b = two_adapters()
     merge(model)
     delete_adapter(model, "b")
     assert "b" not in model.lorakit_configs

@@ -159,7 +159,7 @@ def test_we_load_peft(case, tmp_path):
     peft_model = get_peft_model(make(), peft_cfg).eval()
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for n, p in peft_model.named_parameters():
+        for _n, p in peft_model.named_parameters():
             if p.requires_grad:  # PEFT starts embeddings' A at zero: move every factor
                 p.add_(torch.randn(p.shape, generator=gen) * 0.1)
     expected = _out(peft_model, inputs)
@@ -334,7 +334,7 @@ def test_legacy_bin_is_read_without_unpickling_code(tmp_path):
             return (print, ("pwned",))
 
     torch.save({"x": Evil()}, tmp_path / "adapter_model.bin")
-    with pytest.raises(Exception, match="Weights only load failed|Unsupported"):
+    with pytest.raises(LoraError, match="never unpickles code"):
         load_adapter(tiny.llama(), tmp_path)
 
 

@@ -231,7 +231,16 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, Te
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     elif (folder / LEGACY_WEIGHTS_NAME).is_file():
-        tensors = torch.load(folder / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+        try:
+            tensors = torch.load(
+                folder / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True
+            )
+        except Exception as err:  # pickle errors vary by torch version
+            raise LoraError(
+                f"Refusing to load {folder / LEGACY_WEIGHTS_NAME}: it holds more than plain "
+                f"tensors ({err.__class__.__name__}), and lorakit never unpickles code. "
+                "Convert it to safetensors in a trusted environment."
+            ) from err
     else:
         raise LoraError(
             f"{folder} has {CONFIG_NAME} but no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME})."
