@@ -7,7 +7,14 @@ The core (this namespace) needs only torch and safetensors; the CLI's model load
 training live in their own modules and import transformers when used.
 """
 
-from .adapters import active_adapters, delete_adapter, disable_adapters, route, set_adapter
+from .adapters import (
+    active_adapters,
+    combine,
+    delete_adapter,
+    disable_adapters,
+    route,
+    set_adapter,
+)
 from .config import LoraConfig
 from .errors import LoraError
 from .inject import Plan, add_lora, plan, trainable_parameters
@@ -23,6 +30,7 @@ __all__ = [
     "Plan",
     "active_adapters",
     "add_lora",
+    "combine",
     "delete_adapter",
     "disable_adapters",
     "load_adapter",

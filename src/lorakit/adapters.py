@@ -1,16 +1,19 @@
-"""Many adapters on one base model: choose, disable, delete, route rows to adapters."""
+"""Many adapters on one base model: choose, disable, delete, route rows, combine."""
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from .config import LoraConfig
 from .errors import LoraError
-from .inject import CONFIGS_ATTR, adapter_configs, iter_adapter_modules
-from .layers import LoraLayer
+from .inject import CONFIGS_ATTR, adapter_configs, add_lora, iter_adapter_modules
+from .layers import LoraConv, LoraFused, LoraLayer, LoraParameter, lora_delta
 from .merge import _active, check_adapter_names, merge, unmerge
 
 
@@ -105,3 +108,114 @@ def route(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
     finally:
         for layer in layers:
             layer.route = None
+
+
+def _matrices(layer: LoraLayer, name: str) -> tuple[Tensor, Tensor]:
+    """Adapter ``name`` as (B, A) matrices with B @ A meaningful: (..., out, r), (..., r, in)."""
+    A, B = layer.lora_A[name], layer.lora_B[name]
+    if isinstance(layer, LoraConv):
+        if layer.base_layer.groups > 1:
+            raise LoraError(f"combine does not support grouped convolutions ({layer.base_layer}).")
+        return B.flatten(1), A.flatten(1)
+    return B, A
+
+
+def _store(layer: LoraLayer, name: str, B: Tensor, A: Tensor) -> None:
+    with torch.no_grad():
+        layer.lora_A[name].copy_(A.reshape(layer.lora_A[name].shape))
+        layer.lora_B[name].copy_(B.reshape(layer.lora_B[name].shape))
+
+
+def combine(
+    model: nn.Module,
+    weights: dict[str, float],
+    name: str,
+    method: str = "cat",
+    rank: int | None = None,
+) -> dict[str, float]:
+    """Add adapter ``name`` built from weighted existing adapters; return per-module errors.
+
+    With ΔW_i = s_i B_i A_i and weights w_i, per module:
+
+    - ``cat``: B = [w_1 s_1 B_1, …], A = [A_1; …], scale 1, rank Σ r_i. Exact:
+      ΔW = Σ w_i ΔW_i.
+    - ``svd``: the best rank-``rank`` factorisation of Σ w_i ΔW_i; the returned dict gives each
+      module's relative Frobenius error.
+    - ``linear``: B = Σ sign(w_i)·sqrt(|w_i| s_i) B_i, A = Σ sqrt(|w_i| s_i) A_i (PEFT's
+      ``linear``): needs equal ranks and targets, and is exact only for one adapter.
+
+    ``modules_to_save`` copies are not combined. Raises ``LoraError`` before changing anything
+    for unknown names, an existing ``name``, an unknown method, or unequal ranks/targets
+    for ``linear``.
+    """
+    check_adapter_names(model, list(weights))
+    if name in adapter_configs(model):
+        raise LoraError(f"adapter '{name}' already exists; choose another name.")
+    if method not in ("cat", "svd", "linear"):
+        raise LoraError(f"combine method must be 'cat', 'svd' or 'linear', got {method!r}.")
+    if method == "svd" and (rank is None or rank <= 0):
+        raise LoraError("combine(method='svd') needs rank=<positive integer>.")
+    layers = [
+        (path, m)
+        for path, m in iter_adapter_modules(model)
+        if isinstance(m, LoraLayer) and any(n in m.lora_A for n in weights)
+    ]
+    ranks: dict[str, int] = {}
+    for path, layer in layers:
+        present = [n for n in weights if n in layer.lora_A]
+        if method == "linear":
+            if len(present) != len(weights) or len({layer.r[n] for n in present}) > 1:
+                raise LoraError(
+                    f"combine(method='linear') needs every adapter on every module with equal "
+                    f"ranks; {path} has { ({n: layer.r[n] for n in present}) }. Use 'cat' or 'svd'."
+                )
+            ranks[path] = layer.r[present[0]]
+        elif method == "cat":
+            ranks[path] = sum(layer.r[n] for n in present)
+        else:
+            B, A = _matrices(layer, present[0])
+            ranks[path] = min(rank, B.shape[-2], A.shape[-1])
+    add_lora(model, _combined_config(model, layers, ranks), name)
+    errors = {}
+    for path, layer in layers:
+        present = [(n, weights[n] * layer.scale[n]) for n in weights if n in layer.lora_A]
+        pairs = [(*_matrices(layer, n), ws) for n, ws in present]
+        if method == "cat":
+            B = torch.cat([b * ws for b, _, ws in pairs], dim=-1)
+            A = torch.cat([a for _, a, _ in pairs], dim=-2)
+        elif method == "linear":
+            B = sum(b * math.copysign(math.sqrt(abs(ws)), ws) for b, _, ws in pairs)
+            A = sum(a * math.sqrt(abs(ws)) for _, a, ws in pairs)
+        else:
+            delta = sum(lora_delta(b, a, ws) for b, a, ws in pairs)
+            U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+            r = ranks[path]
+            root = S[..., :r].sqrt()
+            B, A = U[..., :r] * root.unsqueeze(-2), root.unsqueeze(-1) * Vh[..., :r, :]
+            errors[path] = float(S[..., r:].norm() / S.norm().clamp_min(1e-30))
+        _store(layer, name, B, A)
+    return errors
+
+
+def _combined_config(model: nn.Module, layers: list, ranks: dict[str, int]) -> LoraConfig:
+    """Config of a combined adapter: exactly these modules, each with scale 1 at its rank."""
+    modules, parameters, slices, rank_pattern = [], [], {}, {}
+    for path, layer in layers:
+        if isinstance(layer, LoraParameter):
+            owner = path.replace(".base_layer", "")
+            parameters.append(f"{owner}.{layer.parameter_name}")
+            rank_pattern[re.escape(f"{owner}.{layer.parameter_name}")] = ranks[path]
+            continue
+        modules.append(re.escape(path))
+        rank_pattern[re.escape(path)] = ranks[path]
+        if isinstance(layer, LoraFused):
+            slices[path] = layer.enabled
+    return LoraConfig(
+        r=max(ranks.values()),
+        alpha=max(ranks.values()),
+        target_modules="|".join(modules) if modules else None,
+        target_parameters=parameters or None,
+        rank_pattern=rank_pattern,
+        alpha_pattern={k: float(v) for k, v in rank_pattern.items()},
+        fused_slices=slices,
+    )
