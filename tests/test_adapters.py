@@ -184,7 +184,7 @@ def test_combined_adapter_saves_and_loads(tmp_path):
 
 
 def test_merge_chosen_adapters_then_unmerge():
-    model, base, out_a, out_b = two_adapters()
+    model, *_ = two_adapters()
     set_adapter(model, ["a", "b"])
     both = model(IDS).logits
     merge(model, adapter_names=["a"])

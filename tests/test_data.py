@@ -132,10 +132,16 @@ def test_malformed_jsonl_record_names_file_line_and_field(tmp_path):
 @pytest.mark.parametrize(
     ("record", "fragment"),
     [
-        ({"instruction": "x"}, "index 1: field 'output' must be a string, is missing"),
-        ({"instruction": "x", "output": 3}, "index 1: field 'output' must be a string, is a int"),
-        ({"instruction": "x", "input": [], "output": "y"}, "field 'input' must be a string"),
-        ("just a string", "index 1: expected a JSON object, got str"),
+        ({"instruction": "x"}, "index 1: field 'output' is missing"),
+        (
+            {"instruction": "x", "output": None},
+            "index 1: field 'output' must be a string, got null",
+        ),
+        (
+            {"instruction": "x", "input": [], "output": "y"},
+            "field 'input' must be a string, got \\[\\]",
+        ),
+        ("just a string", 'index 1: the record must be a JSON object, got "just a string"'),
     ],
 )
 def test_malformed_json_record_names_index_and_field(tmp_path, record, fragment):
@@ -150,8 +156,12 @@ def test_malformed_json_record_names_index_and_field(tmp_path, record, fragment)
     [
         ({"messages": []}, "field 'messages' must be a non-empty list"),
         ({"messages": [{"role": "user", "content": "x"}]}, "'messages' has no assistant turn"),
-        ({"messages": [{"role": "user"}]}, r"messages\[0\]: field 'content' must be a string"),
-        ({"conversations": [{"from": "gpt", "value": 1}]}, r"conversations\[0\]: field 'value'"),
+        ({"messages": [{"role": "user"}]}, r"line 1: field 'messages\[0\].content' is missing"),
+        ({"messages": ["hi"]}, r"field 'messages\[0\]' must be a JSON object, got \"hi\""),
+        (
+            {"conversations": [{"from": "gpt", "value": 1}]},
+            r"'conversations\[0\].value' must .* got 1\.",
+        ),
         ({"conversations": [{"from": "user", "value": "x"}]}, "expected one of system, human, gpt"),
     ],
 )

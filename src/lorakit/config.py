@@ -17,7 +17,9 @@ from typing import Any
 from .errors import LoraError
 
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_MODES = ("kaiming", "gaussian")
+INIT_MODES = ("kaiming", "gaussian", "pissa", "olora")
+# Inits that take A, B from the base weight and leave the residual in it (LoRA layers only).
+WEIGHT_INITS = ("pissa", "olora")
 ALL_LINEAR = "all-linear"
 
 
@@ -125,7 +127,7 @@ class LoraConfig:
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
             "bias": self.bias,
-            "init_lora_weights": {"kaiming": True, "gaussian": "gaussian"}.get(self.init, True),
+            "init_lora_weights": True if self.init == "kaiming" else self.init,
             "use_rslora": self.use_rslora,
             "modules_to_save": self.modules_to_save,
             "target_parameters": self.target_parameters,
@@ -162,7 +164,7 @@ class LoraConfig:
             rank_pattern=dict(data.get("rank_pattern") or {}),
             alpha_pattern=dict(data.get("alpha_pattern") or {}),
             bias=data.get("bias", "none"),
-            init="gaussian" if init == "gaussian" else "kaiming",
+            init=_init_mode(init),
             use_rslora=bool(data.get("use_rslora", False)),
             modules_to_save=data.get("modules_to_save"),
             target_parameters=data.get("target_parameters"),
@@ -189,3 +191,13 @@ def first_pattern_match(patterns: dict[str, Any], path: str) -> str | None:
         if re.match(rf"(.*\.)?({key})$", path):
             return key
     return None
+
+
+def _init_mode(init_lora_weights: Any) -> str:
+    """lorakit's ``init`` for PEFT's ``init_lora_weights`` (``pissa_niter_k`` reads as pissa)."""
+    if isinstance(init_lora_weights, str):
+        if init_lora_weights.startswith("pissa"):
+            return "pissa"
+        if init_lora_weights in ("gaussian", "olora"):
+            return init_lora_weights
+    return "kaiming"

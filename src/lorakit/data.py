@@ -40,8 +40,13 @@ IGNORE_INDEX = -100  # the label that carries no loss (PyTorch's cross_entropy d
 FORMATS = ("alpaca", "chat", "sharegpt", "text")
 _ROLES = ("system", "user", "assistant")
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
-# The key that gives each format away in a file's first record.
-_FORMAT_KEYS = {"messages": "chat", "conversations": "sharegpt", "instruction": "alpaca"}
+# The key that gives each format away in a file's first record, checked in this order.
+_FORMAT_KEYS = {
+    "messages": "chat",
+    "conversations": "sharegpt",
+    "instruction": "alpaca",
+    "text": "text",
+}
 
 
 @dataclass
@@ -172,9 +177,7 @@ def _detect_format(record: Any, where: str) -> str:
         for key, fmt in _FORMAT_KEYS.items():
             if key in record:
                 return fmt
-        if "text" in record:
-            return "text"
-    keys = ", ".join(map(repr, record)) if isinstance(record, dict) else type(record).__name__
+    keys = ", ".join(map(repr, record)) if isinstance(record, dict) else _show(record)
     raise LoraError(
         f"{where}: cannot tell the data format from the first record ({keys}). Expected keys: "
         "alpaca (instruction, input, output), chat (messages), sharegpt (conversations) or "
@@ -182,20 +185,34 @@ def _detect_format(record: Any, where: str) -> str:
     )
 
 
-def _field(record: Any, key: str, where: str, optional: bool = False) -> str:
-    """``record[key]`` checked to be a string (missing or null allowed when ``optional``)."""
-    if not isinstance(record, dict):
-        raise LoraError(f"{where}: expected a JSON object, got {type(record).__name__}.")
+def _show(value: Any) -> str:
+    """A JSON value as the user wrote it, shortened for an error message."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
+def _object(value: Any, where: str, name: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise LoraError(f"{where}: {name} must be a JSON object, got {_show(value)}.")
+    return value
+
+
+def _field(record: dict[str, Any], name: str, where: str, optional: bool = False) -> str:
+    """The string at ``name`` (``key`` or ``list[i].key``) in a record; "" for a missing or
+    null optional field."""
+    key = name.rsplit(".", 1)[-1]
     value = record.get(key)
     if value is None and optional:
         return ""
+    if key not in record:
+        raise LoraError(f"{where}: field {name!r} is missing.")
     if not isinstance(value, str):
-        problem = "missing" if key not in record else f"a {type(value).__name__}"
-        raise LoraError(f"{where}: field {key!r} must be a string, is {problem}.")
+        raise LoraError(f"{where}: field {name!r} must be a string, got {_show(value)}.")
     return value
 
 
 def _parse_alpaca(record: Any, where: str) -> Conversation:
+    record = _object(record, where, "the record")
     instruction = _field(record, "instruction", where)
     extra = _field(record, "input", where, optional=True)
     prompt = f"{instruction}\n\n{extra}" if extra else instruction
@@ -209,22 +226,20 @@ def _parse_turns(
     record: Any, where: str, key: str, role_key: str, text_key: str, roles: Mapping[str, str]
 ) -> Conversation:
     """Shared by chat and sharegpt: a non-empty list of turns, one assistant turn at least."""
-    if not isinstance(record, dict):
-        raise LoraError(f"{where}: expected a JSON object, got {type(record).__name__}.")
-    turns = record.get(key)
+    turns = _object(record, where, "the record").get(key)
     if not isinstance(turns, list) or not turns:
         raise LoraError(f"{where}: field {key!r} must be a non-empty list of turns.")
     messages = []
     for i, turn in enumerate(turns):
-        role = _field(turn, role_key, f"{where}, {key}[{i}]")
+        turn = _object(turn, where, f"field '{key}[{i}]'")
+        role = _field(turn, f"{key}[{i}].{role_key}", where)
         if role not in roles:
             raise LoraError(
                 f"{where}: field '{key}[{i}].{role_key}' is {role!r}; expected one of "
                 f"{', '.join(roles)}."
             )
-        messages.append(
-            {"role": roles[role], "content": _field(turn, text_key, f"{where}, {key}[{i}]")}
-        )
+        content = _field(turn, f"{key}[{i}].{text_key}", where)
+        messages.append({"role": roles[role], "content": content})
     if not any(message["role"] == "assistant" for message in messages):
         raise LoraError(f"{where}: field {key!r} has no assistant turn, so nothing to learn.")
     return messages
@@ -239,7 +254,7 @@ def _parse_sharegpt(record: Any, where: str) -> Conversation:
 
 
 def _parse_text(record: Any, where: str) -> str:
-    return _field(record, "text", where)
+    return _field(_object(record, where, "the record"), "text", where)
 
 
 def encode_examples(

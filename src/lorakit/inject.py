@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from torch import nn
 
-from .config import ALL_LINEAR, LoraConfig
+from .config import ALL_LINEAR, WEIGHT_INITS, LoraConfig
 from .errors import LoraError
 from .layers import (
     LoraConv,
@@ -379,12 +380,43 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str = "default") ->
             )
         )
 
+    _check_weight_init(model, config, result, problems)
+
     if problems:
         raise LoraError(f"Cannot add adapter '{adapter_name}':\n  - " + "\n  - ".join(problems))
     for entry, (_, module) in zip(result.entries, _entry_modules(model, result), strict=True):
         if entry.kind != "modules_to_save":
             entry.params = _adapter_params(entry, module)
     return result
+
+
+def _check_weight_init(
+    model: nn.Module, config: LoraConfig, result: Plan, problems: list[str]
+) -> None:
+    """PiSSA / OLoRA rewrite the base weight: only plain, unshared, adapter-free linear layers."""
+    if config.init not in WEIGHT_INITS:
+        return
+    owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    for entry in result.entries:
+        if entry.kind == "modules_to_save":
+            continue
+        if entry.kind != "linear":
+            problems.append(
+                f"{entry.target}: init={config.init!r} needs a Linear or Conv1D layer, not "
+                f"{entry.module_type}; leave it out of the targets or use init='kaiming'"
+            )
+            continue
+        module = model.get_submodule(entry.path)
+        if isinstance(module, LoraLayer) and module.adapter_names():
+            problems.append(
+                f"{entry.path}: init={config.init!r} would rewrite a weight that adapters "
+                f"{module.adapter_names()} were made for; add it to a model without them"
+            )
+        elif owners[id(unwrap(module).weight)] > 1:
+            problems.append(
+                f"{entry.path}: its weight is tied to another module, which init="
+                f"{config.init!r} would change too; untie it or leave it out of the targets"
+            )
 
 
 def _plan_parameters(

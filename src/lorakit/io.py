@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .config import LoraConfig
+from .config import WEIGHT_INITS, LoraConfig
 from .errors import LoraError
 from .inject import (
     PlanEntry,
@@ -108,6 +108,38 @@ def _peft_exclude(spec: list[str] | str | None) -> str | None:
     return rf"(?:{core})(?:\..*)?"
 
 
+# --- PiSSA / OLoRA: saved as a plain LoRA on the original weights --------------------------
+def _plain_pair(layer: LoraLayer, name: str) -> tuple[Tensor, Tensor]:
+    """(A, B) of adapter ``name`` as a plain LoRA relative to the weight before its init.
+
+    PiSSA / OLoRA moved scale · B0 A0 out of the base: W = W_res + scale · B0 A0. The trained
+    model is W_res + scale · B A = W + scale · (B A - B0 A0) = W + scale · [B, -B0] [A; A0],
+    a rank-2r LoRA on the original W (PEFT's ``path_initial_model_for_weight_conversion``).
+    """
+    A, B = layer.lora_A[name], layer.lora_B[name]
+    initial = layer.initial_lora(name)
+    if initial is None:
+        return A, B
+    A0, B0 = initial
+    # (r, in) + (r, in) -> (2r, in);  (out, r) + (out, r) -> (out, 2r)
+    return torch.cat([A, A0.to(A.dtype)]), torch.cat([B, -B0.to(B.dtype)], dim=1)
+
+
+def _plain_config(config: LoraConfig) -> LoraConfig:
+    """The config of ``_plain_pair``'s adapter: rank 2r at the same scale, a plain init."""
+    if config.init not in WEIGHT_INITS:
+        return config
+    # scale = alpha / r (alpha / sqrt(r) with rsLoRA) stays the same at rank 2r.
+    factor = math.sqrt(2) if config.use_rslora else 2.0
+    return config.replace(
+        r=2 * config.r,
+        alpha=config.alpha * factor,
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: v * factor for k, v in config.alpha_pattern.items()},
+        init="kaiming",
+    )
+
+
 # --- saving --------------------------------------------------------------------------------
 def _bias_keys(
     model: nn.Module, config: LoraConfig, adapted: set[str], saved: set[str]
@@ -145,7 +177,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
                 tensors[f"{PREFIX}{path}.{name}"] = p
         elif isinstance(module, LoraLayer) and adapter_name in module.lora_A:
             key_a, key_b = _lora_keys(module)
-            A, B = _to_peft(module.lora_A[adapter_name], module.lora_B[adapter_name], module)
+            A, B = _to_peft(*_plain_pair(module, adapter_name), module)
             tensors[f"{PREFIX}{path}.{key_a}"] = A
             tensors[f"{PREFIX}{path}.{key_b}"] = B
     adapted = {
@@ -187,10 +219,12 @@ def save_adapter(
 
     Files: ``adapter_config.json`` and ``adapter_model.safetensors`` (with lorakit's config and
     the base model fingerprint in its metadata). Each file is written to a temporary name and
-    renamed, so an interrupted save never leaves a half-written file.
+    renamed, so an interrupted save never leaves a half-written file. A PiSSA / OLoRA adapter
+    is written as a plain rank-2r LoRA (see ``_plain_pair``): it loads, in PEFT or lorakit,
+    onto the unchanged base model, not onto the residual this model now holds.
     """
     tensors = adapter_state_dict(model, adapter_name)
-    config = adapter_configs(model)[adapter_name]
+    config = _plain_config(adapter_configs(model)[adapter_name])
     peft = config.to_peft_dict()
     peft.update(_pattern_overrides(config, model, adapter_name))
     peft["exclude_modules"] = _peft_exclude(config.exclude_modules)

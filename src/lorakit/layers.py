@@ -15,7 +15,9 @@ A layer holds any number of named adapters. ``active`` lists those that add to t
 
 Initialisation: A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's default ``kaiming_uniform_``
 with ``a=sqrt(5)``, as PEFT) or N(0, (1/r)²) for ``init="gaussian"``; B = 0, so a new adapter
-leaves the model's output unchanged.
+leaves the model's output unchanged. ``init="pissa"`` / ``"olora"`` (linear layers only) take
+A and B from the base weight's SVD / QR instead and leave the residual W - scale · B A in the
+base weight: the output is unchanged too (see ``principal_init``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import WEIGHT_INITS
 from .errors import LoraError
 
 
@@ -38,6 +41,22 @@ def lora_delta(B: Tensor, A: Tensor, scale: float) -> Tensor:
     goes through here, so precision and layout are decided once.
     """
     return torch.matmul(B.float(), A.float()) * scale
+
+
+def principal_init(weight: Tensor, r: int, scale: float, init: str) -> tuple[Tensor, Tensor]:
+    """A (r, in) and B (out, r) taken from ``weight`` (out, in), as PEFT computes them.
+
+    ``pissa`` (Meng et al. 2024): W = U S Vᵀ, B = U_r sqrt(S_r / scale),
+    A = sqrt(S_r / scale) V_rᵀ, so scale · B A = U_r S_r V_rᵀ, W's best rank-r approximation.
+    ``olora`` (Büyükakyüz 2024): W = Q R, B = Q_r (orthonormal columns), A = R_r (first r rows).
+    Either way the caller leaves W - scale · B A in the base weight.
+    """
+    if init == "pissa":
+        U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+        root = (S[:r] / scale).sqrt()
+        return root[:, None] * Vh[:r], U[:, :r] * root  # (r, in), (out, r)
+    Q, R = torch.linalg.qr(weight)
+    return R[:r].contiguous(), Q[:, :r].contiguous()
 
 
 def is_gpt2_conv1d(module: nn.Module) -> bool:
@@ -101,11 +120,43 @@ class LoraLayer(nn.Module):
         self.r[name] = r
         self.scale[name] = float(scale)
         self.dropout[name] = float(dropout)
+        if init in WEIGHT_INITS:
+            self._init_from_weight(name, init)
         self.active.append(name)
+
+    def _init_from_weight(self, name: str, init: str) -> None:
+        """PiSSA / OLoRA: A, B from the base weight, which keeps the residual W - ΔW."""
+        if not isinstance(self, LoraLinear):
+            raise LoraError(
+                f"init={init!r} needs a Linear or Conv1D layer, not {type(self.base_layer).__name__}"
+                "; use init='kaiming' for this layer."
+            )
+        A, B = self.lora_A[name], self.lora_B[name]
+        weight = self.base_weight
+        matrix = weight.detach().to(A.dtype)  # (out, in)
+        A0, B0 = principal_init(
+            matrix.T if self.fan_in_fan_out else matrix, A.shape[0], self.scale[name], init
+        )
+        with torch.no_grad():
+            A.copy_(A0)
+            B.copy_(B0)
+            weight.copy_((weight.float() - self.delta_weight(name)).to(weight.dtype))
+        # The starting point, kept so a trained adapter can be saved as a plain LoRA on the
+        # original weight (``lorakit.io``); not part of the state dict.
+        self.register_buffer(f"lora_A0_{name}", A0, persistent=False)
+        self.register_buffer(f"lora_B0_{name}", B0, persistent=False)
+
+    def initial_lora(self, name: str) -> tuple[Tensor, Tensor] | None:
+        """(A0, B0) a PiSSA / OLoRA adapter started from; None for other inits."""
+        if f"lora_A0_{name}" not in self._buffers:
+            return None
+        return self._buffers[f"lora_A0_{name}"], self._buffers[f"lora_B0_{name}"]
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name``; the caller unmerges it first."""
         del self.lora_A[name], self.lora_B[name], self.r[name], self.scale[name], self.dropout[name]
+        self._buffers.pop(f"lora_A0_{name}", None)
+        self._buffers.pop(f"lora_B0_{name}", None)
         if name in self.active:
             self.active.remove(name)
 

@@ -102,7 +102,7 @@ def _resolve(spec: str, seen: tuple[Path, ...]) -> str:
             raise LoraError(
                 f"{spec!r} is not a local file or folder. lorakit works offline and does not "
                 "download from the Hugging Face Hub: download the model yourself, e.g. "
-                f"`huggingface-cli download {spec} --local-dir models/{spec.split('/')[-1]}`, "
+                f"`hf download {spec} --local-dir models/{spec.split('/')[-1]}`, "
                 "then pass that folder."
             )
         raise LoraError(f"Model {spec!r} not found: no such file or folder.")
