@@ -232,3 +232,14 @@ def test_second_adapter_wraps_same_layer():
     q = model.model.layers[0].self_attn.q_proj
     assert isinstance(q.base_layer, nn.Linear)
     assert q.adapter_names() == ["a", "b"] and q.active == ["b"]
+
+
+def test_wrappers_keep_the_models_train_or_eval_mode():
+    model = tiny.cnn().eval()
+    add_lora(model, LoraConfig(r=2, dropout=0.5, target_modules=["conv1"], modules_to_save=["head"]))
+    assert not model.conv1.training and not model.head.training
+    x = torch.randn(1, 3, 8, 8)
+    tiny.randomize_adapters(model)
+    torch.testing.assert_close(model(x), model(x))  # no dropout at inference
+    model.train()
+    assert model.conv1.training

@@ -175,7 +175,11 @@ def combine(
         else:
             B, A = _matrices(layer, present[0])
             ranks[path] = min(rank, B.shape[-2], A.shape[-1])
-    add_lora(model, _combined_config(model, layers, ranks), name)
+    config = _combined_config(layers, ranks)
+    config.base_model_name_or_path = adapter_configs(model)[
+        next(iter(weights))
+    ].base_model_name_or_path
+    add_lora(model, config, name)
     errors = {}
     for path, layer in layers:
         present = [(n, weights[n] * layer.scale[n]) for n in weights if n in layer.lora_A]
@@ -197,7 +201,7 @@ def combine(
     return errors
 
 
-def _combined_config(model: nn.Module, layers: list, ranks: dict[str, int]) -> LoraConfig:
+def _combined_config(layers: list, ranks: dict[str, int]) -> LoraConfig:
     """Config of a combined adapter: exactly these modules, each with scale 1 at its rank."""
     modules, parameters, slices, rank_pattern = [], [], {}, {}
     for path, layer in layers:

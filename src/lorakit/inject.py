@@ -8,6 +8,7 @@ either returns the list of changes or raises one ``LoraError`` listing every pro
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -202,7 +203,7 @@ def _check_shape(entry: PlanEntry, module: nn.Module, problems: list[str]) -> No
             return
         limit = min(entry.shape[-2:])
     elif entry.kind == "conv":
-        limit = min(module.out_channels, module.in_channels * _prod(module.kernel_size))
+        limit = min(module.out_channels, module.in_channels * math.prod(module.kernel_size))
         if entry.r % module.groups:
             problems.append(
                 f"{entry.path}: rank {entry.r} must be a multiple of the convolution's "
@@ -232,17 +233,10 @@ def _check_shape(entry: PlanEntry, module: nn.Module, problems: list[str]) -> No
         )
 
 
-def _prod(values: tuple[int, ...]) -> int:
-    out = 1
-    for v in values:
-        out *= v
-    return out
-
-
 def _adapter_params(entry: PlanEntry, module: nn.Module) -> int:
     wrapper = make_wrapper(entry, module)
     shape_a, shape_b = wrapper._shapes(entry.r)
-    return _prod(shape_a) + _prod(shape_b)
+    return math.prod(shape_a) + math.prod(shape_b)
 
 
 def make_wrapper(entry: PlanEntry, module: nn.Module) -> LoraLayer:
@@ -256,6 +250,24 @@ def make_wrapper(entry: PlanEntry, module: nn.Module) -> LoraLayer:
     if entry.kind == "fused":
         return LoraFused(module, entry.slices)
     return LoraParameter(module, entry.parameter)
+
+
+def _selector(config: LoraConfig, head: nn.Module | None, save_paths: list[str]):
+    """A function (path, base module) -> the target_modules entry selecting it, or None."""
+
+    def select(path: str, base: nn.Module) -> str | None:
+        if not path or _excluded(config, path) or not _in_layers(config, path):
+            return None
+        if any(path == s or path.startswith(s + ".") for s in save_paths):
+            return None  # PEFT never adapts inside a modules_to_save module
+        spec = config.target_modules
+        if spec == ALL_LINEAR:
+            return ALL_LINEAR if _kind(base) == "linear" and base is not head else None
+        if isinstance(spec, str):
+            return spec if re.fullmatch(spec, path) else None
+        return next((n for n in spec or [] if path == n or path.endswith("." + n)), None)
+
+    return select
 
 
 def plan(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> Plan:
@@ -273,103 +285,43 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str = "default") ->
         )
     modules = list(walk(model))
     paths = [p for p, _ in modules]
-    head = _output_head(model)
     result = Plan(adapter_name, base_params=sum(p.numel() for p in model.parameters()))
-    hit: dict[str, int] = {}
     save_paths = [p for p in paths if p and matches(config.modules_to_save, p)]
+    select = _selector(config, _output_head(model), save_paths)
 
-    def wanted(path: str) -> str | None:
-        """The target_modules entry selecting ``path`` (or the whole spec), if any."""
-        if not path or _excluded(config, path) or not _in_layers(config, path):
-            return None
-        if any(path == s or path.startswith(s + ".") for s in save_paths):
-            return None  # PEFT never adapts inside a modules_to_save module
-        spec = config.target_modules
-        if spec == ALL_LINEAR:
-            return None
-        if isinstance(spec, str):
-            return spec if re.fullmatch(spec, path) else None
-        return next((n for n in spec or [] if path == n or path.endswith("." + n)), None)
-
+    hit: set[str] = set()
     fused_used: set[str] = set()
     for path, module in modules:
         base = unwrap(module)
-        kind = _kind(base)
-        if config.target_modules == ALL_LINEAR:
-            selected = (
-                kind == "linear"
-                and base is not head
-                and path
-                and not _excluded(config, path)
-                and _in_layers(config, path)
-            )
-            entry_name = ALL_LINEAR if selected else None
-        else:
-            entry_name = wanted(path)
+        entry_name = select(path, base)
         if entry_name is None:
             continue
-        hit[entry_name] = hit.get(entry_name, 0) + 1
-        if isinstance(module, LoraParameter) or kind is None:
-            problems.append(
-                f"{path}: {type(base).__name__} is not a supported module type (Linear, "
-                "Embedding, Conv1d/2d/3d, GPT-2 Conv1D); target its parameters with "
-                "target_parameters or narrow target_modules"
-            )
-            continue
-        slices = next((f for k, f in config.fused_slices.items() if matches([k], path)), None)
-        if slices is not None:
+        hit.add(entry_name)
+        entry = _module_entry(config, path, module, problems)
+        if entry is not None:
+            result.entries.append(entry)
             fused_used.update(k for k in config.fused_slices if matches([k], path))
-            if kind != "linear":
-                problems.append(f"{path}: fused_slices needs a Linear or Conv1D, not {kind}")
-                continue
-        entry = PlanEntry(
-            path=path,
-            kind="fused" if slices is not None else kind,
-            module_type=type(base).__name__,
-            shape=tuple(base.weight.shape),
-            r=config.rank_for(path),
-            alpha=config.alpha_for(path),
-            slices=slices,
-        )
-        if isinstance(module, LoraLayer) and type(module) is not type(make_wrapper(entry, base)):
-            problems.append(
-                f"{path}: already holds adapters of another layout ({type(module).__name__}); "
-                "all adapters on a module must agree on fused_slices"
-            )
-            continue
-        _check_shape(entry, base, problems)
-        result.entries.append(entry)
 
-    for key in config.fused_slices:
-        if key not in fused_used:
-            problems.append(f"fused_slices[{key!r}] names no targeted module")
-
-    if config.target_modules and config.target_modules != ALL_LINEAR:
-        specs = (
-            [config.target_modules]
-            if isinstance(config.target_modules, str)
-            else config.target_modules
-        )
-        for name in specs:
-            if not hit.get(name):
-                close = _closest(name, paths)
-                hint = f"; closest module names: {close}" if close else ""
-                problems.append(f"target_modules entry {name!r} matched no module{hint}")
-    elif config.target_modules == ALL_LINEAR and not hit:
+    problems += [
+        f"fused_slices[{k!r}] names no targeted module"
+        for k in config.fused_slices
+        if k not in fused_used
+    ]
+    spec = config.target_modules
+    if spec == ALL_LINEAR and not hit:
         problems.append("'all-linear' found no Linear or Conv1D layer besides the output head")
+    elif spec and spec != ALL_LINEAR:
+        for name in [spec] if isinstance(spec, str) else spec:
+            if name not in hit:
+                problems.append(_no_match("target_modules", name, paths))
 
     _plan_parameters(model, config, modules, result, problems)
 
-    for spec in config.modules_to_save or []:
-        found = [p for p in save_paths if matches([spec], p)]
-        if not found:
-            close = _closest(spec, paths)
-            problems.append(
-                f"modules_to_save entry {spec!r} matched no module"
-                + (f"; closest module names: {close}" if close else "")
-            )
+    for name in config.modules_to_save or []:
+        if not any(matches([name], p) for p in save_paths):
+            problems.append(_no_match("modules_to_save", name, paths))
     for path in save_paths:
-        base = unwrap(dict(modules)[path])
+        base = unwrap(model.get_submodule(path))
         result.entries.append(
             PlanEntry(
                 path=path,
@@ -388,6 +340,48 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str = "default") ->
         if entry.kind != "modules_to_save":
             entry.params = _adapter_params(entry, module)
     return result
+
+
+def _no_match(field: str, name: str, paths: list[str]) -> str:
+    close = _closest(name, paths)
+    hint = f"; closest module names: {close}" if close else ""
+    return f"{field} entry {name!r} matched no module{hint}"
+
+
+def _module_entry(
+    config: LoraConfig, path: str, module: nn.Module, problems: list[str]
+) -> PlanEntry | None:
+    """The plan entry for a selected module, or None with the reason added to ``problems``."""
+    base = unwrap(module)
+    kind = _kind(base)
+    if isinstance(module, LoraParameter) or kind is None:
+        problems.append(
+            f"{path}: {type(base).__name__} is not a supported module type (Linear, "
+            "Embedding, Conv1d/2d/3d, GPT-2 Conv1D); target its parameters with "
+            "target_parameters or narrow target_modules"
+        )
+        return None
+    slices = next((f for k, f in config.fused_slices.items() if matches([k], path)), None)
+    if slices is not None and kind != "linear":
+        problems.append(f"{path}: fused_slices needs a Linear or Conv1D, not {kind}")
+        return None
+    entry = PlanEntry(
+        path=path,
+        kind="fused" if slices is not None else kind,
+        module_type=type(base).__name__,
+        shape=tuple(base.weight.shape),
+        r=config.rank_for(path),
+        alpha=config.alpha_for(path),
+        slices=slices,
+    )
+    if isinstance(module, LoraLayer) and type(module) is not type(make_wrapper(entry, base)):
+        problems.append(
+            f"{path}: already holds adapters of another layout ({type(module).__name__}); "
+            "all adapters on a module must agree on fused_slices"
+        )
+        return None
+    _check_shape(entry, base, problems)
+    return entry
 
 
 def _check_weight_init(

@@ -16,10 +16,10 @@ Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Na
 
 
 def _commands() -> dict[str, Command]:
-    from . import tune
+    from . import adapters, tune
 
     commands: dict[str, Command] = {}
-    for module in (tune,):
+    for module in (tune, adapters):
         commands.update(module.COMMANDS)
     return commands
 

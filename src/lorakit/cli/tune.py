@@ -1,0 +1,229 @@
+"""``lorakit train | eval | generate | chat | merge``: fine-tune, measure and use adapters.
+
+``train``'s flags are generated from :class:`lorakit.train.TrainConfig`, so the YAML keys, the
+flags and their defaults in ``--help`` cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import LoraError
+
+# --- train ----------------------------------------------------------------------------------------
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..train import iter_config_help
+
+    parser.add_argument(
+        "config", nargs="?", default=None, help="YAML file with the same keys; flags override it"
+    )
+    for name, default, help_text in iter_config_help():
+        flag = "--" + name.replace("_", "-")
+        # SUPPRESS: only flags given on the command line reach the config, over the YAML file.
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": name}
+        shown = ",".join(default) if isinstance(default, list) else default
+        kwargs["help"] = f"{help_text} (default: {shown})".replace("%", "%%")
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, list):
+            kwargs["type"] = lambda s: [t.strip() for t in s.split(",") if t.strip()]
+        elif isinstance(default, (int, float)):
+            kwargs["type"] = type(default)
+        parser.add_argument(flag, **kwargs)
+
+
+def _set_threads() -> None:
+    import torch
+
+    # Every core: the run is compute-bound and nothing else of ours needs the CPU.
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Fine-tune a LoRA adapter (no arguments: the bundled model on the bundled demo task).
+
+    Prints the settings, a progress bar and, at the end, a before/after table; writes the
+    adapter, metrics.jsonl, loss.png, train_config.yaml and checkpoints to --output.
+    """
+    from ..train import config_fields, resolve_config, train
+
+    overrides = {f.name: getattr(args, f.name) for f in config_fields() if hasattr(args, f.name)}
+    config = resolve_config(args.config, overrides)
+    _set_threads()
+    result = train(config)
+    print(f"done: {result.steps} steps, adapter in {result.output}")
+    return 0
+
+
+# --- shared by eval, generate, chat, merge --------------------------------------------------------
+
+
+def _model_arguments(parser: argparse.ArgumentParser, adapter_required: bool = False) -> None:
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="base model: HF folder, .gguf file or smollm2-135m (default: the adapter's base, "
+        "else smollm2-135m)",
+    )
+    parser.add_argument(
+        "--adapter", required=adapter_required, default=None, help="adapter folder (PEFT format)"
+    )
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The base model (given, or the adapter's) with the adapter, if any, loaded.
+
+    ``--model`` may be a ``lorakit train`` output folder: its base model and its adapter load.
+    """
+    from ..io import load_adapter
+    from ..models import DEFAULT_MODEL, load_model
+
+    if args.adapter is None and args.model and (Path(args.model) / "adapter_config.json").is_file():
+        args.adapter = args.model
+    if args.adapter is not None and not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise LoraError(
+            f"{args.adapter} is not an adapter folder (no adapter_config.json). Pass the --output "
+            "folder of lorakit train, a checkpoint folder, or a PEFT adapter folder."
+        )
+    spec = args.model or args.adapter or DEFAULT_MODEL
+    _set_threads()
+    model, tokenizer = load_model(spec)
+    if args.adapter is not None:
+        load_adapter(model, args.adapter)
+    return model.eval(), tokenizer
+
+
+# --- eval -----------------------------------------------------------------------------------------
+
+
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    _model_arguments(parser)
+    parser.add_argument("--data", required=True, help="JSON/JSONL data file")
+    parser.add_argument("--format", default=None, help="alpaca, chat, sharegpt or text (auto)")
+    parser.add_argument("--seq-len", type=int, default=512, help="cut sequences to this length")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per batch")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Loss and perplexity on a data file, plus exact match for chat/alpaca/sharegpt records."""
+    from ..data import encode_examples, read_examples
+    from ..generate import exact_match_score
+    from ..train import evaluate_loss
+
+    if not Path(args.data).is_file():
+        raise LoraError(f"Data file {args.data} not found; pass an existing JSON/JSONL file.")
+    model, tokenizer = _load(args)
+    examples = read_examples(args.data, args.format)
+    dataset = encode_examples(examples, tokenizer, args.seq_len)
+    loss = evaluate_loss(model, dataset, args.batch_size, tokenizer.pad_token_id)
+    print(f"examples:    {len(examples)}")
+    print(f"loss:        {loss:.4f}")
+    print(f"perplexity:  {math.exp(min(loss, 50)):.3f}")
+    if not isinstance(examples[0], str):
+        score = exact_match_score(model, tokenizer, examples)
+        print(f"exact match: {score:.1%}")
+    return 0
+
+
+# --- generate and chat ----------------------------------------------------------------------------
+
+
+def _generate_arguments(parser: argparse.ArgumentParser) -> None:
+    _model_arguments(parser)
+    parser.add_argument("prompt", nargs="+", help="the user message (words are joined)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest reply")
+    parser.add_argument("--system", default=None, help="optional system message")
+
+
+def _messages(system: str | None) -> list[dict[str, str]]:
+    return [{"role": "system", "content": system}] if system else []
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Reply to one prompt with the chat template, streaming tokens as they come."""
+    from ..generate import stream_reply
+
+    model, tokenizer = _load(args)
+    messages = [*_messages(args.system), {"role": "user", "content": " ".join(args.prompt)}]
+    stream_reply(model, tokenizer, messages, args.max_new_tokens)
+    return 0
+
+
+def _chat_arguments(parser: argparse.ArgumentParser) -> None:
+    _model_arguments(parser)
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest reply")
+    parser.add_argument("--system", default=None, help="optional system message")
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    """Chat in the terminal (streamed replies); an empty line or Ctrl-D ends it."""
+    from ..generate import stream_reply
+
+    model, tokenizer = _load(args)
+    messages = _messages(args.system)
+    while True:
+        try:
+            text = input("> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not text:
+            return 0
+        messages.append({"role": "user", "content": text})
+        reply = stream_reply(model, tokenizer, messages, args.max_new_tokens)
+        messages.append({"role": "assistant", "content": reply})
+
+
+# --- merge ----------------------------------------------------------------------------------------
+
+
+def _merge_arguments(parser: argparse.ArgumentParser) -> None:
+    _model_arguments(parser, adapter_required=True)
+    parser.add_argument("--output", required=True, help="folder for the merged model")
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    """Fold an adapter into its base model and save a plain Hugging Face model folder.
+
+    The folder (safetensors, config, tokenizer) loads with
+    transformers.AutoModelForCausalLM.from_pretrained, without lorakit.
+    """
+    import shutil
+    import tempfile
+
+    from ..merge import unload
+
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()):
+        raise LoraError(f"{out} exists and is not empty; pass a new --output folder.")
+    model, tokenizer = _load(args)
+    unload(model, merge=True)
+    model.config.use_cache = True
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside the target and renamed, so a failed merge leaves nothing half-written.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"merged model written to {out}")
+    return 0
+
+
+COMMANDS = {
+    "train": (_train_arguments, run_train),
+    "eval": (_eval_arguments, run_eval),
+    "generate": (_generate_arguments, run_generate),
+    "chat": (_chat_arguments, run_chat),
+    "merge": (_merge_arguments, run_merge),
+}

@@ -1,0 +1,229 @@
+"""What an adapter learned: spectra of ΔW and how much ΔW amplifies directions already in W.
+
+Per module, with ΔW = U Σ Vᵀ and r the adapter's rank (Hu et al. 2021, section 7.3)::
+
+    ‖U_rᵀ W V_r‖_F        W projected onto ΔW's top-r singular directions
+    ‖ΔW‖_F / ‖U_rᵀ W V_r‖_F   the amplification factor
+
+A large factor means ΔW strongly amplifies directions W barely uses. For context the report
+also gives the projection onto W's own top-r directions (√(σ1(W)² + … + σr(W)²), the largest
+any r directions can give) and onto random orthonormal r directions.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .errors import LoraError
+from .inject import adapter_configs, iter_adapter_modules
+from .io import PREFIX, load_adapter, read_adapter
+from .layers import LoraLayer, LoraLinear, lora_delta
+from .lowrank import format_table, rank_for_energy
+from .merge import check_adapter_names
+
+EFFECTIVE_ENERGY = 0.9  # effective rank: the smallest rank holding this share of ‖ΔW‖_F²
+_PAIR_SUFFIXES = (".lora_A.weight", ".lora_embedding_A")
+
+
+@dataclass
+class ModuleSpectrum:
+    """One adapted matrix. The W-related fields are None without the base weights."""
+
+    path: str
+    rank: int
+    scale: float
+    delta_norm: float  # ‖ΔW‖_F
+    singular_values: list[float]  # of ΔW, the first ``rank``
+    effective_rank: int
+    weight_norm: float | None = None  # ‖W‖_F
+    projection: float | None = None  # ‖U_rᵀ W V_r‖_F
+    top_projection: float | None = None  # √(σ1(W)² + … + σr(W)²)
+    random_projection: float | None = None  # W onto random orthonormal r directions
+    amplification: float | None = None  # ‖ΔW‖_F / ‖U_rᵀ W V_r‖_F
+
+
+@dataclass
+class InspectReport:
+    """Per-module spectra of one adapter. ``str()`` is a table."""
+
+    adapter_name: str
+    modules: list[ModuleSpectrum] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        with_base = any(m.amplification is not None for m in self.modules)
+        head = ["module", "r", "scale", "|dW|", "sigma_1..3 of dW", "eff. rank"]
+        if with_base:
+            head += ["|W|", "|U'WV|", "top-r of W", "random", "amplif."]
+        rows = [tuple(head)]
+        for m in self.modules:
+            row = [m.path, str(m.rank), f"{m.scale:g}", f"{m.delta_norm:.3g}"]
+            row += [" ".join(f"{s:.3g}" for s in m.singular_values[:3]), str(m.effective_rank)]
+            if with_base:
+                values = (m.weight_norm, m.projection, m.top_projection, m.random_projection)
+                row += [f"{v:.3g}" for v in values] + [f"{m.amplification:.3g}"]
+            rows.append(tuple(row))
+        lines = format_table(rows)
+        lines.append(
+            f"adapter '{self.adapter_name}': {len(self.modules)} matrices; effective rank = "
+            f"smallest rank holding {EFFECTIVE_ENERGY:.0%} of |dW|^2"
+        )
+        return "\n".join(lines)
+
+
+def _spectrum(path: str, rank: int, scale: float, delta: Tensor, W: Tensor | None, seed: int):
+    """A ``ModuleSpectrum`` for ΔW (out, in) and, if given, W (out, in) in the same layout."""
+    U, S, Vh = torch.linalg.svd(delta.float(), full_matrices=False)
+    r = min(rank, S.numel())
+    result = ModuleSpectrum(
+        path=path,
+        rank=rank,
+        scale=scale,
+        delta_norm=float(delta.norm()),
+        singular_values=S[:r].tolist(),
+        effective_rank=rank_for_energy(S, EFFECTIVE_ENERGY),
+    )
+    if W is None:
+        return result
+    W = W.float()
+    gen = torch.Generator().manual_seed(seed)
+    # Random orthonormal directions: Q of the QR of a Gaussian matrix.
+    Q_out = torch.linalg.qr(torch.randn(W.shape[0], r, generator=gen))[0]  # (out, r)
+    Q_in = torch.linalg.qr(torch.randn(W.shape[1], r, generator=gen))[0]  # (in, r)
+    # (r, out) @ (out, in) @ (in, r) -> (r, r)
+    projection = float((U[:, :r].T @ W @ Vh[:r].T).norm())
+    result.weight_norm = float(W.norm())
+    result.projection = projection
+    result.top_projection = float(torch.linalg.svdvals(W)[:r].square().sum().sqrt())
+    result.random_projection = float((Q_out.T @ W @ Q_in).norm())
+    result.amplification = result.delta_norm / projection if projection else float("inf")
+    return result
+
+
+def _delta_and_weight(layer: LoraLayer, name: str) -> tuple[Tensor, Tensor]:
+    """(ΔW, W) in the layout of ``layer.base_weight``, W as before the adapter."""
+    delta = layer.delta_weight(name)
+    weight = layer.base_weight.detach().float()
+    if name in layer.merged:
+        weight = weight - delta
+    initial = layer.initial_lora(name)
+    if initial is not None:
+        # PiSSA / OLoRA: the base holds W - scale·B0 A0; the change from W is scale·(B A - B0 A0).
+        A0, B0 = initial
+        start = lora_delta(B0, A0, layer.scale[name])
+        start = start.T if isinstance(layer, LoraLinear) and layer.fan_in_fan_out else start
+        weight, delta = weight + start, delta - start
+    return delta, weight
+
+
+def _matrices(path: str, delta: Tensor, weight: Tensor) -> list[tuple[str, Tensor, Tensor]]:
+    """2D (name, ΔW, W): a conv kernel flattened to (out, in·k…), 3D experts one by one."""
+    if delta.dim() == 3:
+        return [(f"{path}[{e}]", delta[e], weight[e]) for e in range(delta.shape[0])]
+    return [(path, delta.flatten(1), weight.flatten(1))]
+
+
+def _from_model(model: nn.Module, adapter_name: str, seed: int) -> InspectReport:
+    check_adapter_names(model, [adapter_name])
+    report = InspectReport(adapter_name)
+    for path, layer in iter_adapter_modules(model):
+        if not isinstance(layer, LoraLayer) or adapter_name not in layer.lora_A:
+            continue
+        rank, scale = layer.r[adapter_name], layer.scale[adapter_name]
+        if layer.initial_lora(adapter_name) is not None:
+            rank *= 2  # the change from W is a rank-2r LoRA (see lorakit.io)
+        with torch.no_grad():
+            delta, weight = _delta_and_weight(layer, adapter_name)
+            for name, d, w in _matrices(path, delta, weight):
+                report.modules.append(_spectrum(name, rank, scale, d, w, seed))
+    return report
+
+
+def _from_files(directory: str | os.PathLike, adapter_name: str) -> InspectReport:
+    config, tensors, _ = read_adapter(directory)
+    if config.target_parameters:
+        raise LoraError(
+            f"{directory} adapts parameters ({config.target_parameters}) stored in a stacked "
+            "layout; inspect it with its base model: inspect_adapter(dir, base_model)."
+        )
+    report = InspectReport(adapter_name)
+    for key in tensors:
+        suffix = next((s for s in _PAIR_SUFFIXES if key.endswith(s)), None)
+        if suffix is None:
+            continue
+        path = key.removeprefix(PREFIX).removesuffix(suffix)
+        A, B = tensors[key], tensors[key.removesuffix(suffix) + suffix.replace("_A", "_B")]
+        scale = config.scale_for(path)
+        # PEFT's layout: B (out, r[, 1…]) @ A (r, in[, k…]) -> (out, in·k…)
+        delta = lora_delta(B.flatten(1), A.flatten(1), scale)
+        report.modules.append(_spectrum(path, A.shape[0], scale, delta, None, 0))
+    return report
+
+
+def inspect_adapter(
+    model_or_dir: nn.Module | str | os.PathLike,
+    base_model: nn.Module | None = None,
+    adapter_name: str = "default",
+    seed: int = 0,
+) -> InspectReport:
+    """Rank, scale, ‖ΔW‖, singular values and effective rank of each adapted matrix.
+
+    Args:
+        model_or_dir: a model holding adapter ``adapter_name``, or an adapter folder.
+        base_model: for a folder, the model it was made for; the adapter is loaded onto a
+            copy (the model itself is not changed) and the W analysis is added. A model
+            brings its own base weights.
+        seed: for the random directions of the baseline projection.
+
+    Raises:
+        LoraError: unknown adapter, an unreadable folder, or one that does not fit
+            ``base_model``.
+    """
+    if isinstance(model_or_dir, nn.Module):
+        return _from_model(model_or_dir, adapter_name, seed)
+    if not Path(model_or_dir).is_dir():
+        raise LoraError(f"{model_or_dir} is not a folder; pass a model or an adapter folder.")
+    if base_model is None:
+        return _from_files(model_or_dir, adapter_name)
+    model = copy.deepcopy(base_model)
+    if adapter_name in adapter_configs(model):
+        raise LoraError(f"base_model already holds an adapter '{adapter_name}'; pick another name.")
+    load_adapter(model, model_or_dir, adapter_name)
+    return _from_model(model, adapter_name, seed)
+
+
+def plot_spectra(report: InspectReport, path: str | os.PathLike) -> Path:
+    """Write a PNG of ΔW's singular values: one panel per module name (q_proj, ...), one line
+    per layer, darker for deeper layers, σ on a log scale. Returns the file's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    groups: dict[str, list[ModuleSpectrum]] = {}
+    for m in report.modules:
+        groups.setdefault(m.path.rsplit(".", 1)[-1], []).append(m)
+    cols = min(4, len(groups)) or 1
+    rows = max(1, -(-len(groups) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax, (name, modules) in zip(axes.flat, groups.items(), strict=False):
+        colors = plt.cm.viridis(torch.linspace(0.0, 0.9, len(modules)).tolist())
+        for color, m in zip(colors, modules, strict=True):
+            values = [max(s, 1e-12) for s in m.singular_values]
+            ax.plot(range(1, len(values) + 1), values, marker=".", color=color, label=m.path)
+        ax.set(title=name, xlabel="index i", ylabel="sigma_i of dW", yscale="log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in list(axes.flat)[len(groups) :]:
+        ax.axis("off")
+    fig.suptitle(f"Singular values of dW, adapter '{report.adapter_name}'")
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,624 @@
+"""Low-rank approximation: truncated SVD, LoRA extraction and resizing, factorised layers.
+
+Eckart–Young: for W = U Σ Vᵀ (σ1 ≥ σ2 ≥ …) the best rank-r approximation in Frobenius norm is
+U_r Σ_r V_rᵀ, and its error is exactly the tail, ‖W − W_r‖_F² = Σ_{i>r} σ_i². lorakit splits
+it evenly between two factors::
+
+    W (out × in)  ≈  B (out × r)  @  A (r × in),   B = U_r Σ_r^½,  A = Σ_r^½ V_rᵀ
+
+storing r·(out + in) numbers instead of out·in. The factors serve two ideas:
+
+- additive (LoRA): the fine-tuned W' = W + B A, the low-rank part is a *change* to a weight that
+  stays — ``extract_adapter`` (from a full fine-tune), ``resize_adapter``;
+- replacement (DeepSeek-V2's ``q_a_proj`` / ``q_b_proj``): W itself becomes B A, two thinner
+  Linears — ``factorize``, saved and read back by ``load_factorized``.
+
+Spectra and the LoRA paper's amplification analysis of an adapter live in ``lorakit.inspect``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .config import WEIGHT_INITS, LoraConfig
+from .errors import LoraError
+from .inject import (
+    CONFIGS_ATTR,
+    PlanEntry,
+    adapter_configs,
+    add_lora,
+    iter_adapter_modules,
+    make_wrapper,
+    plan,
+    unwrap,
+    walk,
+)
+from .layers import (
+    LoraConv,
+    LoraEmbedding,
+    LoraLayer,
+    LoraLinear,
+    LoraParameter,
+    is_gpt2_conv1d,
+    lora_delta,
+)
+from .merge import check_adapter_names
+
+# A given rank on a matrix at least this wide uses a randomized SVD (Halko et al. 2011).
+RANDOMIZED_MIN_DIM = 2048
+FACTORIZED_KEY = "lorakit_factorized"  # config.json key: module path -> rank of its factors
+# Float rounding in Σσ² (fp32 σ, summed in fp64): energy=1 then picks the numerical rank.
+_ENERGY_SLACK = 1e-10
+
+
+# --- one matrix ------------------------------------------------------------------------------
+def _rank_problems(rank: int | None, energy: float | None) -> list[str]:
+    if (rank is None) == (energy is None):
+        return ["give exactly one of rank (a fixed rank) or energy (a fraction in (0, 1])"]
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        return [f"rank must be a positive integer, got {rank!r}"]
+    if energy is not None and not (isinstance(energy, (int, float)) and 0.0 < energy <= 1.0):
+        return [f"energy must be a fraction in (0, 1], got {energy!r}"]
+    return []
+
+
+def _raise(what: str, problems: list[str]) -> None:
+    if problems:
+        raise LoraError(f"Cannot {what}:\n  - " + "\n  - ".join(problems))
+
+
+def _rank_limit_problems(rank: int | None, limits: dict[str, int]) -> list[str]:
+    """One problem naming the modules whose min(out, in) (``limits``) is below ``rank``."""
+    small = {
+        path: limit for path, limit in limits.items() if isinstance(rank, int) and rank > limit
+    }
+    if not small:
+        return []
+    lowest = min(small.values())
+    example = next(path for path, limit in small.items() if limit == lowest)
+    return [
+        f"rank {rank} exceeds min(out, in) of {len(small)} module(s), e.g. {example}: "
+        f"{lowest}; use rank <= {lowest}, energy, or narrower targets"
+    ]
+
+
+def rank_for_energy(singular_values: Tensor, energy: float) -> int:
+    """Smallest k with σ1² + … + σk² ≥ energy · Σσ² (at least 1; σ sorted descending)."""
+    squares = singular_values.double().square()
+    total = squares.sum()
+    if total == 0:
+        return 1
+    kept = torch.cumsum(squares, 0) >= (energy - _ENERGY_SLACK) * total
+    return int(kept.nonzero()[0, 0]) + 1
+
+
+def low_rank(
+    W: Tensor,
+    rank: int | None = None,
+    energy: float | None = None,
+    *,
+    randomized: bool | None = None,
+    niter: int = 4,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor, dict]:
+    """Best rank-r factors of a 2D tensor: W (out, in) ≈ B (out, r) @ A (r, in).
+
+    Args:
+        W: the matrix; factors are fp32 (fp64 for an fp64 W).
+        rank: r, at most min(out, in).
+        energy: instead of ``rank``, the smallest r keeping this fraction of Σσ² (needs the
+            full spectrum, so always an exact SVD).
+        randomized: use ``torch.svd_lowrank`` (r + 10 probe vectors, ``niter`` power
+            iterations, seeded). Default: when min(out, in) ≥ ``RANDOMIZED_MIN_DIM`` and
+            r ≤ min(out, in) / 4.
+
+    Returns:
+        ``(B, A, info)``; ``info``: ``rank``, ``rel_error`` = ‖W − B A‖_F / ‖W‖_F (the tail of
+        the spectrum for an exact SVD, measured for a randomized one),
+        ``energy`` = ‖B A‖_F² / ‖W‖_F² (the kept share of Σσ²), ``method`` (``"svd"`` or
+        ``"randomized_svd"``), ``singular_values`` (all for an exact SVD, r + 10 otherwise).
+
+    Raises:
+        LoraError: W not 2D or not finite, both or neither of rank and energy, rank below 1 or
+            above min(out, in), energy outside (0, 1].
+    """
+    problems = _rank_problems(rank, energy)
+    if W.dim() != 2:
+        problems.append(f"W must be a 2D matrix, got shape {tuple(W.shape)}")
+    elif not problems and rank is not None and rank > min(W.shape):
+        problems.append(f"rank {rank} exceeds min(out, in) = {min(W.shape)} of W {tuple(W.shape)}")
+    elif not torch.isfinite(W).all():
+        problems.append("W holds NaN or inf values")
+    _raise("factorise the matrix", problems)
+    work = W.detach().to(torch.float64 if W.dtype == torch.float64 else torch.float32)
+    small = min(work.shape)
+    if randomized is None:
+        randomized = rank is not None and small >= RANDOMIZED_MIN_DIM and rank <= small // 4
+    if randomized and energy is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            U, S, V = torch.svd_lowrank(work, q=min(rank + 10, small), niter=niter)
+        Vh, method = V.T, "randomized_svd"
+    else:
+        U, S, Vh = torch.linalg.svd(work, full_matrices=False)
+        method = "svd"
+        if energy is not None:
+            rank = rank_for_energy(S, energy)
+    root = S[:rank].sqrt()
+    B = U[:, :rank] * root  # (out, r) · (r,) -> (out, r)
+    A = root[:, None] * Vh[:rank]  # (r, 1) · (r, in) -> (r, in)
+    squares = S.double().square()
+    if method == "svd":  # Eckart–Young: the error is exactly the tail of the spectrum
+        total = float(squares.sum())
+        rel_error = math.sqrt(float(squares[rank:].sum()) / total) if total else 0.0
+    else:  # only the top of the spectrum is known: the error is measured
+        total = float(work.double().square().sum())  # ‖W‖_F² = Σσ²
+        residual = work - lora_delta(B, A, 1.0).to(work.dtype)
+        rel_error = math.sqrt(float(residual.double().square().sum()) / total) if total else 0.0
+    kept = float(squares[:rank].sum()) / total if total else 1.0
+    info = {"rank": rank, "rel_error": rel_error, "energy": kept, "method": method}
+    info["singular_values"] = S
+    return B, A, info
+
+
+# --- LoRA layers as matrices -----------------------------------------------------------------
+def _as_matrix(layer: LoraLayer, weight: Tensor) -> Tensor:
+    """A tensor shaped like ``layer.base_weight`` as the (out, in) matrix that B @ A gives."""
+    if isinstance(layer, LoraEmbedding) or (isinstance(layer, LoraLinear) and layer.fan_in_fan_out):
+        return weight.T  # embeddings (num, dim) and GPT-2 Conv1D (in, out)
+    return weight.flatten(1)  # Linear (out, in); conv (out, in, k…) -> (out, in·k…)
+
+
+def _unsupported(layer: LoraLayer) -> str | None:
+    """Why ``_set_pair`` can't give this layer new factors, if it can't."""
+    if isinstance(layer, LoraConv) and layer.base_layer.groups > 1:
+        return "a grouped convolution (its delta is not one matrix)"
+    if isinstance(layer, LoraParameter) and layer.num_experts:
+        return "a 3D expert parameter (one matrix per expert)"
+    if not isinstance(layer, (LoraLinear, LoraEmbedding, LoraConv, LoraParameter)):
+        return f"a {type(layer).__name__} (fused slices)"
+    return None
+
+
+def _set_pair(layer: LoraLayer, name: str, B: Tensor, A: Tensor) -> None:
+    """Make adapter ``name`` the factors B (out, r) @ A (r, in) at scale 1, whatever its rank."""
+    shape_a, shape_b = layer._shapes(A.shape[0])
+    old_a, old_b = layer.lora_A[name], layer.lora_B[name]
+    layer.lora_A[name] = nn.Parameter(A.reshape(shape_a).to(old_a), old_a.requires_grad)
+    layer.lora_B[name] = nn.Parameter(B.reshape(shape_b).to(old_b), old_b.requires_grad)
+    layer.r[name] = A.shape[0]
+    layer.scale[name] = 1.0
+
+
+def _unit_scale_config(config: LoraConfig, ranks: dict[str, int]) -> LoraConfig:
+    """``config`` with the given rank per module and scale 1 everywhere.
+
+    The most common rank becomes ``r``, the others exact-path ``rank_pattern`` entries; alpha
+    follows each rank (alpha = r, or sqrt(r) with rsLoRA) so every scale is 1.
+    """
+    counts = Counter(ranks.values())
+    r = max(counts, key=lambda k: (counts[k], k))
+
+    def alpha(rank: int) -> float:  # scale = alpha / r (rsLoRA: alpha / sqrt(r)) = 1
+        return math.sqrt(rank) if config.use_rslora else float(rank)
+
+    others = {re.escape(path): k for path, k in ranks.items() if k != r}
+    return config.replace(
+        r=r,
+        alpha=alpha(r),
+        rank_pattern=others,
+        alpha_pattern={key: alpha(k) for key, k in others.items()},
+    )
+
+
+@dataclass
+class FactorRow:
+    """One factorised matrix: its rank, error and parameter counts before and after."""
+
+    path: str
+    shape: tuple[int, ...]
+    rank: int
+    rel_error: float  # ‖M − B A‖_F / ‖M‖_F, M the matrix that was factorised
+    energy: float  # share of ‖M‖_F² kept
+    params_before: int
+    params_after: int
+    old_rank: int | None = None  # resize_adapter: the rank it had
+
+
+@dataclass
+class LowRankReport:
+    """What ``extract_adapter``, ``resize_adapter`` or ``factorize`` did. ``str()`` is a table.
+
+    ``untargeted`` (extraction): parameters that changed in the fine-tune outside the targets,
+    with their relative change ‖ΔW‖/‖W‖; ``kept``: those of them the adapter carries.
+    """
+
+    action: str
+    rows: list[FactorRow]
+    config: LoraConfig | None = None
+    untargeted: dict[str, float] = field(default_factory=dict)
+    kept: list[str] = field(default_factory=list)
+
+    @property
+    def params_before(self) -> int:
+        """Parameters of the factorised matrices (or of the adapter) before."""
+        return sum(r.params_before for r in self.rows)
+
+    @property
+    def params_after(self) -> int:
+        """Parameters of the factors after."""
+        return sum(r.params_after for r in self.rows)
+
+    def __str__(self) -> str:
+        head = ("module", "shape", "rank", "rel. error", "energy", "params before", "after")
+        rows = [head]
+        for r in self.rows:
+            rank = f"{r.old_rank} -> {r.rank}" if r.old_rank is not None else str(r.rank)
+            shape = "x".join(map(str, r.shape))
+            errors = f"{r.rel_error:.2e}", f"{r.energy:.4f}"
+            rows.append(
+                (r.path, shape, rank, *errors, f"{r.params_before:,}", f"{r.params_after:,}")
+            )
+        lines = format_table(rows)
+        lines.append(
+            f"{self.action}: {len(self.rows)} modules, {self.params_before:,} -> "
+            f"{self.params_after:,} parameters"
+        )
+        for name, change in self.untargeted.items():
+            kept = "kept" if name in self.kept else "dropped"
+            lines.append(f"changed outside the targets: {name} (|dW|/|W| = {change:.2e}), {kept}")
+        return "\n".join(lines)
+
+
+def format_table(rows: list[tuple[str, ...]]) -> list[str]:
+    """Left-aligned columns with a rule under the header row."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+# --- additive: extraction and resizing --------------------------------------------------------
+def _plain_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The user's parameters by name, tied ones under each name, lorakit wrappers looked through."""
+    found = {}
+    for path, module in walk(model):
+        plain = unwrap(module)
+        # walk does not enter a wrapper: take the whole module it wraps.
+        for name, p in plain.named_parameters(recurse=plain is not module, remove_duplicate=False):
+            found[f"{path}.{name}" if path else name] = p
+    return found
+
+
+def _architecture_problems(base: dict[str, Tensor], tuned: dict[str, Tensor]) -> list[str]:
+    problems = [f"{n}: only in the base model" for n in base if n not in tuned]
+    problems += [f"{n}: only in the tuned model" for n in tuned if n not in base]
+    problems += [
+        f"{n}: shape {tuple(p.shape)} in the base, {tuple(tuned[n].shape)} in the tuned model"
+        for n, p in base.items()
+        if n in tuned and p.shape != tuned[n].shape
+    ]
+    if not problems:
+        return []
+    more = [f"... and {len(problems) - 20} more"] if len(problems) > 20 else []
+    return [*problems[:20], *more, "base and tuned models must share one architecture"]
+
+
+def _relative_change(old: Tensor, new: Tensor) -> float:
+    """‖new − old‖_F / ‖old‖_F, in fp32 (0 for a zero ``old`` left unchanged)."""
+    old, new = old.detach().float(), new.detach().float()
+    return float((new - old).norm() / old.norm().clamp_min(1e-12))
+
+
+def extract_adapter(
+    base_model: nn.Module,
+    tuned_model: nn.Module,
+    target_modules: list[str] | str,
+    rank: int | None = None,
+    energy: float | None = None,
+    adapter_name: str = "default",
+    *,
+    keep_untargeted: bool = False,
+) -> LowRankReport:
+    """Turn a full fine-tune into a LoRA adapter on ``base_model`` (added in place).
+
+    For each target (Linear, GPT-2 Conv1D, Embedding, ungrouped conv) the change
+    ΔW = W_tuned − W_base is factorised by ``low_rank`` into B A at scale 1, so
+    ``save_adapter(base_model, dir)`` writes it in PEFT's format; with ``energy`` every module
+    gets its own rank (written as ``rank_pattern``).
+
+    Parameters that changed outside the targets (norms, heads, biases) are listed in the report.
+    With ``keep_untargeted`` their modules become ``modules_to_save`` holding the tuned values,
+    and changed biases of targeted modules are kept with ``bias="lora_only"`` (written into
+    ``base_model``'s biases, as PEFT loads them): then full rank reproduces the tuned model.
+
+    Raises:
+        LoraError: as ``low_rank`` for rank / energy, differing architectures, targets that
+            match nothing or are not supported, an adapter name already in use.
+    """
+    problems = _rank_problems(rank, energy)
+    base, tuned = _plain_parameters(base_model), _plain_parameters(tuned_model)
+    problems += _architecture_problems(base, tuned)
+    _raise("extract an adapter", problems)
+    probe = LoraConfig(r=1, target_modules=target_modules)
+    entries = plan(base_model, probe, adapter_name).entries
+    wrappers = [make_wrapper(e, unwrap(base_model.get_submodule(e.path))) for e in entries]
+    limits = {}
+    for entry, wrapper in zip(entries, wrappers, strict=True):
+        reason = _unsupported(wrapper)
+        if reason:
+            problems.append(f"{entry.path}: cannot extract into {reason}")
+        else:
+            limits[entry.path] = min(_as_matrix(wrapper, wrapper.base_weight).shape)
+    _raise("extract an adapter", problems + _rank_limit_problems(rank, limits))
+
+    factors = {}
+    for entry, wrapper in zip(entries, wrappers, strict=True):
+        name = f"{entry.path}.weight"
+        delta = tuned[name].detach().float() - base[name].detach().float()
+        factors[entry.path] = (delta, *low_rank(_as_matrix(wrapper, delta), rank, energy))
+
+    targeted = {f"{e.path}.weight" for e in entries}
+    untargeted = {
+        name: _relative_change(p, tuned[name])
+        for name, p in base.items()
+        if name not in targeted and not torch.equal(p, tuned[name])
+    }
+    paths = {e.path for e in entries}
+    saved, bias = [], "none"
+    if keep_untargeted:
+        owners = {n.rpartition(".")[0] for n in untargeted} - paths
+        # A module whose copy would contain a target can't be saved (PEFT adapts nothing inside).
+        saved = sorted(o for o in owners if o and not any(t.startswith(o + ".") for t in paths))
+        if any(f"{p}.bias" in untargeted for p in paths):
+            bias = "lora_only"  # changed biases of targeted modules travel with the adapter
+    kept = [
+        n
+        for n in untargeted
+        if n.rpartition(".")[0] in saved or (bias != "none" and n.removesuffix(".bias") in paths)
+    ]
+    ranks = {path: info["rank"] for path, (_, _, _, info) in factors.items()}
+    config = _unit_scale_config(
+        probe.replace(
+            modules_to_save=saved or None,
+            bias=bias,
+            base_model_name_or_path=getattr(base_model, "name_or_path", None) or None,
+        ),
+        ranks,
+    )
+    add_lora(base_model, config, adapter_name)
+
+    rows = []
+    with torch.no_grad():
+        for entry in entries:
+            delta, B, A, info = factors[entry.path]
+            layer = base_model.get_submodule(entry.path)
+            _set_pair(layer, adapter_name, B, A)
+            error = _relative_change(delta, layer.delta_weight(adapter_name))
+            rows.append(_row(entry, info, error, delta.numel(), B.numel() + A.numel()))
+        for path in saved:
+            copy = base_model.get_submodule(path).modules_to_save[adapter_name]
+            for name, p in copy.named_parameters():
+                p.copy_(tuned[f"{path}.{name}"])
+        if bias == "lora_only":
+            for path in paths:
+                if f"{path}.bias" in untargeted:
+                    base[f"{path}.bias"].copy_(tuned[f"{path}.bias"])
+    return LowRankReport("extract", rows, config, untargeted, kept)
+
+
+def _row(entry: PlanEntry, info: dict, error: float, before: int, after: int) -> FactorRow:
+    return FactorRow(entry.target, entry.shape, info["rank"], error, info["energy"], before, after)
+
+
+def resize_adapter(
+    model: nn.Module,
+    rank: int | None = None,
+    adapter_name: str = "default",
+    energy: float | None = None,
+) -> LowRankReport:
+    """Change the rank of adapter ``adapter_name`` in place: the best rank-r LoRA of its ΔW.
+
+    Each module's ΔW (``delta_weight``) is factorised by ``low_rank``; the adapter's config gets
+    the new ranks (per module with ``energy``, as ``rank_pattern``) at scale 1. A larger rank
+    than before is allowed and exact. Optimiser state for the old factors no longer applies.
+
+    Raises:
+        LoraError: unknown adapter, rank / energy as in ``low_rank`` (rank above a module's
+            min(out, in)), a merged or PiSSA / OLoRA adapter, or layouts with no single ΔW
+            matrix (fused slices, 3D experts, grouped convolutions).
+    """
+    check_adapter_names(model, [adapter_name])
+    config = adapter_configs(model)[adapter_name]
+    problems = _rank_problems(rank, energy)
+    if config.init in WEIGHT_INITS:
+        problems.append(
+            f"adapter '{adapter_name}' is a {config.init} adapter whose base weight holds a "
+            "residual; save_adapter it (a plain LoRA), load that onto the original base model "
+            "and resize there"
+        )
+    layers = [
+        (p, m)
+        for p, m in iter_adapter_modules(model)
+        if isinstance(m, LoraLayer) and adapter_name in m.lora_A
+    ]
+    limits = {}
+    for path, layer in layers:
+        reason = _unsupported(layer)
+        if reason:
+            problems.append(f"{path}: cannot resize {reason}")
+        elif adapter_name in layer.merged:
+            problems.append(f"{path}: adapter '{adapter_name}' is merged; unmerge it first")
+        else:
+            limits[path] = min(_as_matrix(layer, layer.base_weight).shape)
+    _raise(f"resize adapter '{adapter_name}'", problems + _rank_limit_problems(rank, limits))
+
+    rows, ranks = [], {}
+    with torch.no_grad():
+        for path, layer in layers:
+            delta = layer.delta_weight(adapter_name)
+            old = layer.r[adapter_name]
+            before = layer.lora_A[adapter_name].numel() + layer.lora_B[adapter_name].numel()
+            B, A, info = low_rank(_as_matrix(layer, delta), rank, energy)
+            _set_pair(layer, adapter_name, B, A)
+            error = _relative_change(delta, layer.delta_weight(adapter_name))
+            key = path
+            if isinstance(layer, LoraParameter):  # patterns name the parameter, as in plan()
+                key = f"{path.replace('.base_layer', '')}.{layer.parameter_name}"
+            ranks[key] = info["rank"]
+            shape = tuple(layer.base_weight.shape)
+            after = B.numel() + A.numel()
+            rows.append(
+                FactorRow(key, shape, info["rank"], error, info["energy"], before, after, old)
+            )
+    configs = dict(adapter_configs(model))
+    configs[adapter_name] = _unit_scale_config(config, ranks)
+    setattr(model, CONFIGS_ATTR, configs)
+    return LowRankReport("resize", rows, configs[adapter_name])
+
+
+# --- replacement: factorised layers ----------------------------------------------------------
+class LowRankLinear(nn.Module):
+    """A Linear (out, in) replaced by two: ``down`` (in -> r), then ``up`` (r -> out, with bias).
+
+    y = up(down(x)) = B (A x) + b, DeepSeek-V2's ``q_a_proj`` / ``q_b_proj`` pair (without the
+    norm between them). r·(in + out) weights instead of in·out: fewer when r < in·out/(in + out).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        rank: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.rank, self.out_features = in_features, rank, out_features
+        self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # (..., in) -> (..., r) -> (..., out)
+        return self.up(self.down(x))
+
+
+def _shell(module: nn.Module, rank: int) -> LowRankLinear:
+    """An empty ``LowRankLinear`` of rank ``rank`` to stand in for Linear / Conv1D ``module``."""
+    weight = module.weight
+    in_features, out_features = weight.shape if is_gpt2_conv1d(module) else weight.shape[::-1]
+    bias = getattr(module, "bias", None) is not None
+    return LowRankLinear(in_features, rank, out_features, bias, weight.device, weight.dtype)
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def factorize(
+    model: nn.Module,
+    target_modules: list[str] | str,
+    rank: int | None = None,
+    energy: float | None = None,
+) -> LowRankReport:
+    """Replace each target Linear / GPT-2 Conv1D in place by a ``LowRankLinear`` (W ≈ B A).
+
+    Targets match as in ``LoraConfig`` (``"all-linear"`` spares the output head). With
+    ``energy`` each module keeps its own smallest sufficient rank. The layout (module path ->
+    rank) is recorded under ``lorakit_factorized`` in ``model.config``, so
+    ``model.save_pretrained(dir)`` writes a folder ``load_factorized(dir)`` reads back.
+
+    Raises:
+        LoraError: as ``low_rank`` for rank / energy (rank above a target's min(out, in)), a
+            target that is not a Linear or Conv1D or whose weight is tied to another module,
+            or a model holding LoRA adapters (``unload`` them first).
+    """
+    problems = _rank_problems(rank, energy)
+    if any(True for _ in iter_adapter_modules(model)):
+        problems.append("the model holds LoRA adapters; merge or unload() them first")
+    _raise("factorize", problems)
+    try:  # LoraConfig's target matching, with plan's checks and hints
+        entries = plan(model, LoraConfig(r=1, target_modules=target_modules), "factorize").entries
+    except LoraError as err:
+        raise LoraError(str(err).replace("add adapter 'factorize'", "factorize", 1)) from None
+    owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    limits = {}
+    for entry in entries:
+        module = model.get_submodule(entry.path)
+        if entry.kind != "linear":
+            problems.append(f"{entry.path}: {entry.module_type} is not a Linear or Conv1D")
+        elif owners[id(module.weight)] > 1:
+            problems.append(f"{entry.path}: its weight is tied to another module; untie it first")
+        else:
+            limits[entry.path] = min(entry.shape)
+    _raise("factorize", problems + _rank_limit_problems(rank, limits))
+
+    rows, layout = [], {}
+    with torch.no_grad():
+        for entry in entries:
+            module = model.get_submodule(entry.path)
+            weight = module.weight.T if is_gpt2_conv1d(module) else module.weight  # (out, in)
+            B, A, info = low_rank(weight, rank, energy)
+            factored = _shell(module, info["rank"])
+            factored.down.weight.copy_(A)
+            factored.up.weight.copy_(B)
+            if module.bias is not None:
+                factored.up.bias.copy_(module.bias)
+            _replace(model, entry.path, factored)
+            layout[entry.path] = info["rank"]
+            rows.append(_row(entry, info, info["rel_error"], weight.numel(), B.numel() + A.numel()))
+    config = getattr(model, "config", None)
+    if config is not None:
+        setattr(config, FACTORIZED_KEY, {**getattr(config, FACTORIZED_KEY, {}), **layout})
+    return LowRankReport("factorize", rows)
+
+
+def load_factorized(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load a causal LM saved after ``factorize`` (its ``config.json`` names the layout).
+
+    Builds the architecture from the config, swaps in ``LowRankLinear`` shells of the recorded
+    ranks and loads the safetensors weights (one file or shards), strictly.
+
+    Raises:
+        LoraError: no ``config.json`` with a ``lorakit_factorized`` layout, or weights that do
+            not fit the layout.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    layout = getattr(config, FACTORIZED_KEY, None)
+    if not layout:
+        raise LoraError(
+            f"{folder / 'config.json'} records no {FACTORIZED_KEY!r} layout: it is not a "
+            "factorised model. Load it as a plain model."
+        )
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for path, rank in layout.items():
+        _replace(model, path, _shell(model.get_submodule(path), rank))
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise LoraError(f"{folder} has no .safetensors weights; save with model.save_pretrained.")
+    state = {k: v for f in files for k, v in load_file(f).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(params[k]) for k in state if k in params}
+    # A tied weight (lm_head tied to the embeddings) is saved once, under the other name.
+    missing = [k for k in missing if k not in params or id(params[k]) not in loaded]
+    problems = [f"missing tensor {k}" for k in missing] + [
+        f"unexpected tensor {k}" for k in unexpected
+    ]
+    _raise(f"load the factorised model in {folder}", problems[:50])
+    model.name_or_path = str(folder)
+    return model.eval()

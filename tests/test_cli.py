@@ -1,0 +1,129 @@
+"""End to end: ``lorakit train | eval | generate | merge`` on the bundled SmolLM2, a few steps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorakit.cli import build_parser, main
+from lorakit.demo import demo_path
+from lorakit.train import config_fields
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    """Six demo examples: enough for two steps of batch 2 and a quick exact-match check."""
+    path = tmp_path_factory.mktemp("data") / "small.jsonl"
+    path.write_text("".join(demo_path("test").read_text().splitlines(keepends=True)[:6]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(smollm2, small_data, tmp_path_factory) -> Path:
+    """The output folder of a two-step ``lorakit train`` run."""
+    out = tmp_path_factory.mktemp("run")
+    argv = ["train", "--data", str(small_data), "--output", str(out), "--max-steps", "2"]
+    argv += ["--batch-size", "2", "--seq-len", "80", "--save-every", "1", "--rank", "4"]
+    argv += ["--lr", "1e-2", "--val-fraction", "0.34"]
+    assert main(argv) == 0
+    return out
+
+
+def test_train_writes_the_documented_layout(trained):
+    names = {p.name for p in trained.iterdir()}
+    expected = {"adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.png"}
+    assert expected | {"train_config.yaml", "checkpoints"} <= names
+    config = json.loads((trained / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "smollm2-135m"  # resolves again
+    assert config["r"] == 4 and config["lora_alpha"] == 32
+    steps = sorted(p.name for p in (trained / "checkpoints").iterdir())
+    assert steps == ["step-1", "step-2"]
+    records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    assert records[-1]["step"] == 2 and "eval_loss" in records[-1]
+
+
+def test_merge_gives_base_plus_adapter_logits(smollm2, trained, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.io import load_adapter
+    from lorakit.models import load_model
+
+    out = tmp_path / "merged"
+    # No --model: the base comes from the adapter's config.
+    assert main(["merge", "--adapter", str(trained), "--output", str(out)]) == 0
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    model, tokenizer = load_model("smollm2-135m")
+    load_adapter(model, trained).eval()  # new LoRA modules start in training mode (dropout)
+    ids = tokenizer(["Two large pizzas to 5 Oak Road"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        want = model(ids).logits
+        got = merged(ids).logits
+        base = smollm2[0](ids).logits
+    assert (want - base).abs().max() > 1e-3  # the adapter does change the output
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    # Tied embeddings: the output head still is the (unchanged) input embedding.
+    assert merged.config.tie_word_embeddings == smollm2[0].config.tie_word_embeddings
+    torch.testing.assert_close(
+        merged.get_output_embeddings().weight, smollm2[0].get_output_embeddings().weight
+    )
+
+
+def test_eval_reports_loss_perplexity_exact_match(trained, small_data, tmp_path, capsys):
+    two = tmp_path / "two.jsonl"  # generation is the slow part: two examples are enough
+    two.write_text("".join(small_data.read_text().splitlines(keepends=True)[:2]))
+    assert main(["eval", "--adapter", str(trained), "--data", str(two)]) == 0
+    out = capsys.readouterr().out
+    loss = float(out.split("loss:")[1].split()[0])
+    perplexity = float(out.split("perplexity:")[1].split()[0])
+    assert perplexity == pytest.approx(torch.tensor(loss).exp().item(), rel=1e-3)
+    assert "exact match:" in out
+
+
+def test_generate_streams_a_reply(trained, capsys):
+    argv = ["generate", "--adapter", str(trained), "--max-new-tokens", "5", "one", "small", "coke"]
+    assert main(argv) == 0
+    with_adapter = capsys.readouterr().out.strip()
+    # --model given the output folder loads its adapter too: the same greedy reply.
+    argv = ["generate", "--model", str(trained), "--max-new-tokens", "5", "one", "small", "coke"]
+    assert main(argv) == 0
+    assert with_adapter and capsys.readouterr().out.strip() == with_adapter
+
+
+def test_help_documents_every_option_with_default(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")  # no line breaks inside "all-linear"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for field in config_fields():
+        assert "--" + field.name.replace("_", "-") in text
+    assert "(default: 0.0002)" in text and "(default: all-linear)" in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--data", "missing.jsonl", "--max-steps", "1"], "missing.jsonl"),
+        (["train", "--model", "org/not-here", "--max-steps", "1"], "local-dir"),
+        (["eval", "--model", "smollm2-135m", "--data", "nothing.json"], "nothing.json"),
+        (["merge", "--adapter", "/nonexistent", "--output", "x"], "not an adapter folder"),
+    ],
+)
+def test_bad_input_exits_nonzero_with_a_message(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_resume_from_another_config_is_refused(trained, small_data, tmp_path, capsys):
+    argv = ["train", "--data", str(small_data), "--output", str(tmp_path / "again")]
+    argv += ["--max-steps", "3", "--batch-size", "2", "--seq-len", "80", "--rank", "8"]
+    argv += ["--lr", "1e-2", "--val-fraction", "0.34", "--resume", str(trained)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "different model or config" in err and "rank" in err

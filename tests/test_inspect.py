@@ -1,0 +1,132 @@
+"""inspect_adapter against hand-computed spectra and the LoRA paper's amplification factor."""
+
+import argparse
+import math
+
+import pytest
+import tiny
+import torch
+from torch import nn
+
+from lorakit import LoraConfig, LoraError, add_lora, save_adapter
+from lorakit.cli import lowrank as cli
+from lorakit.inject import iter_adapter_modules
+from lorakit.inspect import inspect_adapter, plot_spectra
+
+
+def _one_linear(weight, r, alpha):
+    """nn.Sequential(Linear) with weight ``weight`` and an adapter of rank r on it."""
+    model = nn.Sequential(nn.Linear(weight.shape[1], weight.shape[0], bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(weight)
+    return add_lora(model, LoraConfig(r=r, alpha=alpha, target_modules=["0"]))
+
+
+def _set(model, A, B):
+    with torch.no_grad():
+        model[0].lora_A["default"].copy_(A)
+        model[0].lora_B["default"].copy_(B)
+
+
+def test_amplification_of_a_direction_w_barely_uses():
+    # W = diag(10, 2, 1, 1); ΔW = 2 · 1.5 · e2 e2ᵀ = 3 e2 e2ᵀ points along W's σ=2 direction.
+    model = _one_linear(torch.diag(torch.tensor([10.0, 2.0, 1.0, 1.0])), r=1, alpha=2)
+    e2 = torch.tensor([[0.0, 1.0, 0.0, 0.0]])
+    _set(model, A=e2, B=1.5 * e2.T)
+    (m,) = inspect_adapter(model).modules
+    assert (m.path, m.rank, m.scale) == ("0", 1, 2.0)
+    assert m.delta_norm == pytest.approx(3.0) and m.singular_values == pytest.approx([3.0])
+    assert m.effective_rank == 1
+    assert m.weight_norm == pytest.approx(math.sqrt(100 + 4 + 1 + 1))
+    assert m.projection == pytest.approx(2.0)  # |e2ᵀ W e2| = W[1, 1]
+    assert m.top_projection == pytest.approx(10.0)  # W's own top direction
+    assert m.amplification == pytest.approx(1.5)  # ‖ΔW‖ / ‖Uᵀ W V‖ = 3 / 2
+    assert 0 < m.random_projection < 10.0
+
+
+def test_off_diagonal_delta_amplifies_an_unused_direction():
+    # ΔW = 4 e1 e3ᵀ: U = e1, V = e3 and W[0, 2] = 0.5, so the factor is 4 / 0.5 = 8.
+    W = torch.diag(torch.tensor([10.0, 2.0, 1.0, 1.0]))
+    W[0, 2] = 0.5
+    model = _one_linear(W, r=1, alpha=1)
+    _set(model, A=torch.tensor([[0.0, 0.0, 1.0, 0.0]]), B=torch.tensor([[4.0], [0], [0], [0]]))
+    (m,) = inspect_adapter(model).modules
+    assert m.projection == pytest.approx(0.5) and m.amplification == pytest.approx(8.0)
+
+
+def test_singular_values_and_effective_rank():
+    # ΔW = diag(3, 1, 1, 0.5) at scale 1: Σσ² = 11.25, the top three hold 97.8% (two: 88.9%).
+    model = _one_linear(torch.eye(4), r=4, alpha=4)
+    _set(model, A=torch.eye(4), B=torch.diag(torch.tensor([3.0, 1.0, 1.0, 0.5])))
+    (m,) = inspect_adapter(model).modules
+    assert m.singular_values == pytest.approx([3.0, 1.0, 1.0, 0.5])
+    assert m.effective_rank == 3
+    assert m.delta_norm == pytest.approx(math.sqrt(11.25))
+
+
+@pytest.fixture
+def adapted():
+    model = add_lora(tiny.llama(), LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    tiny.randomize_adapters(model)
+    return model
+
+
+def test_folder_gives_the_same_spectra_as_the_model(adapted, tmp_path):
+    save_adapter(adapted, tmp_path)
+    from_model = {m.path: m for m in inspect_adapter(adapted).modules}
+    from_files = {m.path: m for m in inspect_adapter(tmp_path).modules}
+    base = tiny.llama()
+    with_base = {m.path: m for m in inspect_adapter(tmp_path, base).modules}
+    assert set(from_model) == set(from_files) == set(with_base) and len(from_model) == 4
+    for path, m in from_model.items():
+        assert from_files[path].singular_values == pytest.approx(m.singular_values, rel=1e-4)
+        assert from_files[path].scale == m.scale == 2.0 and from_files[path].amplification is None
+        assert with_base[path].amplification == pytest.approx(m.amplification, rel=1e-4)
+    assert not list(iter_adapter_modules(base))  # the base model was not changed
+
+
+def test_pissa_is_inspected_as_its_change_from_the_original_weight():
+    model = add_lora(tiny.llama(), LoraConfig(r=2, target_modules=["q_proj"], init="pissa"))
+    layer = model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert layer.delta_weight("default").norm() > 0.1  # the principal part moved out of W
+    report = inspect_adapter(model)
+    assert all(m.delta_norm < 1e-5 and m.rank == 4 for m in report.modules)  # unchanged: 0
+    with torch.no_grad():
+        layer.lora_B["default"][:, 0] += 0.1
+    (changed,) = [m for m in inspect_adapter(model).modules if m.path.startswith("model.layers.0")]
+    A0 = layer.initial_lora("default")[0]
+    # s · (B A − B0 A0) = s · 0.1 · 1 ⊗ A0[0]; rank one with norm s · 0.1 · √out · ‖A0[0]‖
+    expected = layer.scale["default"] * 0.1 * math.sqrt(32) * A0[0].norm()
+    assert changed.delta_norm == pytest.approx(float(expected), rel=1e-4)
+    assert changed.effective_rank == 1
+
+
+def test_report_prints_a_table(adapted):
+    text = str(inspect_adapter(adapted))
+    lines = text.splitlines()
+    assert lines[0].split()[:3] == ["module", "r", "scale"] and "amplif." in lines[0]
+    assert set(lines[1]) <= {"-", " "}
+    assert sum("model.layers." in line for line in lines) == 4
+    assert "effective rank" in lines[-1]
+
+
+def test_bad_input_raises(adapted, tmp_path):
+    with pytest.raises(LoraError, match="not a folder"):
+        inspect_adapter(tmp_path / "missing")
+    with pytest.raises(LoraError, match="Unknown adapter"):
+        inspect_adapter(adapted, adapter_name="other")
+    with pytest.raises(LoraError, match="adapter_config.json"):
+        inspect_adapter(tmp_path)
+
+
+def test_cli_inspect_prints_and_plots(adapted, tmp_path, capsys):
+    save_adapter(adapted, tmp_path / "adapter")
+    parser = argparse.ArgumentParser()
+    add_arguments, run = cli.COMMANDS["inspect"]
+    add_arguments(parser)
+    png = tmp_path / "spectra.png"
+    assert run(parser.parse_args([str(tmp_path / "adapter"), "--plot", str(png)])) == 0
+    printed = capsys.readouterr().out
+    assert "model.layers.1.self_attn.v_proj" in printed and "spectra plotted" in printed
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_spectra(inspect_adapter(adapted), tmp_path / "again.png").stat().st_size > 1000

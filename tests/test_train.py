@@ -1,0 +1,323 @@
+"""The training loop on a tiny random Llama with the SmolLM2 tokenizer: schedule, data order,
+gradient accumulation, resume, config handling and errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lorakit import LoraError, add_lora
+from lorakit.train import (
+    DEMO_DEFAULTS,
+    BatchStream,
+    TrainConfig,
+    lr_factor,
+    resolve_config,
+    train,
+)
+
+
+def tiny_llama(vocab: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_tokenizer):
+    return copy.deepcopy(smollm2_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    """16 short chat examples whose answers vary in length (so padding differs by batch)."""
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    rows = []
+    for i in range(16):
+        answer = " ".join(["pizza"] * (1 + i % 5)) + f" {i}"
+        messages = [
+            {"role": "user", "content": f"Order number {i}?"},
+            {"role": "assistant", "content": answer},
+        ]
+        rows.append(json.dumps({"messages": messages}))
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def run(tokenizer, data_file: Path, output: Path, **changes):
+    settings = dict(
+        data=str(data_file),
+        output=str(output),
+        max_steps=4,
+        batch_size=4,
+        seq_len=64,
+        lr=1e-2,
+        warmup_steps=1,
+        rank=4,
+        alpha=8,
+        dropout=0.0,
+    )
+    settings.update(changes)
+    model = tiny_llama(len(tokenizer))
+    return train(TrainConfig(**settings), model, tokenizer)
+
+
+# --- schedule ---------------------------------------------------------------------------------
+
+
+def test_lr_factor_matches_hand_computed_values():
+    # warmup 2 of 10 steps: (s + 1) / 3 during warmup, then progress = (s - 2) / 8.
+    assert lr_factor(0, 2, 10, "cosine") == pytest.approx(1 / 3)
+    assert lr_factor(1, 2, 10, "cosine") == pytest.approx(2 / 3)
+    assert lr_factor(2, 2, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(6, 2, 10, "cosine") == pytest.approx(0.5)  # cos(pi / 2) = 0
+    assert lr_factor(4, 2, 10, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_factor(6, 2, 10, "linear") == pytest.approx(0.5)
+    assert lr_factor(9, 2, 10, "linear") == pytest.approx(1 / 8)
+    assert lr_factor(9, 2, 10, "constant") == 1.0
+
+
+def test_scheduler_drives_optimizer_lr(tokenizer, data_file, tmp_path):
+    result = run(tokenizer, data_file, tmp_path, max_steps=5, warmup_steps=2, lr=0.1)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if "lr" in r]
+    expected = [0.1 * lr_factor(s, 2, 5, "cosine") for s in range(5)]
+    assert lrs == pytest.approx(expected)
+    assert result.steps == 5
+
+
+# --- data order -------------------------------------------------------------------------------
+
+
+def test_batch_stream_covers_each_epoch_and_replays_from_its_state():
+    stream = BatchStream(size=10, batch_size=4, seed=3)
+    first = [stream.next_batch() for _ in range(5)]  # 20 indices = 2 epochs
+    flat = [i for batch in first for i in batch]
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:]) == list(range(10))
+    assert flat[:10] != flat[10:]  # a fresh shuffle each epoch
+    replay = BatchStream(size=10, batch_size=4, seed=3)
+    replay.next_batch()
+    state = replay.state_dict()
+    resumed = BatchStream(size=10, batch_size=4, seed=3)
+    resumed.load_state_dict(state)
+    assert [resumed.next_batch() for _ in range(4)] == first[1:]
+
+
+# --- gradient accumulation and resume ----------------------------------------------------------
+
+
+def _adapter(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_grad_accumulation_equals_bigger_batch(tokenizer, data_file, tmp_path):
+    big = run(tokenizer, data_file, tmp_path / "big", batch_size=4, grad_accum=1)
+    accum = run(tokenizer, data_file, tmp_path / "acc", batch_size=2, grad_accum=2)
+    steps = sorted(big.train_losses)
+    assert steps == [1, 2, 3, 4]
+    for step in steps:
+        assert accum.train_losses[step] == pytest.approx(big.train_losses[step], abs=1e-5)
+    a, b = _adapter(big.model), _adapter(accum.model)
+    # The adapters moved (lr 1e-2, four steps) and moved the same way.
+    assert max(float(v.abs().max()) for k, v in a.items() if "lora_B" in k) > 1e-3
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0)
+
+
+def test_resume_continues_exactly(tokenizer, data_file, tmp_path):
+    # Dropout on: the restored RNG state must reproduce the same masks.
+    whole = run(tokenizer, data_file, tmp_path / "whole", max_steps=6, save_every=3, dropout=0.1)
+    checkpoint = tmp_path / "whole" / "checkpoints" / "step-3"
+    assert (checkpoint / "adapter_model.safetensors").is_file()
+    resumed = run(
+        tokenizer,
+        data_file,
+        tmp_path / "resumed",
+        max_steps=6,
+        save_every=3,
+        dropout=0.1,
+        resume=str(checkpoint),
+    )
+    assert sorted(resumed.train_losses) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed.train_losses[step] == pytest.approx(whole.train_losses[step], abs=1e-5)
+    a, b = _adapter(whole.model), _adapter(resumed.model)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0)
+
+
+def test_resume_refuses_a_different_config(tokenizer, data_file, tmp_path):
+    run(tokenizer, data_file, tmp_path / "a", max_steps=2, save_every=2)
+    with pytest.raises(LoraError, match=r"different model or config.*rank"):
+        run(tokenizer, data_file, tmp_path / "b", rank=8, resume=str(tmp_path / "a"))
+
+
+def test_checkpoints_keep_the_last_k(tokenizer, data_file, tmp_path):
+    run(tokenizer, data_file, tmp_path, max_steps=4, save_every=1, keep_checkpoints=2)
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert kept == ["step-3", "step-4"]
+
+
+def test_nan_loss_stops_naming_the_step(tokenizer, data_file, tmp_path, monkeypatch):
+    import lorakit.train as train_module
+
+    real = train_module.summed_loss
+    calls = {"n": 0}
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        loss = real(model, batch)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(train_module, "summed_loss", poisoned)
+    with pytest.raises(LoraError, match=r"not finite at step 3.*step-2"):
+        run(tokenizer, data_file, tmp_path, save_every=2)
+    assert (tmp_path / "checkpoints" / "step-2" / "state.pt").is_file()
+    assert not (tmp_path / "adapter_model.safetensors").exists()
+
+
+def test_gradient_checkpointing_trains_with_frozen_embedding(tokenizer, data_file, tmp_path):
+    plain = run(tokenizer, data_file, tmp_path / "plain", max_steps=2)
+    ckpt = run(tokenizer, data_file, tmp_path / "ckpt", max_steps=2, gradient_checkpointing=True)
+    assert ckpt.train_losses[2] == pytest.approx(plain.train_losses[2], abs=1e-5)
+    assert ckpt.train_losses[2] != pytest.approx(ckpt.train_losses[1], abs=1e-4)
+
+
+def test_loraplus_gives_b_a_higher_lr():
+    from lorakit import LoraConfig
+    from lorakit.train import build_optimizer
+
+    model = tiny_llama(64)
+    add_lora(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    optimizer = build_optimizer(model, TrainConfig(lr=1e-3, loraplus_ratio=16, data="x"))
+    b_ids = {id(p) for n, p in model.named_parameters() if "lora_B" in n}
+    for group in optimizer.param_groups:
+        is_b = {id(p) in b_ids for p in group["params"]}
+        assert len(is_b) == 1
+        assert group["lr"] == pytest.approx(1.6e-2 if is_b.pop() else 1e-3)
+
+
+def test_no_weight_decay_on_biases_and_norms():
+    from lorakit import LoraConfig
+    from lorakit.train import build_optimizer
+
+    model = tiny_llama(64)
+    add_lora(model, LoraConfig(r=2, target_modules=["q_proj"], bias="all"))
+    model.model.norm.weight.requires_grad_(True)
+    optimizer = build_optimizer(model, TrainConfig(weight_decay=0.1, data="x"))
+    for group in optimizer.param_groups:
+        dims = {p.ndim for p in group["params"]}
+        assert group["weight_decay"] == (0.1 if dims == {2} else 0.0)
+
+
+# --- outputs ------------------------------------------------------------------------------------
+
+
+def test_output_folder_layout(tokenizer, data_file, tmp_path):
+    run(tokenizer, data_file, tmp_path, max_steps=2, val_fraction=0.25, eval_every=1)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "metrics.jsonl",
+        "loss.png",
+    } <= names
+    saved = yaml.safe_load((tmp_path / "train_config.yaml").read_text())
+    assert saved["max_steps"] == 2 and saved["val_fraction"] == 0.25
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 1, 2]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+
+
+# --- config --------------------------------------------------------------------------------------
+
+
+def test_yaml_then_flags(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("data: my.jsonl\nlr: 0.001\nrank: 4\nseq-len: 128\ntargets: q_proj,v_proj\n")
+    config = resolve_config(path, {"rank": 8})
+    assert (config.data, config.lr, config.rank, config.seq_len) == ("my.jsonl", 1e-3, 8, 128)
+    assert config.targets == ["q_proj", "v_proj"]
+    assert config.max_steps == TrainConfig().max_steps  # no demo defaults with user data
+
+
+def test_demo_defaults_without_data():
+    config = resolve_config(None, {"lr": 5e-4})
+    assert config.data.endswith("train.jsonl") and config.test_data.endswith("test.jsonl")
+    assert config.lr == 5e-4  # a flag beats the demo default
+    assert config.max_steps == DEMO_DEFAULTS["max_steps"]
+
+
+def test_config_errors_list_every_problem(tmp_path):
+    with pytest.raises(LoraError, match=r"rank must be a positive integer[\s\S]*schedule"):
+        TrainConfig(rank=0, schedule="step")
+    with pytest.raises(LoraError, match="Unknown config keys: learning_rate"):
+        resolve_config(None, {"learning_rate": 1.0})
+    with pytest.raises(LoraError, match="not found"):
+        resolve_config(tmp_path / "missing.yaml")
+
+
+def test_unknown_target_is_named(tokenizer, data_file, tmp_path):
+    with pytest.raises(LoraError, match="nope_proj"):
+        run(tokenizer, data_file, tmp_path, targets=["nope_proj"])
+    assert not (tmp_path / "adapter_model.safetensors").exists()
+
+
+def test_all_examples_too_long(tokenizer, data_file, tmp_path):
+    with pytest.raises(LoraError, match="Raise --seq-len"):
+        run(tokenizer, data_file, tmp_path, seq_len=4)
+
+
+# --- transformers.Trainer ------------------------------------------------------------------------
+
+
+def test_lorakit_model_trains_under_hf_trainer(tokenizer, data_file, tmp_path):
+    from functools import partial
+
+    from transformers import Trainer, TrainingArguments
+
+    from lorakit import LoraConfig
+    from lorakit.data import collate, load_datasets
+
+    model = tiny_llama(len(tokenizer))
+    add_lora(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    before = _adapter(model)
+    dataset, _ = load_datasets(data_file, tokenizer, 64)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        remove_unused_columns=False,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=partial(collate, pad_id=tokenizer.pad_token_id),
+    )
+    trainer.train()
+    after = _adapter(model)
+    assert any(not torch.equal(before[n], after[n]) for n in before if "lora_B" in n)
+    for name, value in model.named_parameters():
+        if name in base:
+            assert torch.equal(value, base[name]), name
