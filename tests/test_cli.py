@@ -127,3 +127,31 @@ def test_resume_from_another_config_is_refused(trained, small_data, tmp_path, ca
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "different model or config" in err and "rank" in err
+
+
+def test_generate_picks_among_several_adapters(trained, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    # Adapter "zero": the trained one with B = 0, i.e. exactly the base model.
+    zero = tmp_path / "zero"
+    zero.mkdir()
+    (zero / "adapter_config.json").write_text((trained / "adapter_config.json").read_text())
+    tensors = load_file(trained / "adapter_model.safetensors")
+    save_file(
+        {k: v * 0 if "lora_B" in k else v for k, v in tensors.items()},
+        zero / "adapter_model.safetensors",
+    )
+    prompt = ["--max-new-tokens", "5", "one", "small", "coke"]
+
+    def reply(*argv):
+        assert main(["generate", *argv, *prompt]) == 0
+        return capsys.readouterr().out.strip()
+
+    only_trained = reply("--adapter", str(trained))
+    base = reply("--model", "smollm2-135m")
+    both = ["--adapter", f"a={trained}", "--adapter", f"z={zero}"]
+    assert reply(*both, "--use", "a") == only_trained
+    assert reply(*both, "--use", "z") == base
+    assert reply(*both, "--use", "a,z") == only_trained
+    assert main(["generate", *both, "--use", "q", *prompt]) == 2
+    assert "Unknown adapter(s) ['q']; this model has ['a', 'z']" in capsys.readouterr().err

@@ -1,9 +1,9 @@
 """``lorakit combine`` end to end on a tiny model folder."""
 
 import pytest
+import tiny
 import torch
 
-import tiny
 from lorakit import LoraConfig, add_lora, load_adapter, save_adapter
 from lorakit.cli import main
 from lorakit.cli.adapters import parse_named_adapters

@@ -72,30 +72,46 @@ def _model_arguments(parser: argparse.ArgumentParser, adapter_required: bool = F
         "else smollm2-135m)",
     )
     parser.add_argument(
-        "--adapter", required=adapter_required, default=None, help="adapter folder (PEFT format)"
+        "--adapter",
+        action="append",
+        required=adapter_required,
+        default=None,
+        metavar="[NAME=]DIR",
+        help="adapter folder (PEFT format); repeat as NAME=DIR to load several",
+    )
+    parser.add_argument(
+        "--use",
+        default=None,
+        help="comma-separated adapter names to activate (several add up; default: the last loaded)",
     )
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
-    """The base model (given, or the adapter's) with the adapter, if any, loaded.
+    """The base model (given, or the first adapter's) with the adapters, if any, loaded.
 
     ``--model`` may be a ``lorakit train`` output folder: its base model and its adapter load.
     """
+    from ..adapters import set_adapter
     from ..io import load_adapter
     from ..models import DEFAULT_MODEL, load_model
+    from .adapters import parse_named_adapters
 
     if args.adapter is None and args.model and (Path(args.model) / "adapter_config.json").is_file():
-        args.adapter = args.model
-    if args.adapter is not None and not (Path(args.adapter) / "adapter_config.json").is_file():
-        raise LoraError(
-            f"{args.adapter} is not an adapter folder (no adapter_config.json). Pass the --output "
-            "folder of lorakit train, a checkpoint folder, or a PEFT adapter folder."
-        )
-    spec = args.model or args.adapter or DEFAULT_MODEL
+        args.adapter = [args.model]
+    adapters = parse_named_adapters(args.adapter or [])
+    for folder in adapters.values():
+        if not (Path(folder) / "adapter_config.json").is_file():
+            raise LoraError(
+                f"{folder} is not an adapter folder (no adapter_config.json). Pass the --output "
+                "folder of lorakit train, a checkpoint folder, or a PEFT adapter folder."
+            )
+    spec = args.model or next(iter(adapters.values()), None) or DEFAULT_MODEL
     _set_threads()
     model, tokenizer = load_model(spec)
-    if args.adapter is not None:
-        load_adapter(model, args.adapter)
+    for name, folder in adapters.items():
+        load_adapter(model, folder, adapter_name=name)
+    if args.use:
+        set_adapter(model, [n.strip() for n in args.use.split(",")])
     return model.eval(), tokenizer
 
 
