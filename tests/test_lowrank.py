@@ -16,16 +16,14 @@ from safetensors.torch import load_file
 
 from lorakit import LoraConfig, LoraError, add_lora, load_adapter, save_adapter
 from lorakit.cli import lowrank as cli
+from lorakit.factorize import FACTORIZED_KEY, LowRankLinear, factorize, load_factorized
 from lorakit.lowrank import (
-    FACTORIZED_KEY,
-    LowRankLinear,
     extract_adapter,
-    factorize,
-    load_factorized,
     low_rank,
     rank_for_energy,
     resize_adapter,
 )
+from lorakit.models import load_model
 
 LLAMA_TARGETS = [
     "q_proj",
@@ -248,6 +246,20 @@ def test_extraction_from_gpt2_conv1d_keeps_biases_and_tied_head(tmp_path):
     assert _max_diff(_logits(peft_model), _logits(tuned)) < 1e-4
 
 
+def test_extraction_into_a_convolution(tmp_path):
+    base = tiny.cnn()
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    images = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    report = extract_adapter(base, tuned, ["conv1", "head"], energy=1.0, keep_untargeted=True)
+    assert report.rows[0].rank == 8 and base.conv1.lora_A["default"].shape == (8, 3, 3, 3)
+    torch.testing.assert_close(base(images), tuned(images), atol=1e-5, rtol=0)
+    with pytest.raises(LoraError, match="conv2: .*groups=2"):
+        extract_adapter(tiny.cnn(), tuned, ["conv2"], rank=2)
+
+
 def test_mismatched_architectures_raise():
     with pytest.raises(LoraError, match="share one architecture"):
         extract_adapter(tiny.llama(), tiny.gpt2(), ["q_proj"], rank=2)
@@ -265,7 +277,7 @@ def test_extraction_rank_above_a_module_raises_before_changes(finetune):
     model = copy.deepcopy(base)
     with pytest.raises(
         LoraError,
-        match=r"rank 17 exceeds min\(out, in\) of 2 module\(s\), e\.g\. model\.layers\.0\.self_attn\.k_proj: 16",
+        match=r"rank 17 exceeds min\(out, in\) of 2 module\(s\), e\.g\. \S+\.0\.self_attn\.k_proj: 16",
     ):
         extract_adapter(model, tuned, ["q_proj", "k_proj"], rank=17)
     assert not hasattr(model, "lorakit_configs")
@@ -525,7 +537,7 @@ def folders(tmp_path_factory, finetune):
 
 
 def test_perplexity_is_exp_of_the_mean_token_loss(folders):
-    model, tokenizer = cli.load(str(folders / "base"))
+    model, tokenizer = load_model(str(folders / "base"))
     ppl = cli.perplexity(model, tokenizer, folders / "data.jsonl")
     losses = []
     for line in (folders / "data.jsonl").read_text().splitlines():
@@ -544,7 +556,7 @@ def test_cli_extract_resize_factorize(folders, finetune, capsys):
     assert written["r"] == 4 and written["base_model_name_or_path"] == str(folders / "base")
     expected = copy.deepcopy(finetune[0])
     extract_adapter(expected, finetune[1], "all-linear", rank=4)
-    adapted = load_adapter(cli.load(str(folders / "base"))[0], out / "extracted")
+    adapted = load_adapter(load_model(str(folders / "base"))[0], out / "extracted")
     assert _max_diff(_logits(adapted), _logits(expected)) < 1e-5
 
     assert (
@@ -559,7 +571,7 @@ def test_cli_extract_resize_factorize(folders, finetune, capsys):
                                "--output", str(out / "factorized")]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     assert "perplexity on" in printed and "before" in printed and "after" in printed
-    loaded, _ = cli.load(str(out / "factorized"))
+    loaded, _ = load_model(str(out / "factorized"))
     reference = copy.deepcopy(finetune[0])
     factorize(reference, ["q_proj", "v_proj"], rank=3)
     assert _max_diff(_logits(loaded), _logits(reference)) < 1e-6

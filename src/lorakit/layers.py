@@ -106,6 +106,11 @@ class LoraLayer(nn.Module):
         self, name: str, r: int, scale: float, dropout: float = 0.0, init: str = "kaiming"
     ) -> None:
         """Create adapter ``name`` (A random, B zero) and make it active."""
+        if init in WEIGHT_INITS and not isinstance(self, LoraLinear):
+            raise LoraError(
+                f"init={init!r} needs a Linear or Conv1D layer, not "
+                f"{type(self.base_layer).__name__}; use init='kaiming' for this layer."
+            )
         shape_a, shape_b = self._shapes(r)
         weight = self.base_weight
         # Adapters train in fp32 even on a half-precision base; forward casts at the boundary.
@@ -127,14 +132,9 @@ class LoraLayer(nn.Module):
 
     def _init_from_weight(self, name: str, init: str) -> None:
         """PiSSA / OLoRA: A, B from the base weight, which keeps the residual W - ΔW."""
-        if not isinstance(self, LoraLinear):
-            raise LoraError(
-                f"init={init!r} needs a Linear or Conv1D layer, not {type(self.base_layer).__name__}"
-                "; use init='kaiming' for this layer."
-            )
         A, B = self.lora_A[name], self.lora_B[name]
         weight = self.base_weight
-        matrix = weight.detach().to(A.dtype)  # (out, in)
+        matrix = weight.detach().to(A.dtype)  # (out, in); (in, out) for GPT-2 Conv1D
         A0, B0 = principal_init(
             matrix.T if self.fan_in_fan_out else matrix, A.shape[0], self.scale[name], init
         )

@@ -19,11 +19,9 @@ Spectra and the LoRA paper's amplification analysis of an adapter live in ``lora
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -47,20 +45,18 @@ from .layers import (
     LoraLayer,
     LoraLinear,
     LoraParameter,
-    is_gpt2_conv1d,
     lora_delta,
 )
 from .merge import check_adapter_names
 
 # A given rank on a matrix at least this wide uses a randomized SVD (Halko et al. 2011).
 RANDOMIZED_MIN_DIM = 2048
-FACTORIZED_KEY = "lorakit_factorized"  # config.json key: module path -> rank of its factors
 # Float rounding in Σσ² (fp32 σ, summed in fp64): energy=1 then picks the numerical rank.
 _ENERGY_SLACK = 1e-10
 
 
 # --- one matrix ------------------------------------------------------------------------------
-def _rank_problems(rank: int | None, energy: float | None) -> list[str]:
+def rank_problems(rank: int | None, energy: float | None) -> list[str]:
     if (rank is None) == (energy is None):
         return ["give exactly one of rank (a fixed rank) or energy (a fraction in (0, 1])"]
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
@@ -70,12 +66,12 @@ def _rank_problems(rank: int | None, energy: float | None) -> list[str]:
     return []
 
 
-def _raise(what: str, problems: list[str]) -> None:
+def raise_problems(what: str, problems: list[str]) -> None:
     if problems:
         raise LoraError(f"Cannot {what}:\n  - " + "\n  - ".join(problems))
 
 
-def _rank_limit_problems(rank: int | None, limits: dict[str, int]) -> list[str]:
+def rank_limit_problems(rank: int | None, limits: dict[str, int]) -> list[str]:
     """One problem naming the modules whose min(out, in) (``limits``) is below ``rank``."""
     small = {
         path: limit for path, limit in limits.items() if isinstance(rank, int) and rank > limit
@@ -130,14 +126,14 @@ def low_rank(
         LoraError: W not 2D or not finite, both or neither of rank and energy, rank below 1 or
             above min(out, in), energy outside (0, 1].
     """
-    problems = _rank_problems(rank, energy)
+    problems = rank_problems(rank, energy)
     if W.dim() != 2:
         problems.append(f"W must be a 2D matrix, got shape {tuple(W.shape)}")
     elif not problems and rank is not None and rank > min(W.shape):
         problems.append(f"rank {rank} exceeds min(out, in) = {min(W.shape)} of W {tuple(W.shape)}")
     elif not torch.isfinite(W).all():
         problems.append("W holds NaN or inf values")
-    _raise("factorise the matrix", problems)
+    raise_problems("factorise the matrix", problems)
     work = W.detach().to(torch.float64 if W.dtype == torch.float64 else torch.float32)
     small = min(work.shape)
     if randomized is None:
@@ -318,6 +314,26 @@ def _relative_change(old: Tensor, new: Tensor) -> float:
     return float((new - old).norm() / old.norm().clamp_min(1e-12))
 
 
+def _what_to_keep(
+    untargeted: dict[str, float], paths: set[str]
+) -> tuple[list[str], str, list[str]]:
+    """How an adapter on ``paths`` can carry the changed parameters ``untargeted``.
+
+    Returns ``(modules_to_save, bias, kept parameter names)``: the modules owning the changes
+    are saved whole, unless they contain a target (PEFT adapts nothing inside a saved module);
+    changed biases of targeted modules need ``bias="lora_only"``.
+    """
+    owners = {n.rpartition(".")[0] for n in untargeted} - paths
+    saved = sorted(o for o in owners if o and not any(t.startswith(o + ".") for t in paths))
+    bias = "lora_only" if any(f"{p}.bias" in untargeted for p in paths) else "none"
+    kept = [
+        n
+        for n in untargeted
+        if n.rpartition(".")[0] in saved or (bias != "none" and n.removesuffix(".bias") in paths)
+    ]
+    return saved, bias, kept
+
+
 def extract_adapter(
     base_model: nn.Module,
     tuned_model: nn.Module,
@@ -344,10 +360,10 @@ def extract_adapter(
         LoraError: as ``low_rank`` for rank / energy, differing architectures, targets that
             match nothing or are not supported, an adapter name already in use.
     """
-    problems = _rank_problems(rank, energy)
+    problems = rank_problems(rank, energy)
     base, tuned = _plain_parameters(base_model), _plain_parameters(tuned_model)
     problems += _architecture_problems(base, tuned)
-    _raise("extract an adapter", problems)
+    raise_problems("extract an adapter", problems)
     probe = LoraConfig(r=1, target_modules=target_modules)
     entries = plan(base_model, probe, adapter_name).entries
     wrappers = [make_wrapper(e, unwrap(base_model.get_submodule(e.path))) for e in entries]
@@ -358,7 +374,7 @@ def extract_adapter(
             problems.append(f"{entry.path}: cannot extract into {reason}")
         else:
             limits[entry.path] = min(_as_matrix(wrapper, wrapper.base_weight).shape)
-    _raise("extract an adapter", problems + _rank_limit_problems(rank, limits))
+    raise_problems("extract an adapter", problems + rank_limit_problems(rank, limits))
 
     factors = {}
     for entry, wrapper in zip(entries, wrappers, strict=True):
@@ -373,18 +389,7 @@ def extract_adapter(
         if name not in targeted and not torch.equal(p, tuned[name])
     }
     paths = {e.path for e in entries}
-    saved, bias = [], "none"
-    if keep_untargeted:
-        owners = {n.rpartition(".")[0] for n in untargeted} - paths
-        # A module whose copy would contain a target can't be saved (PEFT adapts nothing inside).
-        saved = sorted(o for o in owners if o and not any(t.startswith(o + ".") for t in paths))
-        if any(f"{p}.bias" in untargeted for p in paths):
-            bias = "lora_only"  # changed biases of targeted modules travel with the adapter
-    kept = [
-        n
-        for n in untargeted
-        if n.rpartition(".")[0] in saved or (bias != "none" and n.removesuffix(".bias") in paths)
-    ]
+    saved, bias, kept = _what_to_keep(untargeted, paths) if keep_untargeted else ([], "none", [])
     ranks = {path: info["rank"] for path, (_, _, _, info) in factors.items()}
     config = _unit_scale_config(
         probe.replace(
@@ -403,10 +408,10 @@ def extract_adapter(
             layer = base_model.get_submodule(entry.path)
             _set_pair(layer, adapter_name, B, A)
             error = _relative_change(delta, layer.delta_weight(adapter_name))
-            rows.append(_row(entry, info, error, delta.numel(), B.numel() + A.numel()))
+            rows.append(factor_row(entry, info, error, delta.numel(), B.numel() + A.numel()))
         for path in saved:
-            copy = base_model.get_submodule(path).modules_to_save[adapter_name]
-            for name, p in copy.named_parameters():
+            clone = base_model.get_submodule(path).modules_to_save[adapter_name]
+            for name, p in clone.named_parameters():
                 p.copy_(tuned[f"{path}.{name}"])
         if bias == "lora_only":
             for path in paths:
@@ -415,7 +420,7 @@ def extract_adapter(
     return LowRankReport("extract", rows, config, untargeted, kept)
 
 
-def _row(entry: PlanEntry, info: dict, error: float, before: int, after: int) -> FactorRow:
+def factor_row(entry: PlanEntry, info: dict, error: float, before: int, after: int) -> FactorRow:
     return FactorRow(entry.target, entry.shape, info["rank"], error, info["energy"], before, after)
 
 
@@ -438,7 +443,7 @@ def resize_adapter(
     """
     check_adapter_names(model, [adapter_name])
     config = adapter_configs(model)[adapter_name]
-    problems = _rank_problems(rank, energy)
+    problems = rank_problems(rank, energy)
     if config.init in WEIGHT_INITS:
         problems.append(
             f"adapter '{adapter_name}' is a {config.init} adapter whose base weight holds a "
@@ -459,7 +464,7 @@ def resize_adapter(
             problems.append(f"{path}: adapter '{adapter_name}' is merged; unmerge it first")
         else:
             limits[path] = min(_as_matrix(layer, layer.base_weight).shape)
-    _raise(f"resize adapter '{adapter_name}'", problems + _rank_limit_problems(rank, limits))
+    raise_problems(f"resize adapter '{adapter_name}'", problems + rank_limit_problems(rank, limits))
 
     rows, ranks = [], {}
     with torch.no_grad():
@@ -483,142 +488,3 @@ def resize_adapter(
     configs[adapter_name] = _unit_scale_config(config, ranks)
     setattr(model, CONFIGS_ATTR, configs)
     return LowRankReport("resize", rows, configs[adapter_name])
-
-
-# --- replacement: factorised layers ----------------------------------------------------------
-class LowRankLinear(nn.Module):
-    """A Linear (out, in) replaced by two: ``down`` (in -> r), then ``up`` (r -> out, with bias).
-
-    y = up(down(x)) = B (A x) + b, DeepSeek-V2's ``q_a_proj`` / ``q_b_proj`` pair (without the
-    norm between them). r·(in + out) weights instead of in·out: fewer when r < in·out/(in + out).
-    """
-
-    def __init__(
-        self,
-        in_features: int,
-        rank: int,
-        out_features: int,
-        bias: bool = True,
-        device: torch.device | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        self.in_features, self.rank, self.out_features = in_features, rank, out_features
-        self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
-        self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
-
-    def forward(self, x: Tensor) -> Tensor:
-        # (..., in) -> (..., r) -> (..., out)
-        return self.up(self.down(x))
-
-
-def _shell(module: nn.Module, rank: int) -> LowRankLinear:
-    """An empty ``LowRankLinear`` of rank ``rank`` to stand in for Linear / Conv1D ``module``."""
-    weight = module.weight
-    in_features, out_features = weight.shape if is_gpt2_conv1d(module) else weight.shape[::-1]
-    bias = getattr(module, "bias", None) is not None
-    return LowRankLinear(in_features, rank, out_features, bias, weight.device, weight.dtype)
-
-
-def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
-
-
-def factorize(
-    model: nn.Module,
-    target_modules: list[str] | str,
-    rank: int | None = None,
-    energy: float | None = None,
-) -> LowRankReport:
-    """Replace each target Linear / GPT-2 Conv1D in place by a ``LowRankLinear`` (W ≈ B A).
-
-    Targets match as in ``LoraConfig`` (``"all-linear"`` spares the output head). With
-    ``energy`` each module keeps its own smallest sufficient rank. The layout (module path ->
-    rank) is recorded under ``lorakit_factorized`` in ``model.config``, so
-    ``model.save_pretrained(dir)`` writes a folder ``load_factorized(dir)`` reads back.
-
-    Raises:
-        LoraError: as ``low_rank`` for rank / energy (rank above a target's min(out, in)), a
-            target that is not a Linear or Conv1D or whose weight is tied to another module,
-            or a model holding LoRA adapters (``unload`` them first).
-    """
-    problems = _rank_problems(rank, energy)
-    if any(True for _ in iter_adapter_modules(model)):
-        problems.append("the model holds LoRA adapters; merge or unload() them first")
-    _raise("factorize", problems)
-    try:  # LoraConfig's target matching, with plan's checks and hints
-        entries = plan(model, LoraConfig(r=1, target_modules=target_modules), "factorize").entries
-    except LoraError as err:
-        raise LoraError(str(err).replace("add adapter 'factorize'", "factorize", 1)) from None
-    owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-    limits = {}
-    for entry in entries:
-        module = model.get_submodule(entry.path)
-        if entry.kind != "linear":
-            problems.append(f"{entry.path}: {entry.module_type} is not a Linear or Conv1D")
-        elif owners[id(module.weight)] > 1:
-            problems.append(f"{entry.path}: its weight is tied to another module; untie it first")
-        else:
-            limits[entry.path] = min(entry.shape)
-    _raise("factorize", problems + _rank_limit_problems(rank, limits))
-
-    rows, layout = [], {}
-    with torch.no_grad():
-        for entry in entries:
-            module = model.get_submodule(entry.path)
-            weight = module.weight.T if is_gpt2_conv1d(module) else module.weight  # (out, in)
-            B, A, info = low_rank(weight, rank, energy)
-            factored = _shell(module, info["rank"])
-            factored.down.weight.copy_(A)
-            factored.up.weight.copy_(B)
-            if module.bias is not None:
-                factored.up.bias.copy_(module.bias)
-            _replace(model, entry.path, factored)
-            layout[entry.path] = info["rank"]
-            rows.append(_row(entry, info, info["rel_error"], weight.numel(), B.numel() + A.numel()))
-    config = getattr(model, "config", None)
-    if config is not None:
-        setattr(config, FACTORIZED_KEY, {**getattr(config, FACTORIZED_KEY, {}), **layout})
-    return LowRankReport("factorize", rows)
-
-
-def load_factorized(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Load a causal LM saved after ``factorize`` (its ``config.json`` names the layout).
-
-    Builds the architecture from the config, swaps in ``LowRankLinear`` shells of the recorded
-    ranks and loads the safetensors weights (one file or shards), strictly.
-
-    Raises:
-        LoraError: no ``config.json`` with a ``lorakit_factorized`` layout, or weights that do
-            not fit the layout.
-    """
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    folder = Path(folder)
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    layout = getattr(config, FACTORIZED_KEY, None)
-    if not layout:
-        raise LoraError(
-            f"{folder / 'config.json'} records no {FACTORIZED_KEY!r} layout: it is not a "
-            "factorised model. Load it as a plain model."
-        )
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for path, rank in layout.items():
-        _replace(model, path, _shell(model.get_submodule(path), rank))
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise LoraError(f"{folder} has no .safetensors weights; save with model.save_pretrained.")
-    state = {k: v for f in files for k, v in load_file(f).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    loaded = {id(params[k]) for k in state if k in params}
-    # A tied weight (lm_head tied to the embeddings) is saved once, under the other name.
-    missing = [k for k in missing if k not in params or id(params[k]) not in loaded]
-    problems = [f"missing tensor {k}" for k in missing] + [
-        f"unexpected tensor {k}" for k in unexpected
-    ]
-    _raise(f"load the factorised model in {folder}", problems[:50])
-    model.name_or_path = str(folder)
-    return model.eval()

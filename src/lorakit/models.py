@@ -167,13 +167,26 @@ def load_model(
     resolved = resolve_model_spec(spec)
     source = bundled_gguf() if resolved == DEFAULT_MODEL else Path(resolved)
     folder = _cached_conversion(source) if source.suffix == ".gguf" else source
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    if _is_factorized(folder):
+        from .factorize import load_factorized
+
+        model = load_factorized(folder, dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model.name_or_path = model.config.name_or_path = resolved
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return model.eval(), tokenizer
+
+
+def _is_factorized(folder: Path) -> bool:
+    """Whether ``folder`` holds a model saved after ``lorakit factorize`` (its own layout)."""
+    from .factorize import FACTORIZED_KEY
+
+    config = folder / "config.json"
+    return config.is_file() and FACTORIZED_KEY in json.loads(config.read_text())
 
 
 def _cache_key(gguf: Path) -> str:

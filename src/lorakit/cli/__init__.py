@@ -16,10 +16,10 @@ Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Na
 
 
 def _commands() -> dict[str, Command]:
-    from . import adapters, tune
+    from . import adapters, lowrank, tune
 
     commands: dict[str, Command] = {}
-    for module in (tune, adapters):
+    for module in (tune, lowrank, adapters):
         commands.update(module.COMMANDS)
     return commands
 

@@ -8,31 +8,22 @@ its factorised layout.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
-import torch
 from torch import nn
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from ..config import ALL_LINEAR
-from ..data import IGNORE_INDEX, collate, encode_examples, read_examples
+from ..data import encode_examples, read_examples
+from ..factorize import factorize
 from ..inspect import inspect_adapter, plot_spectra
 from ..io import load_adapter, save_adapter
-from ..lowrank import FACTORIZED_KEY, extract_adapter, factorize, load_factorized, resize_adapter
+from ..lowrank import extract_adapter, resize_adapter
 from ..models import load_model
+from ..train import evaluate_loss
 
 
-def load(spec: str) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """``models.load_model``, except that a factorised folder loads with its layout."""
-    config = Path(spec) / "config.json"
-    if config.is_file() and FACTORIZED_KEY in json.loads(config.read_text()):
-        return load_factorized(spec), AutoTokenizer.from_pretrained(spec, local_files_only=True)
-    return load_model(spec)
-
-
-@torch.no_grad()
 def perplexity(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -41,18 +32,15 @@ def perplexity(
     max_examples: int = 64,
     batch_size: int = 8,
 ) -> float:
-    """exp(mean next-token loss) over every token of the first ``max_examples`` examples."""
+    """exp(mean next-token loss) over every token (prompts too) of the first ``max_examples``.
+
+    Every token, not only the replies ``lorakit eval`` scores: factorising damages the whole
+    language model, and the prompt tokens show it too.
+    """
     examples = read_examples(path)[:max_examples]
     data = encode_examples(examples, tokenizer, seq_len, train_on_prompt=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    total, count = 0.0, 0
-    for start in range(0, len(data), batch_size):
-        batch = collate([data[i] for i in range(start, min(start + batch_size, len(data)))], pad)
-        # The model shifts labels by one and averages over the tokens that carry loss.
-        tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        total += float(model(**batch).loss) * tokens
-        count += tokens
-    return math.exp(total / count)
+    return math.exp(evaluate_loss(model, data, batch_size, pad))
 
 
 def _targets(values: list[str]) -> list[str] | str:
@@ -99,8 +87,8 @@ def run_extract(args: argparse.Namespace) -> int:
     Prints each module's rank and relative error, and the parameters that changed outside
     the targets. The adapter is written in PEFT's format.
     """
-    base, _ = load(args.base)
-    tuned, _ = load(args.tuned)
+    base, _ = load_model(args.base)
+    tuned, _ = load_model(args.tuned)
     report = extract_adapter(
         base,
         tuned,
@@ -128,7 +116,7 @@ def run_resize(args: argparse.Namespace) -> int:
 
     Prints each module's old and new rank and the relative error of its delta.
     """
-    model, _ = load(args.base or args.adapter)
+    model, _ = load_model(args.base or args.adapter)
     load_adapter(model, args.adapter)
     print(resize_adapter(model, args.rank, energy=args.energy))
     print(f"adapter written to {save_adapter(model, args.output)}")
@@ -153,7 +141,7 @@ def run_factorize(args: argparse.Namespace) -> int:
     Prints parameters and relative error per module and, with --data, the perplexity before
     and after. The folder written loads with lorakit (the layout is in its config.json).
     """
-    model, tokenizer = load(args.model)
+    model, tokenizer = load_model(args.model)
 
     def measure() -> float:
         return perplexity(model, tokenizer, args.data, args.seq_len, args.max_examples)
@@ -183,7 +171,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     With --base, also the LoRA paper's analysis: W projected onto dW's top directions and the
     amplification factor |dW| / |U^T W V|.
     """
-    base = load(args.base)[0] if args.base else None
+    base = load_model(args.base)[0] if args.base else None
     report = inspect_adapter(args.adapter, base)
     print(report)
     if args.plot:
