@@ -236,7 +236,9 @@ def test_second_adapter_wraps_same_layer():
 
 def test_wrappers_keep_the_models_train_or_eval_mode():
     model = tiny.cnn().eval()
-    add_lora(model, LoraConfig(r=2, dropout=0.5, target_modules=["conv1"], modules_to_save=["head"]))
+    add_lora(
+        model, LoraConfig(r=2, dropout=0.5, target_modules=["conv1"], modules_to_save=["head"])
+    )
     assert not model.conv1.training and not model.head.training
     x = torch.randn(1, 3, 8, 8)
     tiny.randomize_adapters(model)

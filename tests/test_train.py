@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from lorakit import LoraError, add_lora
 from lorakit.train import (
@@ -321,3 +322,55 @@ def test_lorakit_model_trains_under_hf_trainer(tokenizer, data_file, tmp_path):
     for name, value in model.named_parameters():
         if name in base:
             assert torch.equal(value, base[name]), name
+
+
+# --- several tasks -------------------------------------------------------------------------------
+
+
+def test_joint_training_equals_training_each_task_alone(tokenizer, data_file, tmp_path):
+    rows = data_file.read_text().splitlines()
+    files = {"a": tmp_path / "a.jsonl", "b": tmp_path / "b.jsonl"}
+    files["a"].write_text("\n".join(rows[:8]) + "\n")
+    files["b"].write_text("\n".join(rows[8:14]) + "\n")  # another size: other epoch boundaries
+    settings = dict(max_steps=4, batch_size=2, grad_accum=2, seq_len=64, lr=1e-2, warmup_steps=1)
+    settings.update(rank=4, alpha=8, dropout=0.0, max_grad_norm=0.05)  # clipping on
+    tasks = [f"{name}={path}" for name, path in files.items()]
+    config = TrainConfig(tasks=tasks, output=str(tmp_path / "joint"), **settings)
+    train(config, tiny_llama(len(tokenizer)), tokenizer)
+    squared_norms = [0.0] * 4
+    for name, path in files.items():
+        alone = TrainConfig(data=str(path), output=str(tmp_path / name), **settings)
+        train(alone, tiny_llama(len(tokenizer)), tokenizer)
+        for step, norm in enumerate(_logged(tmp_path / name, "grad_norm")):
+            squared_norms[step] += norm**2
+        joint = load_file(tmp_path / "joint" / name / "adapter_model.safetensors")
+        single = load_file(tmp_path / name / "adapter_model.safetensors")
+        assert joint.keys() == single.keys()
+        for key in joint:
+            torch.testing.assert_close(joint[key], single[key], atol=1e-5, rtol=0)
+        assert max(float(v.abs().max()) for k, v in joint.items() if "lora_B" in k) > 1e-3
+    # Adam and clipping hide a gradient's scale; the logged norm (before clipping) does not.
+    joint_norms = _logged(tmp_path / "joint", "grad_norm")
+    assert joint_norms == pytest.approx([math.sqrt(n) for n in squared_norms], rel=1e-4)
+
+
+def _logged(output: Path, key: str) -> list[float]:
+    lines = (output / "metrics.jsonl").read_text().splitlines()
+    return [record[key] for record in map(json.loads, lines) if key in record]
+
+
+def test_task_flags_are_checked():
+    with pytest.raises(LoraError, match=r"NAME=FILE[\s\S]*unique[\s\S]*--val-data"):
+        TrainConfig(tasks=["a=x.jsonl", "a=y.jsonl", "nofile"], val_data="v.jsonl")
+    assert TrainConfig(tasks="a=x.jsonl,b=y.jsonl").task_files() == {
+        "a": "x.jsonl",
+        "b": "y.jsonl",
+    }
+    assert resolve_config(None, {"tasks": ["a=x.jsonl"]}).data is None  # no demo data
+
+
+def test_task_flag_repeats_on_the_command_line():
+    from lorakit.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--task", "a=x.jsonl", "--task", "b=y.jsonl"])
+    assert args.tasks == ["a=x.jsonl", "b=y.jsonl"]

@@ -4,6 +4,11 @@
 resolved ``train_config.yaml`` and ``state.pt``: optimizer, scheduler, RNG states and the data
 position. A checkpoint is written under a temporary name and renamed, so a crash never leaves a
 folder that looks complete; only the last K are kept.
+
+In a distributed run every rank calls :func:`save_checkpoint` (under FSDP2 the shards are
+gathered, which needs all ranks) and rank 0 writes. The file holds whole tensors, as one process
+would, plus each rank's RNG state, so it resumes with any number of processes as long as
+processes x batch size stays the same.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import torch
 import yaml
 from torch import nn
 
+from . import distributed
+from .distributed import Dist
 from .errors import LoraError
 from .io import save_adapter
 
@@ -57,6 +64,20 @@ def latest_checkpoint(path: str | Path) -> Path:
     )
 
 
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
 def save_checkpoint(
     output: Path,
     step: int,
@@ -66,29 +87,46 @@ def save_checkpoint(
     extra: dict[str, Any],
     config: TrainConfig,
     keep: int,
+    dist: Dist | None = None,
 ) -> Path:
     """Write ``output/checkpoints/step-{step}`` atomically and prune to the last ``keep``.
 
-    ``extra`` joins the state (the data position, under ``"stream"``).
+    ``extra`` joins the state (the data position, under ``"stream"``). Every rank of a
+    distributed run must call this; rank 0 writes, and all return the folder.
     """
+    dist = dist or Dist()
     root = output / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     target = root / f"step-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}-", dir=root))
+    # Collectives first, on every rank: whole tensors out of FSDP2 shards, every rank's RNG.
+    trainable = distributed.trainable_state(model)
+    optimizer_state = distributed.full_optimizer_state(optimizer)
+    rng = distributed.all_gather(_rng_state(), dist)
+    with distributed.whole_trainable_params(model, dist):
+        if dist.is_main:
+            state = {
+                "step": step,
+                # The exact trainable tensors, by parameter name, for a bit-exact restore.
+                "trainable": trainable,
+                "optimizer": optimizer_state,
+                "scheduler": scheduler.state_dict(),
+                "torch_rng": rng[0]["torch"],
+                "python_rng": rng[0]["python"],
+                "rank_rng": rng,
+                "world_size": dist.world_size,
+                **extra,
+            }
+            _write(root, target, model, state, config)
+            for _, old in _steps(root)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _write(root: Path, target: Path, model: nn.Module, state: dict, config: TrainConfig) -> None:
+    """Adapter, state and config into a temporary folder, then renamed to ``target``."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
     try:
         save_adapter(model, tmp)
-        state = {
-            "step": step,
-            # The exact trainable tensors, by parameter name, for a bit-exact restore.
-            "trainable": {
-                n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad
-            },
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "python_rng": random.getstate(),
-            **extra,
-        }
         torch.save(state, tmp / STATE_FILE)
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         if target.exists():
@@ -96,9 +134,6 @@ def save_checkpoint(
         tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for _, old in _steps(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return target
 
 
 def load_checkpoint(
@@ -108,8 +143,14 @@ def load_checkpoint(
     scheduler: Any,
     stream: BatchStream,
     config: TrainConfig,
+    dist: Dist | None = None,
 ) -> int:
     """Restore a checkpoint into a run set up from ``config``; return the step it was taken at.
+
+    A checkpoint from N processes with batch b resumes with M processes and batch b * N / M:
+    the global batch, and so the data order and the updates, stay the same. Each rank gets
+    its own RNG state back when M = N; otherwise rank 0 gets rank 0's and the others keep
+    their fresh seeds (dropout masks then differ from the uninterrupted run).
 
     Raises:
         LoraError: if the checkpoint was made with another model or a config that would train
@@ -117,30 +158,43 @@ def load_checkpoint(
     """
     from .train import _RESUMABLE_CHANGES
 
+    dist = dist or Dist()
+    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
     saved = yaml.safe_load((folder / CONFIG_FILE).read_text()) or {}
     mine = config.to_dict()
+    saved_world = int(state.get("world_size", 1))
+    same_global_batch = saved.get("batch_size", 0) * saved_world == (
+        mine["batch_size"] * dist.world_size
+    )
     differ = sorted(
         key
         for key in set(saved) | set(mine)
-        if key not in _RESUMABLE_CHANGES and saved.get(key) != mine.get(key)
+        if key not in _RESUMABLE_CHANGES
+        and saved.get(key) != mine.get(key)
+        and not (key == "batch_size" and same_global_batch)
     )
     if differ:
         details = "; ".join(
             f"{k}: checkpoint {saved.get(k)!r}, now {mine.get(k)!r}" for k in differ
         )
+        if "batch_size" in differ and saved_world != dist.world_size:
+            details += (
+                f" (the checkpoint ran {saved_world} process(es); keep processes x batch size "
+                f"at {saved.get('batch_size', 0) * saved_world})"
+            )
         raise LoraError(
             f"Cannot resume from {folder}: it was made with a different model or config "
             f"({details}). Resume with the same settings (see {folder / CONFIG_FILE}), or start "
             "a new run without --resume."
         )
-    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state["trainable"].items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
+            params[name].copy_(distributed.shard_like(value, params[name]))
+    distributed.load_optimizer_state(optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    random.setstate(state["python_rng"])
+    ranks = state.get("rank_rng") or [{"torch": state["torch_rng"], "python": state["python_rng"]}]
+    if len(ranks) == dist.world_size or dist.rank == 0:
+        _set_rng_state(ranks[dist.rank] if len(ranks) == dist.world_size else ranks[0])
     stream.load_state_dict(state["stream"])
     return int(state["step"])

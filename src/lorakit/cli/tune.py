@@ -29,24 +29,70 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": name}
         shown = ",".join(default) if isinstance(default, list) else default
         kwargs["help"] = f"{help_text} (default: {shown})".replace("%", "%%")
+        flags = [flag]
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, list):
+            # Comma-separated and repeatable: --task a=x.jsonl --task b=y.jsonl.
             kwargs["type"] = lambda s: [t.strip() for t in s.split(",") if t.strip()]
+            kwargs["action"] = "extend"
+            flags.append(flag.removesuffix("s"))
         elif isinstance(default, (int, float)):
             kwargs["type"] = type(default)
-        parser.add_argument(flag, **kwargs)
+        parser.add_argument(*flags, **kwargs)
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="processes (GPUs) on this machine: launches torchrun --nproc-per-node N for you; "
+        "for several machines run torchrun -m lorakit train yourself (see docs/distributed.md)",
+    )
 
 
 def _set_threads() -> None:
     import torch
 
-    # Every core: the run is compute-bound and nothing else of ours needs the CPU.
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    # Every core, shared among the processes torchrun started on this machine: the run is
+    # compute-bound and nothing else of ours needs the CPU.
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
+
+
+def _flags(overrides: dict[str, Any]) -> list[str]:
+    """Command-line flags that give ``overrides`` back (for relaunching under torchrun)."""
+    flags = []
+    for name, value in overrides.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list):
+            flags += [flag, ",".join(value)]
+        elif value is not None:
+            flags += [flag, str(value)]
+    return flags
+
+
+def _launch(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    """Run this same ``lorakit train`` in ``args.nproc`` processes under torchrun."""
+    import subprocess
+    import sys
+
+    if args.nproc < 1:
+        raise LoraError(f"--nproc must be at least 1, got {args.nproc}.")
+    if "WORLD_SIZE" in os.environ:
+        raise LoraError(
+            "--nproc given inside a torchrun launch; drop --nproc (torchrun sets the processes)."
+        )
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node", str(args.nproc), "-m", "lorakit", "train"]
+    command += ([args.config] if args.config else []) + _flags(overrides)
+    return subprocess.run(command, check=False).returncode
 
 
 def run_train(args: argparse.Namespace) -> int:
     """Fine-tune a LoRA adapter (no arguments: the bundled model on the bundled demo task).
+
+    Under torchrun (or with --nproc N) it trains data-parallel: DDP, or FSDP2 with --fsdp.
 
     Prints the settings, a progress bar and, at the end, a before/after table; writes the
     adapter, metrics.jsonl, loss.png, train_config.yaml and checkpoints to --output.
@@ -54,10 +100,13 @@ def run_train(args: argparse.Namespace) -> int:
     from ..train import config_fields, resolve_config, train
 
     overrides = {f.name: getattr(args, f.name) for f in config_fields() if hasattr(args, f.name)}
-    config = resolve_config(args.config, overrides)
+    config = resolve_config(args.config, overrides)  # bad settings fail here, before launching
+    if args.nproc > 1:
+        return _launch(args, overrides)
     _set_threads()
     result = train(config)
-    print(f"done: {result.steps} steps, adapter in {result.output}")
+    if "RANK" not in os.environ or os.environ["RANK"] == "0":
+        print(f"done: {result.steps} steps, adapter in {result.output}")
     return 0
 
 
