@@ -10,7 +10,7 @@ import torch
 
 from lorakit.cli import build_parser, main
 from lorakit.demo import demo_path
-from lorakit.train import config_fields
+from lorakit.train_config import config_fields
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,8 @@ import yaml
 from safetensors.torch import load_file
 
 from lorakit import LoraError, add_lora
-from lorakit.train import (
-    DEMO_DEFAULTS,
-    BatchStream,
-    TrainConfig,
-    lr_factor,
-    resolve_config,
-    train,
-)
+from lorakit.train import BatchStream, lr_factor, train
+from lorakit.train_config import DEMO_DEFAULTS, TrainConfig, resolve_config
 
 
 def tiny_llama(vocab: int, seed: int = 0):

@@ -27,12 +27,12 @@ from . import distributed
 from .distributed import Dist
 from .errors import LoraError
 from .io import save_adapter
+from .train_config import CONFIG_FILE, RESUMABLE_CHANGES, TrainConfig, write_config
 
 if TYPE_CHECKING:
-    from .train import BatchStream, TrainConfig
+    from .train import BatchStream
 
 STATE_FILE = "state.pt"
-CONFIG_FILE = "train_config.yaml"
 CHECKPOINTS = "checkpoints"
 
 
@@ -128,7 +128,7 @@ def _write(root: Path, target: Path, model: nn.Module, state: dict, config: Trai
     try:
         save_adapter(model, tmp)
         torch.save(state, tmp / STATE_FILE)
-        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        write_config(config, tmp)
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
@@ -156,7 +156,6 @@ def load_checkpoint(
         LoraError: if the checkpoint was made with another model or a config that would train
             differently (settings such as ``max_steps`` or ``save_every`` may change).
     """
-    from .train import _RESUMABLE_CHANGES
 
     dist = dist or Dist()
     state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
@@ -169,7 +168,7 @@ def load_checkpoint(
     differ = sorted(
         key
         for key in set(saved) | set(mine)
-        if key not in _RESUMABLE_CHANGES
+        if key not in RESUMABLE_CHANGES
         and saved.get(key) != mine.get(key)
         and not (key == "batch_size" and same_global_batch)
     )

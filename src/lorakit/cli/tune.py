@@ -1,6 +1,6 @@
 """``lorakit train | eval | generate | chat | merge``: fine-tune, measure and use adapters.
 
-``train``'s flags are generated from :class:`lorakit.train.TrainConfig`, so the YAML keys, the
+``train``'s flags are generated from :class:`lorakit.train_config.TrainConfig`, so the YAML keys, the
 flags and their defaults in ``--help`` cannot drift apart.
 """
 
@@ -18,7 +18,7 @@ from ..errors import LoraError
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..train import iter_config_help
+    from ..train_config import iter_config_help
 
     parser.add_argument(
         "config", nargs="?", default=None, help="YAML file with the same keys; flags override it"
@@ -97,7 +97,8 @@ def run_train(args: argparse.Namespace) -> int:
     Prints the settings, a progress bar and, at the end, a before/after table; writes the
     adapter, metrics.jsonl, loss.png, train_config.yaml and checkpoints to --output.
     """
-    from ..train import config_fields, resolve_config, train
+    from ..train import train
+    from ..train_config import config_fields, resolve_config
 
     overrides = {f.name: getattr(args, f.name) for f in config_fields() if hasattr(args, f.name)}
     config = resolve_config(args.config, overrides)  # bad settings fail here, before launching

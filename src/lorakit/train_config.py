@@ -1,0 +1,246 @@
+"""``TrainConfig``: the settings of ``lorakit train``, one source for YAML keys, flags and help.
+
+Each field's default and ``--help`` text live here (field metadata); ``resolve_config`` reads
+an optional YAML file and applies the flags on top; with no data the bundled demo task and
+its tuned settings (``DEMO_DEFAULTS``) are used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import ALL_LINEAR, LoraConfig
+from .errors import LoraError
+from .models import DEFAULT_MODEL
+
+SCHEDULES = ("cosine", "linear", "constant")
+CONFIG_FILE = "train_config.yaml"  # the resolved config, in the output and each checkpoint
+
+
+def _opt(default: Any, help: str) -> Any:
+    """A config field whose ``help`` becomes its ``--help`` text."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``lorakit train`` needs; the fields are its YAML keys and flags."""
+
+    # --- model and data
+    model: str = _opt(DEFAULT_MODEL, "base model: HF folder, .gguf file or smollm2-135m")
+    data: str | None = _opt(None, "training data (JSON/JSONL); none = the bundled demo task")
+    tasks: list[str] = field(
+        default_factory=list,
+        metadata={"help": "NAME=FILE, repeated: one adapter per task, batches mix the tasks"},
+    )
+    val_data: str | None = _opt(None, "validation data file")
+    val_fraction: float = _opt(0.0, "hold out this fraction of --data for validation")
+    test_data: str | None = _opt(None, "chat/alpaca file for the before/after exact-match table")
+    format: str | None = _opt(None, "data format: alpaca, chat, sharegpt or text (auto)")
+    seq_len: int = _opt(512, "cut sequences to this many tokens")
+    train_on_prompt: bool = _opt(False, "put loss on prompt tokens too")
+    packing: bool = _opt(False, "pack several examples into each sequence")
+    output: str = _opt("runs/lorakit", "output folder: adapter, metrics, plot, checkpoints")
+    # --- LoRA
+    rank: int = _opt(16, "LoRA rank r")
+    alpha: float = _opt(32.0, "LoRA alpha (scale = alpha / r)")
+    dropout: float = _opt(0.05, "dropout on the LoRA input")
+    targets: list[str] = field(
+        default_factory=lambda: [ALL_LINEAR], metadata={"help": "modules to adapt, comma-separated"}
+    )
+    # --- optimisation
+    max_steps: int = _opt(0, "optimizer steps; 0 = from --epochs")
+    epochs: float = _opt(1.0, "passes over the data when --max-steps is 0")
+    batch_size: int = _opt(8, "sequences per micro-batch")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    lr: float = _opt(2e-4, "peak learning rate")
+    loraplus_ratio: float = _opt(1.0, "LoRA+: lr of B / lr of A (1 = plain LoRA, 16 typical)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay (never on biases and norms)")
+    schedule: str = _opt("cosine", "lr after warmup: cosine, linear or constant")
+    warmup_steps: int = _opt(10, "steps of linear warmup from 0")
+    max_grad_norm: float = _opt(1.0, "clip gradients to this norm (0 = off)")
+    gradient_checkpointing: bool = _opt(False, "recompute activations to save memory")
+    bf16: bool = _opt(False, "bf16 autocast")
+    seed: int = _opt(0, "seed for init, shuffling and dropout")
+    # --- evaluation, checkpoints, logging
+    eval_every: int = _opt(0, "validation loss every N steps (0 = at the end only)")
+    save_every: int = _opt(0, "checkpoint every N steps (0 = none)")
+    keep_checkpoints: int = _opt(2, "keep the last K checkpoints")
+    resume: str | None = _opt(None, "continue from a checkpoint folder (or an output folder)")
+    tensorboard: bool = _opt(False, "also write TensorBoard logs to OUTPUT/tensorboard")
+    # --- several processes (under torchrun; see docs/distributed.md)
+    fsdp: bool = _opt(False, "under torchrun: shard the frozen base with FSDP2 instead of DDP")
+    dist_timeout: int = _opt(600, "under torchrun: seconds to wait for another rank, then stop")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):
+            self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
+        if isinstance(self.tasks, str):
+            self.tasks = [self.tasks]
+        self.tasks = [t.strip() for entry in self.tasks for t in entry.split(",") if t.strip()]
+        problems = _task_problems(self)
+        positive = ("seq_len", "rank", "batch_size", "grad_accum", "keep_checkpoints")
+        positive += ("dist_timeout",)
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                problems.append(f"{name} must be a positive integer, got {value!r}")
+        for name in ("max_steps", "warmup_steps", "eval_every", "save_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                problems.append(f"{name} must be a non-negative integer, got {value!r}")
+        if not self.lr > 0:
+            problems.append(f"lr must be positive, got {self.lr!r}")
+        if not self.max_steps and not self.epochs > 0:
+            problems.append("give --max-steps or a positive --epochs")
+        if not 0 <= self.dropout < 1:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.loraplus_ratio > 0:
+            problems.append(f"loraplus_ratio must be positive, got {self.loraplus_ratio!r}")
+        if self.schedule not in SCHEDULES:
+            problems.append(
+                f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
+            )
+        if not self.targets:
+            problems.append("targets is empty: name modules to adapt, e.g. q_proj,v_proj")
+        if not 0 <= self.val_fraction < 1:
+            problems.append(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if problems:
+            raise LoraError("Invalid training config:\n  - " + "\n  - ".join(problems))
+
+    def task_files(self) -> dict[str, str]:
+        """Task name -> data file for ``--task NAME=FILE`` (empty: one adapter on ``data``)."""
+        return dict(entry.split("=", 1) for entry in self.tasks)
+
+    def lora_config(self, base_model: str | None) -> LoraConfig:
+        """The adapter's config; ``base_model`` is recorded so the adapter finds its base."""
+        targets = ALL_LINEAR if self.targets == [ALL_LINEAR] else list(self.targets)
+        return LoraConfig(
+            r=self.rank,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            target_modules=targets,
+            base_model_name_or_path=base_model,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Settings whose files or state are per adapter; multi-task runs do not support them yet.
+_SINGLE_TASK_ONLY = ("data", "val_data", "test_data", "resume")
+
+
+def _task_problems(config: TrainConfig) -> list[str]:
+    """What is wrong with ``config.tasks`` (NAME=FILE entries, unique names, no --data)."""
+    if not config.tasks:
+        return []
+    problems = []
+    names = []
+    for entry in config.tasks:
+        name, _, path = entry.partition("=")
+        if not name.strip() or not path.strip() or not name.replace("_", "").isalnum():
+            problems.append(f"--task takes NAME=FILE with a letters/digits/_ name, got {entry!r}")
+        names.append(name)
+    if len(set(names)) < len(names):
+        problems.append(f"task names must be unique, got {names}")
+    for key in _SINGLE_TASK_ONLY:
+        if getattr(config, key):
+            problems.append(f"--{key.replace('_', '-')} cannot be combined with --task yet")
+    if config.save_every or config.val_fraction:
+        problems.append("--save-every and --val-fraction cannot be combined with --task yet")
+    return problems
+
+
+# The demo's settings (no --data): tuned so `lorakit train` meets its accuracy target within
+# its time budget on a 2-core CPU. A higher lr than the general default: 40 steps is short.
+DEMO_DEFAULTS: dict[str, Any] = {
+    "max_steps": 40,
+    "lr": 1e-3,
+    "batch_size": 8,
+    "seq_len": 256,
+    "warmup_steps": 5,
+    "dropout": 0.0,
+    "eval_every": 20,
+    "save_every": 20,
+}
+
+# Settings a resumed run may change without breaking equality with an uninterrupted one.
+RESUMABLE_CHANGES = {
+    "resume",
+    "output",
+    "max_steps",
+    "eval_every",
+    "save_every",
+    "keep_checkpoints",
+    "tensorboard",
+    "fsdp",
+    "dist_timeout",
+}
+
+
+def config_fields() -> list[dataclasses.Field]:
+    """The fields of :class:`TrainConfig`, in order (for the CLI and YAML)."""
+    return list(dataclasses.fields(TrainConfig))
+
+
+def resolve_config(
+    yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> TrainConfig:
+    """A config from a YAML file (optional) with ``overrides`` (the flags) on top.
+
+    Without data in either, the bundled demo task is used with :data:`DEMO_DEFAULTS` for the
+    keys neither sets.
+
+    Raises:
+        LoraError: a missing or malformed YAML file, or unknown keys.
+    """
+    values: dict[str, Any] = {}
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise LoraError(f"Config file {path} not found; pass an existing YAML file.")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise LoraError(f"{path} is not valid YAML: {error}") from error
+        if not isinstance(loaded, dict):
+            raise LoraError(f"{path} must hold a mapping of keys to values.")
+        values.update({key.replace("-", "_"): value for key, value in loaded.items()})
+    values.update(overrides or {})
+    names = {f.name for f in config_fields()}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise LoraError(
+            f"Unknown config keys: {', '.join(unknown)}. Valid keys: {', '.join(sorted(names))}."
+        )
+    if values.get("data") is None and not values.get("tasks"):
+        from .demo import demo_path
+
+        demo = {"data": str(demo_path("train")), "val_data": str(demo_path("val"))}
+        demo["test_data"] = str(demo_path("test"))
+        for key, value in {**demo, **DEMO_DEFAULTS}.items():
+            values.setdefault(key, value)
+        values["data"] = demo["data"]
+    return TrainConfig(**values)
+
+
+def iter_config_help() -> Iterator[tuple[str, Any, str]]:
+    """(name, default, help) for each config field, for the CLI."""
+    for f in config_fields():
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        yield f.name, default, f.metadata["help"]
+
+
+def write_config(config: TrainConfig, folder: Path) -> None:
+    """``folder/train_config.yaml``, written to a temporary name and renamed."""
+    path = folder / CONFIG_FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    tmp.replace(path)
