@@ -249,3 +249,34 @@ def test_joint_training_equals_separate_training():
                     other.lora_B[adapter], m.lora_B[adapter], rtol=1e-5, atol=1e-6
                 )
                 assert m.lora_B[adapter].abs().sum() > 0
+
+
+def test_route_rows_for_convolutions_and_param_wrappers_refuse():
+    model = tiny.cnn()
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    base = model(x)
+    outs = {}
+    for seed, name in ((1, "a"), (2, "b")):
+        add_lora(model, LoraConfig(r=2, target_modules=["conv1", "conv2"]), name)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, LoraLayer) and name in m.lora_B:
+                    m.lora_B[name].copy_(
+                        torch.randn(
+                            m.lora_B[name].shape, generator=torch.Generator().manual_seed(seed)
+                        )
+                    )
+        outs[name] = model(x)
+    with route(model, ["b", None, "a"]):
+        mixed = model(x)
+    torch.testing.assert_close(mixed[0], outs["b"][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[1], base[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[2], outs["a"][2], rtol=1e-5, atol=1e-5)
+
+    moe = tiny.deepseek_v2()
+    add_lora(moe, LoraConfig(r=2, target_parameters=["mlp.experts.gate_up_proj"]))
+    with (
+        pytest.raises(LoraError, match="routing is not supported for target_parameters"),
+        route(moe, ["default"] * 2),
+    ):
+        moe(torch.randint(0, 64, (2, 5)))

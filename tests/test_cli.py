@@ -155,3 +155,27 @@ def test_generate_picks_among_several_adapters(trained, tmp_path, capsys):
     assert reply(*both, "--use", "a,z") == only_trained
     assert main(["generate", *both, "--use", "q", *prompt]) == 2
     assert "Unknown adapter(s) ['q']; this model has ['a', 'z']" in capsys.readouterr().err
+
+
+def test_chat_keeps_the_conversation_and_streams_replies(trained, capsys, monkeypatch):
+    import io
+    from unittest import mock
+
+    import lorakit.generate
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("one small coke\nmake it two\n\n"))
+    seen = []
+    real = lorakit.generate.stream_reply
+
+    def spy(model, tokenizer, messages, max_new_tokens):
+        seen.append([dict(m) for m in messages])
+        return real(model, tokenizer, messages, max_new_tokens)
+
+    with mock.patch.object(lorakit.generate, "stream_reply", spy):
+        assert main(["chat", "--adapter", str(trained), "--max-new-tokens", "4"]) == 0
+    first, second = seen
+    assert first == [{"role": "user", "content": "one small coke"}]
+    # The second turn sees the first question, the model's streamed answer, and the new one.
+    assert [m["role"] for m in second] == ["user", "assistant", "user"]
+    assert second[2]["content"] == "make it two"
+    assert second[1]["content"] and second[1]["content"] in capsys.readouterr().out

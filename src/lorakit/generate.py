@@ -40,7 +40,9 @@ def generate_batch(
     try:
         for start in range(0, len(conversations), batch_size):
             prompts = [_prompt(tokenizer, c) for c in conversations[start : start + batch_size]]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tokenizer(
+                prompts, return_tensors="pt", padding=True, add_special_tokens=False
+            ).to(model.device)
             out = model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
@@ -96,7 +98,9 @@ def stream_reply(
     """Print the reply to ``messages`` token by token as it is generated; return it."""
     from transformers import TextStreamer
 
-    enc = tokenizer(_prompt(tokenizer, messages), return_tensors="pt", add_special_tokens=False)
+    enc = tokenizer(_prompt(tokenizer, messages), return_tensors="pt", add_special_tokens=False).to(
+        model.device
+    )
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     with torch.no_grad():
         out = model.generate(
