@@ -121,9 +121,8 @@ def _matrices(layer: LoraLayer, name: str) -> tuple[Tensor, Tensor]:
 
 
 def _store(layer: LoraLayer, name: str, B: Tensor, A: Tensor) -> None:
-    with torch.no_grad():
-        layer.lora_A[name].copy_(A.reshape(layer.lora_A[name].shape))
-        layer.lora_B[name].copy_(B.reshape(layer.lora_B[name].shape))
+    layer.lora_A[name].copy_(A.reshape(layer.lora_A[name].shape))  # under combine's no_grad
+    layer.lora_B[name].copy_(B.reshape(layer.lora_B[name].shape))
 
 
 def combine(
@@ -181,24 +180,34 @@ def combine(
     ].base_model_name_or_path
     add_lora(model, config, name)
     errors = {}
-    for path, layer in layers:
-        present = [(n, weights[n] * layer.scale[n]) for n in weights if n in layer.lora_A]
-        pairs = [(*_matrices(layer, n), ws) for n, ws in present]
-        if method == "cat":
-            B = torch.cat([b * ws for b, _, ws in pairs], dim=-1)
-            A = torch.cat([a for _, a, _ in pairs], dim=-2)
-        elif method == "linear":
-            B = sum(b * math.copysign(math.sqrt(abs(ws)), ws) for b, _, ws in pairs)
-            A = sum(a * math.sqrt(abs(ws)) for _, a, ws in pairs)
-        else:
-            delta = sum(lora_delta(b, a, ws) for b, a, ws in pairs)
-            U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-            r = ranks[path]
-            root = S[..., :r].sqrt()
-            B, A = U[..., :r] * root.unsqueeze(-2), root.unsqueeze(-1) * Vh[..., :r, :]
-            errors[path] = float(S[..., r:].norm() / S.norm().clamp_min(1e-30))
-        _store(layer, name, B, A)
+    with torch.no_grad():
+        for path, layer in layers:
+            errors.update(_combine_layer(path, layer, name, weights, method, ranks[path]))
     return errors
+
+
+def _combine_layer(
+    path: str, layer: LoraLayer, name: str, weights: dict[str, float], method: str, rank: int
+) -> dict[str, float]:
+    """Fill adapter ``name`` of one layer per ``combine``; {path: truncation error} for svd."""
+    pairs = [
+        (*_matrices(layer, n), w * layer.scale[n]) for n, w in weights.items() if n in layer.lora_A
+    ]
+    if method == "cat":
+        B = torch.cat([b * ws for b, _, ws in pairs], dim=-1)
+        A = torch.cat([a for _, a, _ in pairs], dim=-2)
+    elif method == "linear":
+        B = sum(b * math.copysign(math.sqrt(abs(ws)), ws) for b, _, ws in pairs)
+        A = sum(a * math.sqrt(abs(ws)) for _, a, ws in pairs)
+    else:
+        delta = sum(lora_delta(b, a, ws) for b, a, ws in pairs)
+        U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+        root = S[..., :rank].sqrt()
+        B, A = U[..., :rank] * root.unsqueeze(-2), root.unsqueeze(-1) * Vh[..., :rank, :]
+        _store(layer, name, B, A)
+        return {path: float(S[..., rank:].norm() / S.norm().clamp_min(1e-30))}
+    _store(layer, name, B, A)
+    return {}
 
 
 def _combined_config(layers: list, ranks: dict[str, int]) -> LoraConfig:
