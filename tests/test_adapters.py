@@ -280,3 +280,21 @@ def test_route_rows_for_convolutions_and_param_wrappers_refuse():
         route(moe, ["default"] * 2),
     ):
         moe(torch.randint(0, 64, (2, 5)))
+
+
+def test_delete_pissa_adapter_restores_the_original_weight():
+    model = tiny.llama()
+    ref = model(IDS).logits
+    add_lora(model, LoraConfig(r=4, init="pissa", target_modules=["v_proj"]), "p")
+    delete_adapter(model, "p")
+    torch.testing.assert_close(model(IDS).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_route_refuses_adapters_with_modules_to_save():
+    model = tiny.cnn()
+    add_lora(model, LoraConfig(r=2, target_modules=["conv1"], modules_to_save=["head"]), "a")
+    with (
+        pytest.raises(LoraError, match=r"modules_to_save copies \(\['head'\]\)"),
+        route(model, ["a"]),
+    ):
+        pass

@@ -156,16 +156,22 @@ def test_rank_and_alpha_patterns_and_rslora_scale():
 
 def test_embedding_target():
     model = tiny.llama()
-    add_lora(model, LoraConfig(r=2, target_modules=["embed_tokens"]))
-    assert isinstance(model.model.embed_tokens, LoraEmbedding)
+    add_lora(model, LoraConfig(r=2, alpha=6, target_modules=["embed_tokens"]))
+    layer = model.model.embed_tokens
+    assert isinstance(layer, LoraEmbedding)
+    tiny.randomize_adapters(model)
+    ids = torch.tensor([[1, 5, 63]])
+    A, B = layer.lora_A["default"], layer.lora_B["default"]
+    expected = layer.base_layer.weight[ids] + 3.0 * (B @ A).T[ids]
+    torch.testing.assert_close(layer(ids), expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("bias,expected", [("all", 0), ("lora_only", 2)])
+@pytest.mark.parametrize("bias,expected", [("all", 3), ("lora_only", 2)])
 def test_bias_modes(bias, expected):
     model = tiny.cnn()
     add_lora(model, LoraConfig(r=2, target_modules=["conv1", "conv2"], bias=bias))
     trainable_bias = [n for n, p in model.named_parameters() if p.requires_grad and "bias" in n]
-    assert len(trainable_bias) == (3 if bias == "all" else expected)
+    assert len(trainable_bias) == expected
 
 
 def test_unmatched_target_names_closest_modules_and_changes_nothing():

@@ -215,3 +215,25 @@ def test_batched_routing_with_unequal_ranks(shape: tuple[int, ...]) -> None:
     ref = torch.autograd.grad(y_plain, params, g)
     for f, r in zip(fast, ref, strict=True):
         torch.testing.assert_close(f, r, **TOL)
+
+
+def test_autocast_takes_the_generic_path_and_trains() -> None:
+    from lorakit import LoraConfig, add_lora
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    add_lora(model, LoraConfig(r=4, target_modules=["0", "2"]))
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.lora_B["default"].normal_()
+    x = torch.randn(5, 16)
+    reference = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), reference, rtol=0.05, atol=0.05)
+    y.float().sum().backward()
+    assert (
+        model[0].lora_A["default"].grad is not None
+        and model[0].lora_B["default"].grad.abs().sum() > 0
+    )

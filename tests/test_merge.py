@@ -114,7 +114,7 @@ def test_nan_adapter_refuses_to_merge_and_changes_nothing():
     with pytest.raises(LoraError, match=r"non-finite.*layers\.1\.self_attn\.v_proj"):
         merge(model)
     for n, p in model.named_parameters():
-        assert torch.equal(p, before[n]) or torch.isnan(p).any()
+        torch.testing.assert_close(p, before[n], rtol=0, atol=0, equal_nan=True)
     assert all(not m.merged for m in model.modules() if isinstance(m, LoraLayer))
 
 
@@ -158,3 +158,16 @@ def test_unknown_adapter_name():
     add_lora(model, LoraConfig(r=2, target_modules=["q_proj"]), "a")
     with pytest.raises(LoraError, match=r"Unknown adapter\(s\) \['b'\]; this model has \['a'\]"):
         merge(model, ["b"])
+
+
+def test_unload_without_merge_gives_back_a_pissa_residual():
+    model = tiny.llama()
+    ids = torch.randint(0, 64, (2, 6))
+    ref = model(ids).logits
+    add_lora(model, LoraConfig(r=4, init="pissa", target_modules=["q_proj", "down_proj"]))
+    assert not torch.allclose(
+        model.model.layers[0].self_attn.q_proj.base_layer.weight,
+        tiny.llama().model.layers[0].self_attn.q_proj.weight,
+    )
+    unload(model, merge=False)
+    torch.testing.assert_close(model(ids).logits, ref, rtol=1e-5, atol=1e-5)

@@ -12,8 +12,8 @@ from torch import Tensor, nn
 
 from .config import LoraConfig
 from .errors import LoraError
-from .inject import CONFIGS_ATTR, adapter_configs, add_lora, iter_adapter_modules
-from .layers import LoraConv, LoraFused, LoraLayer, LoraParameter, lora_delta
+from .inject import CONFIGS_ATTR, adapter_configs, add_lora, iter_adapter_modules, logical_path
+from .layers import LoraConv, LoraFused, LoraLayer, LoraParameter, ModulesToSave, lora_delta
 from .merge import _active, check_adapter_names, merge, unmerge
 
 
@@ -92,6 +92,18 @@ def route(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
     layers = [m for _, m in iter_adapter_modules(model) if isinstance(m, LoraLayer)]
     if any(m.merged for m in layers):
         raise LoraError("Cannot route while adapters are merged; unmerge the model first.")
+    copies = sorted(
+        {
+            p
+            for p, m in iter_adapter_modules(model)
+            if isinstance(m, ModulesToSave) and set(known) & set(m.adapter_names())
+        }
+    )
+    if copies:
+        raise LoraError(
+            f"Cannot route adapters with modules_to_save copies ({copies}): a copied module "
+            "serves one adapter per forward. Run those adapters one at a time with set_adapter."
+        )
     groups: dict[str | None, list[int]] = {}
     for row, name in enumerate(names):
         groups.setdefault(name, []).append(row)
@@ -215,7 +227,7 @@ def _combined_config(layers: list, ranks: dict[str, int]) -> LoraConfig:
     modules, parameters, slices, rank_pattern = [], [], {}, {}
     for path, layer in layers:
         if isinstance(layer, LoraParameter):
-            owner = path.replace(".base_layer", "")
+            owner = logical_path(path)
             parameters.append(f"{owner}.{layer.parameter_name}")
             rank_pattern[re.escape(f"{owner}.{layer.parameter_name}")] = ranks[path]
             continue

@@ -200,4 +200,10 @@ def _init_mode(init_lora_weights: Any) -> str:
             return "pissa"
         if init_lora_weights in ("gaussian", "olora"):
             return init_lora_weights
+        # loftq, eva, corda, ...: their adapters pair with a changed base or init data that
+        # lorakit does not reproduce, so reading them as plain LoRA would be silently wrong.
+        raise LoraError(
+            f"adapter_config.json has init_lora_weights={init_lora_weights!r}, which lorakit "
+            "does not implement; merge it with PEFT (merge_and_unload) and use the merged model."
+        )
     return "kaiming"

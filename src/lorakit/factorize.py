@@ -110,10 +110,13 @@ def factorize(
 
     rows, layout = [], {}
     with torch.no_grad():
+        # Every factorisation before the first replacement: an error changes nothing.
+        factors = []
         for entry in entries:
             module = model.get_submodule(entry.path)
             weight = module.weight.T if is_gpt2_conv1d(module) else module.weight  # (out, in)
-            B, A, info = low_rank(weight, rank, energy)
+            factors.append((module, weight, *low_rank(weight, rank, energy)))
+        for entry, (module, weight, B, A, info) in zip(entries, factors, strict=True):
             factored = _shell(module, info["rank"])
             factored.down.weight.copy_(A)
             factored.up.weight.copy_(B)

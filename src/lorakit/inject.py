@@ -118,6 +118,11 @@ def iter_adapter_modules(model: nn.Module) -> Iterator[tuple[str, LoraLayer | Mo
             yield path, module
 
 
+def logical_path(path: str) -> str:
+    """A module path without lorakit's ``base_layer`` segments (as the user's model names it)."""
+    return ".".join(part for part in path.split(".") if part != "base_layer")
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     """The user's module inside any lorakit wrappers."""
     while isinstance(module, (LoraLayer, ModulesToSave)):
@@ -511,7 +516,10 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default"
     setattr(model, CONFIGS_ATTR, configs)
     _freeze_base(model, config, result)
     for _, module in iter_adapter_modules(model):
-        module.active = [adapter_name] if adapter_name in module.adapter_names() else []
+        # Merged adapters stay active: their deltas are in the weights (unmerge to drop them).
+        merged = getattr(module, "merged", [])
+        mine = [adapter_name] if adapter_name in module.adapter_names() else []
+        module.active = [n for n in module.active if n in merged] + mine
     return model
 
 

@@ -224,6 +224,8 @@ def plot_spectra(report: InspectReport, path: str | os.PathLike) -> Path:
     fig.suptitle(f"Singular values of dW, adapter '{report.adapter_name}'")
     fig.tight_layout()
     out = Path(path)
-    fig.savefig(out, dpi=100)
+    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
+    fig.savefig(tmp, dpi=100)
     plt.close(fig)
+    tmp.replace(out)  # never a half-written picture
     return out

@@ -32,6 +32,7 @@ from .inject import (
     adapter_configs,
     add_lora,
     iter_adapter_modules,
+    logical_path,
     make_wrapper,
     plan,
     unwrap,
@@ -194,7 +195,7 @@ def _fingerprint(model: nn.Module, adapter_name: str) -> dict[str, list[int]]:
     prints = {}
     for path, module in iter_adapter_modules(model):
         if isinstance(module, LoraParameter) and adapter_name in module.lora_A:
-            owner_path = path.replace(".base_layer", "")
+            owner_path = logical_path(path)
             prints[f"{owner_path}.{module.parameter_name}"] = list(module.base_weight.shape)
         elif isinstance(module, LoraLayer) and adapter_name in module.lora_A:
             prints[path] = list(module.base_weight.shape)

@@ -154,8 +154,22 @@ class LoraLayer(nn.Module):
             return None
         return self._buffers[f"lora_A0_{name}"], self._buffers[f"lora_B0_{name}"]
 
+    def restore_base(self, name: str) -> None:
+        """Give back to the base weight what a PiSSA / OLoRA init took out (scale · B0 A0)."""
+        initial = self.initial_lora(name)
+        if initial is None:
+            return
+        A0, B0 = initial
+        delta = lora_delta(B0, A0, self.scale[name])
+        weight = self.base_weight
+        with torch.no_grad():
+            weight.copy_(
+                (weight.float() + (delta.T if self.fan_in_fan_out else delta)).to(weight.dtype)
+            )
+
     def delete_adapter(self, name: str) -> None:
-        """Remove adapter ``name``; the caller unmerges it first."""
+        """Remove adapter ``name``, restoring a PiSSA / OLoRA residual; the caller unmerges it."""
+        self.restore_base(name)
         del self.lora_A[name], self.lora_B[name], self.r[name], self.scale[name], self.dropout[name]
         self._buffers.pop(f"lora_A0_{name}", None)
         self._buffers.pop(f"lora_B0_{name}", None)
@@ -227,7 +241,7 @@ class LoraLinear(LoraLayer):
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         """Base plus active adapters through ``LoraLinearFunction`` when the base is a plain,
         frozen, hook-free Linear / Conv1D; routed batches through ``_routed``; otherwise
-        (trainable base weight, hooks, extra arguments) the generic ``LoraLayer.forward``.
+        (trainable base weight, hooks, extra arguments, autocast) the generic ``LoraLayer.forward``.
         """
         base = self.base_layer
         if self.route is not None and not (args or kwargs):
@@ -240,6 +254,8 @@ class LoraLinear(LoraLayer):
             or base.weight.requires_grad
             or base._forward_hooks
             or base._forward_pre_hooks
+            # Autocast rewrites dtypes per op; the fused node's in-place adds can't follow it.
+            or torch.is_autocast_enabled(x.device.type)
         ):
             return super().forward(x, *args, **kwargs)
         names = [n for n in self.active if n in self.lora_A and n not in self.merged]
@@ -319,7 +335,7 @@ class LoraEmbedding(LoraLayer):
         return F.linear(after_a, self.lora_B[name]) * self.scale[name]
 
 
-_CONV_FUNCTIONS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+_CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}  # by number of spatial dims
 
 
 class LoraConv(LoraLayer):
@@ -332,7 +348,7 @@ class LoraConv(LoraLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.conv = _CONV_FUNCTIONS[type(base_layer)]
+        self.conv = _CONV_FUNCTIONS[len(base_layer.kernel_size)]
         self.in_features = base_layer.in_channels
         self.out_features = base_layer.out_channels
 

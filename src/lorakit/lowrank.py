@@ -34,6 +34,7 @@ from .inject import (
     adapter_configs,
     add_lora,
     iter_adapter_modules,
+    logical_path,
     make_wrapper,
     plan,
     unwrap,
@@ -468,16 +469,21 @@ def resize_adapter(
 
     rows, ranks = [], {}
     with torch.no_grad():
-        for path, layer in layers:
-            delta = layer.delta_weight(adapter_name)
+        # Every factorisation first (low_rank raises on a non-finite ΔW), then the writes:
+        # an error never leaves the adapter half resized.
+        deltas = [layer.delta_weight(adapter_name) for _, layer in layers]
+        factors = [
+            low_rank(_as_matrix(layer, delta), rank, energy)
+            for (_, layer), delta in zip(layers, deltas, strict=True)
+        ]
+        for (path, layer), delta, (B, A, info) in zip(layers, deltas, factors, strict=True):
             old = layer.r[adapter_name]
             before = layer.lora_A[adapter_name].numel() + layer.lora_B[adapter_name].numel()
-            B, A, info = low_rank(_as_matrix(layer, delta), rank, energy)
             _set_pair(layer, adapter_name, B, A)
             error = _relative_change(delta, layer.delta_weight(adapter_name))
             key = path
             if isinstance(layer, LoraParameter):  # patterns name the parameter, as in plan()
-                key = f"{path.replace('.base_layer', '')}.{layer.parameter_name}"
+                key = f"{logical_path(path)}.{layer.parameter_name}"
             ranks[key] = info["rank"]
             shape = tuple(layer.base_weight.shape)
             after = B.numel() + A.numel()

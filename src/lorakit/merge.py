@@ -116,6 +116,9 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         _merge(model, _active(model))
     else:
         unmerge(model)
+        for _, layer in _lora_layers(model):
+            for name in layer.adapter_names():
+                layer.restore_base(name)
     for path, module in reversed(list(iter_adapter_modules(model))):
         parent_path, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_path)

@@ -35,7 +35,9 @@ class Metrics:
                     kept.append(line)
                     losses = self.train_losses if "loss" in record else self.eval_losses
                     losses[record["step"]] = record.get("loss", record.get("eval_loss"))
-            self.path.write_text("".join(f"{line}\n" for line in kept))
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(f"{line}\n" for line in kept))
+            tmp.replace(self.path)  # a crash here keeps the old history whole
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -229,3 +229,27 @@ def _cached_conversion(gguf: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def save_model_folder(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path
+) -> None:
+    """Write ``model`` and ``tokenizer`` as a Hugging Face folder at ``out``, atomically.
+
+    Written beside the target and renamed, so a failure leaves nothing half-written.
+
+    Raises:
+        LoraError: ``out`` exists and is not empty.
+    """
+    if out.exists() and any(out.iterdir()):
+        raise LoraError(f"{out} exists and is not empty; pass a new --output folder.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -175,7 +175,6 @@ DEMO_DEFAULTS: dict[str, Any] = {
 RESUMABLE_CHANGES = {
     "resume",
     "output",
-    "max_steps",
     "eval_every",
     "save_every",
     "keep_checkpoints",

@@ -20,7 +20,7 @@ from ..factorize import factorize
 from ..inspect import inspect_adapter, plot_spectra
 from ..io import load_adapter, save_adapter
 from ..lowrank import extract_adapter, resize_adapter
-from ..models import load_model
+from ..models import load_model, save_model_folder
 from ..train import evaluate_loss
 
 
@@ -151,8 +151,7 @@ def run_factorize(args: argparse.Namespace) -> int:
     print(report)
     if args.data:
         print(f"perplexity on {args.data}: {before:.3f} before, {measure():.3f} after")
-    model.save_pretrained(args.output)
-    tokenizer.save_pretrained(args.output)
+    save_model_folder(model, tokenizer, Path(args.output))
     print(f"model written to {args.output}")
     return 0
 

@@ -260,28 +260,16 @@ def run_merge(args: argparse.Namespace) -> int:
     The folder (safetensors, config, tokenizer) loads with
     transformers.AutoModelForCausalLM.from_pretrained, without lorakit.
     """
-    import shutil
-    import tempfile
-
     from ..merge import unload
+    from ..models import save_model_folder
 
     out = Path(args.output)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(out.iterdir()):  # before the slow part
         raise LoraError(f"{out} exists and is not empty; pass a new --output folder.")
     model, tokenizer = _load(args)
     unload(model, merge=True)
     model.config.use_cache = True
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside the target and renamed, so a failed merge leaves nothing half-written.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    save_model_folder(model, tokenizer, out)
     print(f"merged model written to {out}")
     return 0
 
