@@ -1,4 +1,5 @@
-"""Shared fixtures: the bundled SmolLM2 model and tokenizer, loaded once per test session.
+"""Shared fixtures: the bundled SmolLM2 model and tokenizer (loaded once per test session), and
+a small chat data set.
 
 They load through lorakit's own cache (``$LORAKIT_CACHE`` or ``~/.cache/lorakit``), the same
 one ``lorakit train`` uses: the GGUF is converted at most once, on the first run ever, and
@@ -6,6 +7,9 @@ later sessions load the converted copy in well under a second.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -23,3 +27,19 @@ def smollm2() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
 def smollm2_tokenizer(smollm2) -> PreTrainedTokenizerBase:
     """The SmolLM2 tokenizer. Shared: tests must not modify it (copy it first)."""
     return smollm2[1]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    """16 short chat examples whose answers vary in length (so padding differs by batch)."""
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    rows = []
+    for i in range(16):
+        answer = " ".join(["pizza"] * (1 + i % 5)) + f" {i}"
+        messages = [
+            {"role": "user", "content": f"Order number {i}?"},
+            {"role": "assistant", "content": answer},
+        ]
+        rows.append(json.dumps({"messages": messages}))
+    path.write_text("\n".join(rows) + "\n")
+    return path

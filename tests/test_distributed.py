@@ -63,22 +63,6 @@ def model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> Path:
-    """16 short chat examples whose answers vary in length (so padding differs by batch)."""
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    rows = []
-    for i in range(16):
-        answer = " ".join(["pizza"] * (1 + i % 5)) + f" {i}"
-        messages = [
-            {"role": "user", "content": f"Order number {i}?"},
-            {"role": "assistant", "content": answer},
-        ]
-        rows.append(json.dumps({"messages": messages}))
-    path.write_text("\n".join(rows) + "\n")
-    return path
-
-
 def _flags(settings: dict) -> list[str]:
     return [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
 

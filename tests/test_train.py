@@ -38,22 +38,6 @@ def tokenizer(smollm2_tokenizer):
     return copy.deepcopy(smollm2_tokenizer)
 
 
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> Path:
-    """16 short chat examples whose answers vary in length (so padding differs by batch)."""
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    rows = []
-    for i in range(16):
-        answer = " ".join(["pizza"] * (1 + i % 5)) + f" {i}"
-        messages = [
-            {"role": "user", "content": f"Order number {i}?"},
-            {"role": "assistant", "content": answer},
-        ]
-        rows.append(json.dumps({"messages": messages}))
-    path.write_text("\n".join(rows) + "\n")
-    return path
-
-
 def run(tokenizer, data_file: Path, output: Path, **changes):
     settings = dict(
         data=str(data_file),
