@@ -12,7 +12,14 @@ from torch import Tensor, nn
 
 from .config import LoraConfig
 from .errors import LoraError
-from .inject import CONFIGS_ATTR, adapter_configs, add_lora, iter_adapter_modules, logical_path
+from .inject import (
+    CONFIGS_ATTR,
+    adapter_configs,
+    add_lora,
+    iter_adapter_modules,
+    logical_path,
+    replace_module,
+)
 from .layers import LoraConv, LoraFused, LoraLayer, LoraParameter, ModulesToSave, lora_delta
 from .merge import _active, check_adapter_names, merge, unmerge
 
@@ -71,9 +78,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             continue
         module.delete_adapter(name)
         if not module.adapter_names():
-            parent_path, _, child = path.rpartition(".")
             plain = module.base_layer if isinstance(module, LoraLayer) else module.original_module
-            setattr(model.get_submodule(parent_path), child, plain)
+            replace_module(model, path, plain)
     configs = dict(adapter_configs(model))
     del configs[name]
     setattr(model, CONFIGS_ATTR, configs)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .config import LoraConfig
 from .errors import LoraError
-from .inject import iter_adapter_modules, plan
+from .inject import iter_adapter_modules, plan, replace_module
 from .layers import is_gpt2_conv1d
 from .lowrank import (
     LowRankReport,
@@ -63,11 +63,6 @@ def _shell(module: nn.Module, rank: int) -> LowRankLinear:
     in_features, out_features = weight.shape if is_gpt2_conv1d(module) else weight.shape[::-1]
     bias = getattr(module, "bias", None) is not None
     return LowRankLinear(in_features, rank, out_features, bias, weight.device, weight.dtype)
-
-
-def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
 
 
 def factorize(
@@ -122,7 +117,7 @@ def factorize(
             factored.up.weight.copy_(B)
             if module.bias is not None:
                 factored.up.bias.copy_(module.bias)
-            _replace(model, entry.path, factored)
+            replace_module(model, entry.path, factored)
             layout[entry.path] = info["rank"]
             rows.append(
                 factor_row(entry, info, info["rel_error"], weight.numel(), B.numel() + A.numel())
@@ -156,7 +151,7 @@ def load_factorized(folder: str | os.PathLike, dtype: torch.dtype = torch.float3
         )
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for path, rank in layout.items():
-        _replace(model, path, _shell(model.get_submodule(path), rank))
+        replace_module(model, path, _shell(model.get_submodule(path), rank))
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise LoraError(f"{folder} has no .safetensors weights; save with model.save_pretrained.")

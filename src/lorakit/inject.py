@@ -118,6 +118,12 @@ def iter_adapter_modules(model: nn.Module) -> Iterator[tuple[str, LoraLayer | Mo
             yield path, module
 
 
+def replace_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at dotted ``path`` inside ``model`` (its parent's attribute)."""
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
 def logical_path(path: str) -> str:
     """A module path without lorakit's ``base_layer`` segments (as the user's model names it)."""
     return ".".join(part for part in path.split(".") if part != "base_layer")
@@ -486,13 +492,11 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default"
     """
     result = plan(model, config, adapter_name)
     for entry in result.entries:
-        parent_path, _, child = entry.path.rpartition(".")
-        parent = model.get_submodule(parent_path)
-        module = getattr(parent, child)
+        module = model.get_submodule(entry.path)
         if entry.kind == "modules_to_save":
             if not isinstance(module, ModulesToSave):
                 module = ModulesToSave(module)
-                setattr(parent, child, module)
+                replace_module(model, entry.path, module)
             module.add_adapter(adapter_name)
             continue
         if entry.kind == "parameter":
@@ -503,12 +507,12 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default"
                 existing = existing.base_layer
             if not isinstance(existing, LoraParameter):
                 module = LoraParameter(module, entry.parameter)
-                setattr(parent, child, module)
+                replace_module(model, entry.path, module)
                 existing = module
             module = existing
         elif not isinstance(module, LoraLayer):
             module = make_wrapper(entry, module)
-            setattr(parent, child, module)
+            replace_module(model, entry.path, module)
         scale = entry.alpha / (entry.r**0.5 if config.use_rslora else entry.r)
         module.add_adapter(adapter_name, entry.r, scale, config.dropout, config.init)
     configs = dict(adapter_configs(model))

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import LoraError
-from .inject import CONFIGS_ATTR, adapter_configs, iter_adapter_modules
+from .inject import CONFIGS_ATTR, adapter_configs, iter_adapter_modules, replace_module
 from .layers import LoraLayer, ModulesToSave
 
 
@@ -120,14 +120,12 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
             for name in layer.adapter_names():
                 layer.restore_base(name)
     for path, module in reversed(list(iter_adapter_modules(model))):
-        parent_path, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_path)
         if isinstance(module, ModulesToSave):
             chosen = next((n for n in module.active if n in module.modules_to_save), None)
             plain = module.modules_to_save[chosen] if merge and chosen else module.original_module
         else:
             plain = module.base_layer
-        setattr(parent, child, plain)
+        replace_module(model, path, plain)
     if hasattr(model, CONFIGS_ATTR):
         delattr(model, CONFIGS_ATTR)
     return model
