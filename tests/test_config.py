@@ -70,9 +70,11 @@ def test_peft_json_round_trip_and_peft_accepts_it():
 
 
 def test_reading_peft_features_we_lack_is_an_error():
-    with pytest.raises(LoraError, match="use_dora"):
+    with pytest.raises(
+        LoraError, match="kasa_config=.*does not implement|not implement: kasa_config"
+    ):
         LoraConfig.from_peft_dict(
-            {"peft_type": "LORA", "r": 8, "target_modules": ["q"], "use_dora": True}
+            {"peft_type": "LORA", "r": 8, "target_modules": ["q"], "kasa_config": {"a": 1}}
         )
     with pytest.raises(LoraError, match="peft_type='IA3'"):
         LoraConfig.from_peft_dict({"peft_type": "IA3", "r": 8})

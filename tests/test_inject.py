@@ -202,9 +202,11 @@ def test_every_problem_reported_once():
     assert "5 fused slices do not divide its 72 outputs" in message
 
 
-def test_rank_above_min_dimension():
-    with pytest.raises(LoraError, match=r"rank 40 exceeds min\(in, out\) = 32"):
-        add_lora(tiny.llama(), LoraConfig(r=40, target_modules=["q_proj"]))
+def test_rank_above_min_dimension_warns_as_peft_allows_it():
+    model = tiny.llama()
+    with pytest.warns(UserWarning, match=r"rank 40 exceeds min\(in, out\) = 32"):
+        add_lora(model, LoraConfig(r=40, target_modules=["q_proj"]))
+    assert model.model.layers[0].self_attn.q_proj.lora_A["default"].shape == (40, 32)
 
 
 def test_duplicate_adapter_name_and_unknown_parameter():

@@ -39,7 +39,7 @@ def make_layer(
         layer.add_adapter(name, r, scale, p)
         with torch.no_grad():
             layer.lora_B[name].normal_()
-    layer.active = list(adapters)
+    layer.set_active(list(adapters))
     return layer
 
 
@@ -117,7 +117,7 @@ def test_merged_adapter_is_not_added_twice() -> None:
     for n in ("a", "b"):
         with torch.no_grad():
             layer.lora_B[n].normal_()
-    layer.active = ["a", "b"]
+    layer.set_active(["a", "b"])
     merge(model, ["a"])
     assert layer.merged == ["a"]
     # The base weight now holds W + ΔW_a; only b is added on top.
@@ -166,7 +166,7 @@ def test_trainable_base_weight_takes_the_generic_path() -> None:
 
 def test_no_active_adapter_is_the_base() -> None:
     layer = make_layer({"a": (4, 2.0, 0.0)})
-    layer.active = []
+    layer.set_active([])
     x = torch.randn(4, 16)
     torch.testing.assert_close(layer(x), layer.base_layer(x), rtol=0, atol=0)
 
@@ -179,7 +179,7 @@ def test_routing_in_place_matches_formula_per_row() -> None:
     for n in ("a", "b"):
         with torch.no_grad():
             layer.lora_B[n].normal_()
-    layer.active = ["a", "b"]  # for ``grads``; routing itself ignores ``active``
+    layer.set_active(["a", "b"])  # for ``grads``; routing itself ignores ``active``
     x = torch.randn(3, 5, 32, requires_grad=True)
     names = ["b", None, "a"]
     with route(model, names):
@@ -198,7 +198,7 @@ def test_batched_routing_with_unequal_ranks(shape: tuple[int, ...]) -> None:
     for n, r in (("a", 4), ("b", 2), ("c", 3)):
         add_lora(model, LoraConfig(r=r, alpha=2 * r, target_modules=["q_proj"]), n)
     layer = model.model.layers[0].self_attn.q_proj
-    layer.active = ["a", "b", "c"]
+    layer.set_active(["a", "b", "c"])
     for n in layer.active:
         with torch.no_grad():
             layer.lora_B[n].normal_()

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorakit import LoraError
+from lorakit import LoraConfig, LoraError, add_lora
 from lorakit.layers import (
     LoraConv,
     LoraEmbedding,
@@ -115,24 +115,47 @@ def test_conv_matches_merged_weight_convolution(conv):
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_grouped_conv_forward_and_merge_refusal():
+def test_grouped_conv_block_a_is_block_diagonal_and_merges():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1, groups=2)
+    layer = LoraConv(conv)
+    layer.add_adapter("a", r=4, scale=0.5)
+    A, B = _fill(layer)
+    assert A.shape == (4, 2, 3, 3) and B.shape == (6, 2, 1, 1)  # A grouped like the base
+    x = torch.randn(1, 4, 5, 5)
+    # By hand, group j: out channels 3j..3j+2 see in channels 2j, 2j+1 through hidden 2j, 2j+1.
+    delta = torch.zeros_like(conv.weight)
+    for j in range(2):
+        Bj, Aj = B[3 * j : 3 * j + 3].flatten(1), A[2 * j : 2 * j + 2].flatten(1)
+        delta[3 * j : 3 * j + 3] = 0.5 * (Bj @ Aj).view(3, 2, 3, 3)
+    torch.testing.assert_close(layer.delta_weight("a"), delta)
+    expected = F.conv2d(x, conv.weight + delta, conv.bias, padding=1, groups=2)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    # In PEFT's layout A is dense with zeros off the blocks; PEFT's forward gives the same.
+    peft_A = layer.peft_tensors("a")["lora_A.weight"]
+    assert peft_A.shape == (4, 4, 3, 3) and not peft_A[:2, 2:].any() and not peft_A[2:, :2].any()
+    peft_out = conv(x) + 0.5 * F.conv2d(F.conv2d(x, peft_A, padding=1), B, groups=2)
+    torch.testing.assert_close(peft_out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_conv_dense_peft_a_runs_but_refuses_to_merge():
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, 3, padding=1, groups=2)
     layer = LoraConv(conv)
     layer.add_adapter("a", r=2, scale=1.0)
-    A, B = _fill(layer)
+    dense_A, B = torch.randn(2, 4, 3, 3), torch.randn(6, 1, 1, 1)
+    layer.load_peft_tensors("a", {"lora_A.weight": dense_A, "lora_B.weight": B})
     x = torch.randn(1, 4, 5, 5)
-    after_a = F.conv2d(x, A, padding=1)  # A sees all input channels (PEFT's layout)
-    expected = conv(x) + F.conv2d(after_a, B, groups=2)
+    expected = conv(x) + F.conv2d(F.conv2d(x, dense_A, padding=1), B, groups=2)
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
-    with pytest.raises(LoraError, match="grouped convolution"):
+    with pytest.raises(LoraError, match="mixes channels across groups"):
         layer.delta_weight("a")
 
 
 @pytest.mark.parametrize("base", [nn.Linear(5, 9), Conv1D(9, 5)], ids=["linear", "gpt2-conv1d"])
 def test_fused_slices_adapt_only_enabled_slices(base):
     torch.manual_seed(0)
-    layer = LoraFused(base, [True, False, True])
+    layer = LoraFused(base, slices=[True, False, True])
     layer.add_adapter("a", r=2, scale=3.0)
     A, B = _fill(layer)  # A (2, 2, 5), B (2, 3, 2)
     x = torch.randn(4, 5)
@@ -165,7 +188,7 @@ class Experts(nn.Module):
 def test_parameter_3d_one_pair_per_expert(transposed):
     torch.manual_seed(0)
     experts = Experts(transposed)
-    layer = LoraParameter(experts, "weight")
+    layer = LoraParameter(experts, parameter="weight")
     layer.add_adapter("a", r=2, scale=0.5)
     assert layer.lora_A["a"].shape == (3, 2, 5) and layer.lora_B["a"].shape == (3, 4, 2)
     A, B = _fill(layer)
@@ -187,9 +210,9 @@ def test_parameter_3d_one_pair_per_expert(transposed):
 def test_nested_parameter_wrappers_adapt_both():
     torch.manual_seed(0)
     experts = Experts()
-    inner = LoraParameter(experts, "weight")
+    inner = LoraParameter(experts, parameter="weight")
     inner.add_adapter("a", r=2, scale=1.0)
-    outer = LoraParameter(inner, "dense")
+    outer = LoraParameter(inner, parameter="dense")
     outer.add_adapter("a", r=2, scale=1.0)
     A1, B1 = _fill(inner, seed=1)
     A2, B2 = _fill(outer, seed=2)
@@ -200,8 +223,10 @@ def test_nested_parameter_wrappers_adapt_both():
 
 
 def test_parameter_rejects_dropout():
-    with pytest.raises(LoraError, match="dropout"):
-        LoraParameter(Experts(), "weight").add_adapter("a", r=2, scale=1.0, dropout=0.1)
+    model = nn.ModuleDict({"experts": Experts()})
+    with pytest.raises(LoraError, match="dropout=0.1 is not defined for LoraParameter"):
+        add_lora(model, LoraConfig(target_parameters=["experts.weight"], dropout=0.1))
+    assert not isinstance(model["experts"], LoraParameter)
 
 
 def test_dropout_applies_in_training_only():

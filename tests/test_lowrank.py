@@ -24,6 +24,7 @@ from lorakit.lowrank import (
     resize_adapter,
 )
 from lorakit.models import load_model
+from lorakit.state import adapter_configs
 
 LLAMA_TARGETS = [
     "q_proj",
@@ -280,7 +281,7 @@ def test_extraction_rank_above_a_module_raises_before_changes(finetune):
         match=r"rank 17 exceeds min\(out, in\) of 2 module\(s\), e\.g\. \S+\.0\.self_attn\.k_proj: 16",
     ):
         extract_adapter(model, tuned, ["q_proj", "k_proj"], rank=17)
-    assert not hasattr(model, "lorakit_configs")
+    assert not adapter_configs(model)
 
 
 # --- PiSSA / OLoRA ---------------------------------------------------------------------------

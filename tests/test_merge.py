@@ -8,6 +8,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lorakit import LoraConfig, LoraError, add_lora, merge, unload, unmerge
 from lorakit.layers import LoraLayer
+from lorakit.state import adapter_configs
 
 CASES = {
     "llama": (
@@ -90,7 +91,7 @@ def test_unload_types_are_plain_torch():
     add_lora(model, LoraConfig(r=2, target_modules="all-linear"))
     unload(model)
     assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.endswith("_proj"))
-    assert not hasattr(model, "lorakit_configs")
+    assert not adapter_configs(model)
 
 
 def test_unload_without_merge_restores_base():
@@ -132,12 +133,28 @@ def test_tied_embedding_merge_keeps_head_correct():
     assert model.config.tie_word_embeddings is False
 
 
-def test_grouped_conv_merge_raises_before_any_write():
+def test_grouped_conv_merges_exactly():
     model = tiny.cnn()
     add_lora(model, LoraConfig(r=2, target_modules=["conv1", "conv2"]))
     tiny.randomize_adapters(model)
+    x = torch.randn(2, 3, 8, 8)
+    before = model(x)
+    merge(model)
+    torch.testing.assert_close(model(x), before, rtol=0, atol=1e-5)
+    unmerge(model)
+    torch.testing.assert_close(model(x), before, rtol=0, atol=1e-5)
+
+
+def test_merge_with_peft_grouped_a_raises_before_any_write():
+    model = tiny.cnn()
+    add_lora(model, LoraConfig(r=2, target_modules=["conv1", "conv2"]))
+    tiny.randomize_adapters(model)
+    grouped = model.conv2 if model.conv2.base_layer.groups > 1 else model.conv1
+    dense = torch.randn(2, grouped.base_layer.in_channels, *grouped.base_layer.kernel_size)
+    tensors = grouped.peft_tensors("default") | {"lora_A.weight": dense}
+    grouped.load_peft_tensors("default", tensors)
     w1 = model.conv1.base_layer.weight.detach().clone()
-    with pytest.raises(LoraError, match="grouped convolution"):
+    with pytest.raises(LoraError, match="mixes channels across groups"):
         merge(model)
     assert torch.equal(model.conv1.base_layer.weight, w1) and not model.conv1.merged
 

@@ -8,25 +8,24 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .config import LoraConfig
 from .errors import LoraError
-from .inject import (
-    CONFIGS_ATTR,
-    adapter_configs,
-    add_lora,
-    iter_adapter_modules,
-    logical_path,
-    replace_module,
-)
-from .layers import LoraConv, LoraFused, LoraLayer, LoraParameter, ModulesToSave, lora_delta
-from .merge import _active, check_adapter_names, merge, unmerge
+from .inject import add_lora, replace_module
+from .layers import LoraFused, LoraLayer, LoraParameter, lora_delta
+from .merge import active_adapters, check_adapter_names, merge, merged_adapters, unmerge
+from .state import AdapterState, adapter_configs
+from .targeting import iter_adapter_modules, logical_path, lora_layers
 
-
-def active_adapters(model: nn.Module) -> list[str]:
-    """Names of the adapters whose deltas currently add to the output."""
-    return _active(model)
+__all__ = [
+    "active_adapters",
+    "combine",
+    "delete_adapter",
+    "disable_adapters",
+    "route",
+    "set_adapter",
+]
 
 
 def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
@@ -37,14 +36,11 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
     """
     names = [names] if isinstance(names, str) else list(names)
     check_adapter_names(model, names)
-    stuck = sorted(
-        {n for _, m in iter_adapter_modules(model) if isinstance(m, LoraLayer) for n in m.merged}
-        - set(names)
-    )
+    stuck = sorted(set(merged_adapters(model)) - set(names))
     if stuck:
         raise LoraError(f"Adapter(s) {stuck} are merged into the weights; unmerge them first.")
     for _, module in iter_adapter_modules(model):
-        module.active = [n for n in names if n in module.adapter_names()]
+        module.set_active(names)
 
 
 @contextmanager
@@ -55,16 +51,16 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     raises.
     """
     modules = [m for _, m in iter_adapter_modules(model)]
-    was_merged = sorted({n for m in modules if isinstance(m, LoraLayer) for n in m.merged})
-    was_active = [list(m.active) for m in modules]
+    was_merged = merged_adapters(model)
+    was_active = [m.active for m in modules]
     unmerge(model)
     for m in modules:
-        m.active = []
+        m.set_active([])
     try:
         yield model
     finally:
         for m, active in zip(modules, was_active, strict=True):
-            m.active = active
+            m.set_active(active)
         if was_merged:
             merge(model, was_merged)
 
@@ -78,11 +74,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             continue
         module.delete_adapter(name)
         if not module.adapter_names():
-            plain = module.base_layer if isinstance(module, LoraLayer) else module.original_module
-            replace_module(model, path, plain)
-    configs = dict(adapter_configs(model))
-    del configs[name]
-    setattr(model, CONFIGS_ATTR, configs)
+            replace_module(model, path, module.base_layer)
+    AdapterState.of(model).remove(name)
 
 
 @contextmanager
@@ -95,52 +88,33 @@ def route(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
     """
     known = [n for n in names if n is not None]
     check_adapter_names(model, known)
-    layers = [m for _, m in iter_adapter_modules(model) if isinstance(m, LoraLayer)]
-    if any(m.merged for m in layers):
+    if merged_adapters(model):
         raise LoraError("Cannot route while adapters are merged; unmerge the model first.")
-    copies = sorted(
-        {
-            p
-            for p, m in iter_adapter_modules(model)
-            if isinstance(m, ModulesToSave) and set(known) & set(m.adapter_names())
-        }
+    wrappers = [
+        (p, m) for p, m in iter_adapter_modules(model) if set(known) & set(m.adapter_names())
+    ]
+    refused = sorted(
+        f"{p} ({type(m).__name__})"
+        for p, m in wrappers
+        if not (isinstance(m, LoraLayer) and m.supports_routing)
     )
-    if copies:
+    if refused:
         raise LoraError(
-            f"Cannot route adapters with modules_to_save copies ({copies}): a copied module "
-            "serves one adapter per forward. Run those adapters one at a time with set_adapter."
+            f"Cannot route these adapters: {refused} serve one adapter per forward (a "
+            "modules_to_save copy, trainable rows, a raw parameter or attention sees tokens, "
+            "not examples). Run those adapters one at a time with set_adapter."
         )
     groups: dict[str | None, list[int]] = {}
     for row, name in enumerate(names):
         groups.setdefault(name, []).append(row)
+    layers = [m for _, m in lora_layers(model)]
     for layer in layers:
-        device = layer.base_weight.device
-        layer.route = [
-            (name, torch.tensor(rows, device=device))
-            for name, rows in groups.items()
-            if name in layer.lora_A
-        ]
-        layer.route_batch = len(names)
+        layer.set_route(groups, len(names))
     try:
         yield model
     finally:
         for layer in layers:
-            layer.route = None
-
-
-def _matrices(layer: LoraLayer, name: str) -> tuple[Tensor, Tensor]:
-    """Adapter ``name`` as (B, A) matrices with B @ A meaningful: (..., out, r), (..., r, in)."""
-    A, B = layer.lora_A[name], layer.lora_B[name]
-    if isinstance(layer, LoraConv):
-        if layer.base_layer.groups > 1:
-            raise LoraError(f"combine does not support grouped convolutions ({layer.base_layer}).")
-        return B.flatten(1), A.flatten(1)
-    return B, A
-
-
-def _store(layer: LoraLayer, name: str, B: Tensor, A: Tensor) -> None:
-    layer.lora_A[name].copy_(A.reshape(layer.lora_A[name].shape))  # under combine's no_grad
-    layer.lora_B[name].copy_(B.reshape(layer.lora_B[name].shape))
+            layer.clear_route()
 
 
 def combine(
@@ -172,11 +146,18 @@ def combine(
         raise LoraError(f"combine method must be 'cat', 'svd' or 'linear', got {method!r}.")
     if method == "svd" and (rank is None or rank <= 0):
         raise LoraError("combine(method='svd') needs rank=<positive integer>.")
-    layers = [
-        (path, m)
-        for path, m in iter_adapter_modules(model)
-        if isinstance(m, LoraLayer) and any(n in m.lora_A for n in weights)
-    ]
+    layers = [(p, m) for p, m in lora_layers(model) if any(n in m.lora_A for n in weights)]
+    special = sorted(
+        f"{p} ('{n}')"
+        for p, m in layers
+        for n in weights
+        if n in m.lora_A and (m.is_dora(n) or n in m.lora_bias)
+    )
+    if special:
+        raise LoraError(
+            f"combine needs plain LoRA adapters; DoRA or lora_bias adapters sit on {special}: "
+            "their magnitudes and biases do not add up as low-rank deltas."
+        )
     ranks: dict[str, int] = {}
     for path, layer in layers:
         present = [n for n in weights if n in layer.lora_A]
@@ -190,9 +171,10 @@ def combine(
         elif method == "cat":
             ranks[path] = sum(layer.r[n] for n in present)
         else:
-            B, A = _matrices(layer, present[0])
+            B, A = layer.factors(present[0])
             ranks[path] = min(rank, B.shape[-2], A.shape[-1])
-    config = _combined_config(layers, ranks)
+    nested = {id(n) for _, m in layers for n in m.nested_layers()}
+    config = _combined_config([(p, m) for p, m in layers if id(m) not in nested], ranks)
     config.base_model_name_or_path = adapter_configs(model)[
         next(iter(weights))
     ].base_model_name_or_path
@@ -209,7 +191,7 @@ def _combine_layer(
 ) -> dict[str, float]:
     """Fill adapter ``name`` of one layer per ``combine``; {path: truncation error} for svd."""
     pairs = [
-        (*_matrices(layer, n), w * layer.scale[n]) for n, w in weights.items() if n in layer.lora_A
+        (*layer.factors(n), w * layer.scale[n]) for n, w in weights.items() if n in layer.lora_A
     ]
     if method == "cat":
         B = torch.cat([b * ws for b, _, ws in pairs], dim=-1)
@@ -222,9 +204,9 @@ def _combine_layer(
         U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
         root = S[..., :rank].sqrt()
         B, A = U[..., :rank] * root.unsqueeze(-2), root.unsqueeze(-1) * Vh[..., :rank, :]
-        _store(layer, name, B, A)
+        layer.set_factors(name, B, A)
         return {path: float(S[..., rank:].norm() / S.norm().clamp_min(1e-30))}
-    _store(layer, name, B, A)
+    layer.set_factors(name, B, A)
     return {}
 
 
@@ -240,7 +222,7 @@ def _combined_config(layers: list, ranks: dict[str, int]) -> LoraConfig:
         modules.append(re.escape(path))
         rank_pattern[re.escape(path)] = ranks[path]
         if isinstance(layer, LoraFused):
-            slices[path] = layer.enabled
+            slices[path] = layer.options["slices"]
     return LoraConfig(
         r=max(ranks.values()),
         alpha=max(ranks.values()),

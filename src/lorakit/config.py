@@ -55,6 +55,12 @@ class LoraConfig:
     target_parameters: list[str] | None = None
     # Module -> which equal output slices of a fused projection get LoRA, e.g. qkv [True, False, True].
     fused_slices: dict[str, list[bool]] = field(default_factory=dict)
+    # DoRA: a trainable magnitude per output channel on top of the LoRA direction.
+    use_dora: bool = False
+    # A trainable bias on B (PEFT's ``lora_bias``); merges into the base bias.
+    lora_bias: bool = False
+    # Embedding path -> token ids whose rows train (a list: the model's input embedding).
+    trainable_token_indices: dict[str, list[int]] | list[int] | None = None
     base_model_name_or_path: str | None = None
 
     def __post_init__(self) -> None:
@@ -69,14 +75,26 @@ class LoraConfig:
             problems.append(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
         if self.init not in INIT_MODES:
             problems.append(f"init must be one of {INIT_MODES}, got {self.init!r}")
-        if isinstance(self.target_modules, (list, tuple)):
+        # PEFT's own LoraConfig turns name lists into sets; keep a JSON-friendly sorted list.
+        if isinstance(self.target_modules, (set, frozenset)):
+            self.target_modules = sorted(self.target_modules)
+        elif isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
-        if isinstance(self.exclude_modules, (list, tuple)):
+        if isinstance(self.exclude_modules, (set, frozenset)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        elif isinstance(self.exclude_modules, tuple):
             self.exclude_modules = list(self.exclude_modules)
-        if not self.target_modules and not self.target_parameters:
+        if self.use_dora and self.lora_bias:
+            problems.append("lora_bias=True is not supported with use_dora=True (nor in PEFT)")
+        if self.lora_bias and self.init in WEIGHT_INITS:
             problems.append(
-                "nothing to adapt: set target_modules (e.g. ['q_proj', 'v_proj'] or 'all-linear') "
-                "or target_parameters"
+                f"lora_bias=True needs a plain init, not init={self.init!r} (as in PEFT)"
+            )
+        problems += _token_problems(self.trainable_token_indices)
+        if not (self.target_modules or self.target_parameters or self.trainable_token_indices):
+            problems.append(
+                "nothing to adapt: set target_modules (e.g. ['q_proj', 'v_proj'] or 'all-linear'), "
+                "target_parameters or trainable_token_indices"
             )
         for name, rank in self.rank_pattern.items():
             if not isinstance(rank, int) or rank <= 0:
@@ -131,28 +149,41 @@ class LoraConfig:
             "use_rslora": self.use_rslora,
             "modules_to_save": self.modules_to_save,
             "target_parameters": self.target_parameters,
+            "trainable_token_indices": self.trainable_token_indices,
+            "use_dora": self.use_dora,
+            "lora_bias": self.lora_bias,
             "fan_in_fan_out": False,
-            "use_dora": False,
             "inference_mode": True,
         }
 
     @classmethod
     def from_peft_dict(cls, data: dict[str, Any]) -> LoraConfig:
-        """Read an ``adapter_config.json`` written by PEFT or lorakit; refuse what LoRA can't express."""
+        """Read an ``adapter_config.json`` written by PEFT or lorakit.
+
+        Every key is either implemented, informational (no effect on the weights), or refused
+        by name when set to anything but its neutral value: PEFT methods lorakit does not
+        implement (KaSA, VeLoRA, ...) are never loaded as plain LoRA.
+        """
+        if not isinstance(data, dict):
+            raise LoraError(
+                f"adapter_config.json must hold a JSON object, got {type(data).__name__}."
+            )
         if data.get("peft_type", "LORA") != "LORA":
             raise LoraError(
                 f"adapter_config.json has peft_type={data.get('peft_type')!r}; lorakit reads LoRA "
                 "adapters only (peft_type 'LORA')."
             )
-        unsupported = [k for k in ("use_dora", "lora_bias") if data.get(k)]
-        if data.get("layer_replication"):
-            unsupported.append("layer_replication")
-        if unsupported:
+        if "r" not in data:
             raise LoraError(
-                f"adapter_config.json uses PEFT features lorakit does not implement: {unsupported}. "
-                "Merge the adapter with PEFT (merge_and_unload) and use the merged model instead."
+                "adapter_config.json has no 'r' (the LoRA rank); it is not a LoRA adapter."
             )
-        init = data.get("init_lora_weights", True)
+        refused = {k: v for k, v in data.items() if not _peft_key_ok(k, v)}
+        if refused:
+            raise LoraError(
+                "adapter_config.json sets PEFT options lorakit does not implement: "
+                + ", ".join(f"{k}={v!r}" for k, v in refused.items())
+                + ". Merge the adapter with PEFT (merge_and_unload) and use the merged model."
+            )
         return cls(
             r=data["r"],
             alpha=data.get("lora_alpha", data["r"]),
@@ -164,10 +195,13 @@ class LoraConfig:
             rank_pattern=dict(data.get("rank_pattern") or {}),
             alpha_pattern=dict(data.get("alpha_pattern") or {}),
             bias=data.get("bias", "none"),
-            init=_init_mode(init),
+            init=_init_mode(data.get("init_lora_weights", True)),
             use_rslora=bool(data.get("use_rslora", False)),
             modules_to_save=data.get("modules_to_save"),
             target_parameters=data.get("target_parameters"),
+            trainable_token_indices=data.get("trainable_token_indices"),
+            use_dora=bool(data.get("use_dora", False)),
+            lora_bias=bool(data.get("lora_bias", False)),
             base_model_name_or_path=data.get("base_model_name_or_path"),
         )
 
@@ -183,6 +217,74 @@ class LoraConfig:
         if unknown:
             raise LoraError(f"Unknown LoraConfig keys {unknown}; known keys are {sorted(known)}.")
         return cls(**data)
+
+
+# PEFT keys that from_peft_dict reads into a field.
+_PEFT_IMPLEMENTED = {
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "rank_pattern",
+    "alpha_pattern",
+    "bias",
+    "init_lora_weights",
+    "use_rslora",
+    "modules_to_save",
+    "target_parameters",
+    "trainable_token_indices",
+    "use_dora",
+    "lora_bias",
+    "base_model_name_or_path",
+    "peft_type",
+}
+# PEFT keys that describe the run, not the weights: any value loads the same adapter.
+# fan_in_fan_out is read off the layer type (GPT-2 Conv1D); megatron_core and
+# qalora_group_size only matter with megatron_config / use_qalora, which are refused.
+_PEFT_INFORMATIONAL = {
+    "task_type",
+    "auto_mapping",
+    "peft_version",
+    "revision",
+    "inference_mode",
+    "runtime_config",
+    "fan_in_fan_out",
+    "megatron_core",
+    "qalora_group_size",
+}
+
+
+def _peft_key_ok(key: str, value: Any) -> bool:
+    """Whether PEFT config ``key`` = ``value`` loads as lorakit reads it.
+
+    A key lorakit does not know (KaSA, VeLoRA, a newer PEFT's) is fine only at a neutral
+    value (None, False or empty): anything else would change the maths silently.
+    """
+    if key in _PEFT_IMPLEMENTED or key in _PEFT_INFORMATIONAL:
+        return True
+    return value is None or value is False or value == {} or value == [] or value == ""
+
+
+def _token_problems(indices: Any) -> list[str]:
+    if indices is None:
+        return []
+    groups = indices.values() if isinstance(indices, dict) else [indices]
+    if isinstance(indices, dict) and not all(isinstance(k, str) for k in indices):
+        return [f"trainable_token_indices keys must be module names, got {list(indices)!r}"]
+    for ids in groups:
+        if (
+            not isinstance(ids, (list, tuple))
+            or not ids
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
+        ):
+            return [
+                "trainable_token_indices must be a non-empty list of token ids, or a dict "
+                f"module name -> such a list; got {indices!r}"
+            ]
+    return []
 
 
 def first_pattern_match(patterns: dict[str, Any], path: str) -> str | None:

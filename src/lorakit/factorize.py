@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 from .config import LoraConfig
 from .errors import LoraError
-from .inject import iter_adapter_modules, plan, replace_module
-from .layers import is_gpt2_conv1d
+from .inject import plan, replace_module
+from .layers import LoraLinear, is_gpt2_conv1d
 from .lowrank import (
     LowRankReport,
     factor_row,
@@ -27,6 +27,7 @@ from .lowrank import (
     rank_limit_problems,
     rank_problems,
 )
+from .targeting import iter_adapter_modules
 
 FACTORIZED_KEY = "lorakit_factorized"  # config.json key: module path -> rank of its factors
 
@@ -95,7 +96,7 @@ def factorize(
     limits = {}
     for entry in entries:
         module = model.get_submodule(entry.path)
-        if entry.kind != "linear":
+        if entry.layer is not LoraLinear:
             problems.append(f"{entry.path}: {entry.module_type} is not a Linear or Conv1D")
         elif owners[id(module.weight)] > 1:
             problems.append(f"{entry.path}: its weight is tied to another module; untie it first")

@@ -21,11 +21,12 @@ import torch
 from torch import Tensor, nn
 
 from .errors import LoraError
-from .inject import adapter_configs, iter_adapter_modules
 from .io import PREFIX, load_adapter, read_adapter
-from .layers import LoraLayer, LoraLinear, lora_delta
+from .layers import LoraLayer, lora_delta
 from .lowrank import format_table, rank_for_energy
 from .merge import check_adapter_names
+from .state import adapter_configs
+from .targeting import lora_layers
 
 EFFECTIVE_ENERGY = 0.9  # effective rank: the smallest rank holding this share of ‖ΔW‖_F²
 _PAIR_SUFFIXES = (".lora_A.weight", ".lora_embedding_A")
@@ -115,8 +116,7 @@ def _delta_and_weight(layer: LoraLayer, name: str) -> tuple[Tensor, Tensor]:
     if initial is not None:
         # PiSSA / OLoRA: the base holds W - scale·B0 A0; the change from W is scale·(B A - B0 A0).
         A0, B0 = initial
-        start = lora_delta(B0, A0, layer.scale[name])
-        start = start.T if isinstance(layer, LoraLinear) and layer.fan_in_fan_out else start
+        start = layer.from_matrix(layer.base_layer, lora_delta(B0, A0, layer.scale[name]))
         weight, delta = weight + start, delta - start
     return delta, weight
 
@@ -131,9 +131,7 @@ def _matrices(path: str, delta: Tensor, weight: Tensor) -> list[tuple[str, Tenso
 def _from_model(model: nn.Module, adapter_name: str, seed: int) -> InspectReport:
     check_adapter_names(model, [adapter_name])
     report = InspectReport(adapter_name)
-    for path, layer in iter_adapter_modules(model):
-        if not isinstance(layer, LoraLayer) or adapter_name not in layer.lora_A:
-            continue
+    for path, layer in lora_layers(model, adapter_name):
         rank, scale = layer.r[adapter_name], layer.scale[adapter_name]
         if layer.initial_lora(adapter_name) is not None:
             rank *= 2  # the change from W is a rank-2r LoRA (see lorakit.io)

@@ -4,9 +4,11 @@ Tensor names are PEFT's (``base_model.model.<path>.lora_A.weight``, ``lora_embed
 ``<path>.<param>`` for ``modules_to_save`` copies), so ``peft.PeftModel.from_pretrained``
 reads what ``save_adapter`` writes and ``load_adapter`` reads what PEFT writes.
 
-Layouts PEFT lacks are written as equivalent plain LoRA: a fused-slice adapter becomes one
-rank ``n_on · r`` pair on the whole projection with a block-structured B (``rank_pattern`` and
-``alpha_pattern`` keep the scale), and 3D expert adapters use PEFT's stacked layout. lorakit's
+Each layer class owns its tensor names and layout (``peft_tensors`` / ``peft_shapes``); this
+module assembles the file. Layouts PEFT lacks are written as equivalent plain LoRA: a
+fused-slice adapter becomes one rank ``n_on · r`` pair on the whole projection
+(``rank_pattern`` and ``alpha_pattern`` keep the scale), a grouped convolution's block A is
+written dense, and 3D expert adapters use PEFT's stacked layout. lorakit's
 own config and a fingerprint of the base model (adapted names and shapes) travel in the
 safetensors metadata, so a lorakit file loads back exactly and onto the right model only.
 """
@@ -27,19 +29,12 @@ from torch import Tensor, nn
 
 from .config import WEIGHT_INITS, LoraConfig
 from .errors import LoraError
-from .inject import (
-    PlanEntry,
-    adapter_configs,
-    add_lora,
-    iter_adapter_modules,
-    logical_path,
-    make_wrapper,
-    plan,
-    unwrap,
-    walk,
-)
-from .layers import LoraEmbedding, LoraFused, LoraLayer, LoraParameter, ModulesToSave
+from .inject import PlanEntry, add_lora, plan
+from .layers import LoraLayer, LoraParameter, ModulesToSave, TrainableTokens
+from .layers.tokens import PEFT_KEY as TOKENS_KEY
 from .merge import check_adapter_names
+from .state import adapter_configs
+from .targeting import iter_adapter_modules, logical_path, unwrap, walk
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -47,52 +42,21 @@ LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 
 
-# --- layout conversion: lorakit layer <-> PEFT tensors ---------------------------------------
-def _lora_keys(layer: LoraLayer) -> tuple[str, str]:
-    if isinstance(layer, LoraEmbedding):
-        return "lora_embedding_A", "lora_embedding_B"
-    return "lora_A.weight", "lora_B.weight"
-
-
-def _to_peft(A: Tensor, B: Tensor, layer: LoraLayer) -> tuple[Tensor, Tensor]:
-    """(A, B) in lorakit's layout -> PEFT's layout for ``layer``."""
-    if isinstance(layer, LoraFused):
-        n_on, r, _ = A.shape
-        # Block j of B's columns feeds only the rows of the j-th enabled slice.
-        full = B.new_zeros(len(layer.enabled), layer.slice_size, n_on * r)
-        for j, s in enumerate(layer.slice_index.tolist()):
-            full[s, :, j * r : (j + 1) * r] = B[j]
-        return A.reshape(n_on * r, -1), full.reshape(-1, n_on * r)
-    if isinstance(layer, LoraParameter) and A.dim() == 3:
-        # PEFT stacks experts: A (E·r, in) by expert; B (out, r·E) with expert as fastest index.
-        experts, r, _ = A.shape
-        return A.reshape(experts * r, -1), B.permute(1, 2, 0).reshape(B.shape[1], r * experts)
-    return A, B
-
-
-def _from_peft(A: Tensor, B: Tensor, layer: LoraLayer, r: int) -> tuple[Tensor, Tensor]:
-    """Inverse of ``_to_peft``: PEFT's (A, B) -> lorakit's layout for ``layer``."""
-    if isinstance(layer, LoraFused):
-        slices = layer.slice_index.tolist()
-        blocks = B.reshape(len(layer.enabled), layer.slice_size, len(slices) * r)
-        B = torch.stack([blocks[s, :, j * r : (j + 1) * r] for j, s in enumerate(slices)])
-        return A.reshape(len(slices), r, -1), B
-    if isinstance(layer, LoraParameter) and layer.num_experts:
-        experts = layer.num_experts
-        return A.reshape(experts, r, -1), B.reshape(B.shape[0], r, experts).permute(2, 0, 1)
-    return A, B
-
-
+# --- config: what PEFT needs to rebuild the same layers ------------------------------------
 def _pattern_overrides(config: LoraConfig, model: nn.Module, name: str) -> dict:
-    """rank/alpha patterns that make PEFT build a fused adapter as one wider LoRA pair."""
+    """rank/alpha patterns for layers whose PEFT rank differs from the config's.
+
+    A fused-slice adapter is one wider pair in PEFT's file (``LoraFused.to_peft``); the
+    pattern gives PEFT that rank with alpha scaled so scale = alpha / r is unchanged.
+    """
     rank, alpha = {}, {}
-    for path, layer in iter_adapter_modules(model):
-        if isinstance(layer, LoraFused) and name in layer.lora_A:
-            n_on, r = len(layer.slice_index), layer.r[name]
-            key = re.escape(path)
-            rank[key] = n_on * r
-            # Keep scale = alpha / r (or alpha / sqrt(r)) unchanged at rank n_on · r.
-            alpha[key] = config.alpha_for(path) * (math.sqrt(n_on) if config.use_rslora else n_on)
+    for path, layer in top_level(model, name):
+        if not isinstance(layer, LoraLayer) or layer.peft_rank(name) == config.rank_for(path):
+            continue
+        wide, scale = layer.peft_rank(name), layer.scale[name]
+        rank[re.escape(path)] = wide
+        # alpha at the wider rank that keeps scale = alpha / r (alpha / sqrt(r) with rsLoRA)
+        alpha[re.escape(path)] = scale * (math.sqrt(wide) if config.use_rslora else wide)
     # Exact-path patterns go first: PEFT takes the first pattern that matches.
     return {
         "rank_pattern": {**rank, **config.rank_pattern},
@@ -110,22 +74,6 @@ def _peft_exclude(spec: list[str] | str | None) -> str | None:
 
 
 # --- PiSSA / OLoRA: saved as a plain LoRA on the original weights --------------------------
-def _plain_pair(layer: LoraLayer, name: str) -> tuple[Tensor, Tensor]:
-    """(A, B) of adapter ``name`` as a plain LoRA relative to the weight before its init.
-
-    PiSSA / OLoRA moved scale · B0 A0 out of the base: W = W_res + scale · B0 A0. The trained
-    model is W_res + scale · B A = W + scale · (B A - B0 A0) = W + scale · [B, -B0] [A; A0],
-    a rank-2r LoRA on the original W (PEFT's ``path_initial_model_for_weight_conversion``).
-    """
-    A, B = layer.lora_A[name], layer.lora_B[name]
-    initial = layer.initial_lora(name)
-    if initial is None:
-        return A, B
-    A0, B0 = initial
-    # (r, in) + (r, in) -> (2r, in);  (out, r) + (out, r) -> (out, 2r)
-    return torch.cat([A, A0.to(A.dtype)]), torch.cat([B, -B0.to(B.dtype)], dim=1)
-
-
 def _plain_config(config: LoraConfig) -> LoraConfig:
     """The config of ``_plain_pair``'s adapter: rank 2r at the same scale, a plain init."""
     if config.init not in WEIGHT_INITS:
@@ -167,37 +115,42 @@ def _bias_keys(
     return keys
 
 
+def top_level(model: nn.Module, name: str | None = None) -> list[tuple[str, nn.Module]]:
+    """Wrappers that own their PEFT tensors (holding adapter ``name``): all but nested ones.
+
+    A layer's ``nested_layers`` (MultiheadAttention's ``out_proj``) are saved by that layer.
+    """
+    wrappers = list(iter_adapter_modules(model))
+    nested = {id(n) for _, m in wrappers if isinstance(m, LoraLayer) for n in m.nested_layers()}
+    return [
+        (path, m)
+        for path, m in wrappers
+        if id(m) not in nested and (name is None or name in m.adapter_names())
+    ]
+
+
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, Tensor]:
     """Adapter ``adapter_name``'s tensors under PEFT's names (what ``save_adapter`` writes)."""
     check_adapter_names(model, [adapter_name])
     config = adapter_configs(model)[adapter_name]
     tensors: dict[str, Tensor] = {}
-    for path, module in iter_adapter_modules(model):
-        if isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
-            for name, p in module.modules_to_save[adapter_name].named_parameters():
-                tensors[f"{PREFIX}{path}.{name}"] = p
-        elif isinstance(module, LoraLayer) and adapter_name in module.lora_A:
-            key_a, key_b = _lora_keys(module)
-            A, B = _to_peft(*_plain_pair(module, adapter_name), module)
-            tensors[f"{PREFIX}{path}.{key_a}"] = A
-            tensors[f"{PREFIX}{path}.{key_b}"] = B
-    adapted = {
-        p
-        for p, m in iter_adapter_modules(model)
-        if isinstance(m, LoraLayer) and adapter_name in m.lora_A
-    }
-    saved = {p for p, m in iter_adapter_modules(model) if isinstance(m, ModulesToSave)}
+    adapted, saved = set(), set()
+    for path, module in top_level(model, adapter_name):
+        for key, value in module.peft_tensors(adapter_name).items():
+            tensors[f"{PREFIX}{path}.{key}"] = value
+        (saved if isinstance(module, ModulesToSave) else adapted).add(path)
+    saved |= {p for p, m in iter_adapter_modules(model) if isinstance(m, ModulesToSave)}
     tensors.update(_bias_keys(model, config, adapted, saved))
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
 
 def _fingerprint(model: nn.Module, adapter_name: str) -> dict[str, list[int]]:
+    """Adapted target -> base weight shape: what the adapter was made for."""
     prints = {}
-    for path, module in iter_adapter_modules(model):
-        if isinstance(module, LoraParameter) and adapter_name in module.lora_A:
-            owner_path = logical_path(path)
-            prints[f"{owner_path}.{module.parameter_name}"] = list(module.base_weight.shape)
-        elif isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+    for path, module in top_level(model, adapter_name):
+        if isinstance(module, LoraParameter):
+            prints[f"{logical_path(path)}.{module.parameter_name}"] = list(module.base_weight.shape)
+        elif not isinstance(module, ModulesToSave):
             prints[path] = list(module.base_weight.shape)
     return prints
 
@@ -221,7 +174,7 @@ def save_adapter(
     Files: ``adapter_config.json`` and ``adapter_model.safetensors`` (with lorakit's config and
     the base model fingerprint in its metadata). Each file is written to a temporary name and
     renamed, so an interrupted save never leaves a half-written file. A PiSSA / OLoRA adapter
-    is written as a plain rank-2r LoRA (see ``_plain_pair``): it loads, in PEFT or lorakit,
+    is written as a plain rank-2r LoRA (see ``LoraLinear.plain_pair``): it loads, in PEFT or lorakit,
     onto the unchanged base model, not onto the residual this model now holds.
     """
     tensors = adapter_state_dict(model, adapter_name)
@@ -291,32 +244,40 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, Te
     return config, tensors, json.loads(metadata.get("lorakit.fingerprint", "{}"))
 
 
-def _expected(model: nn.Module, entries: list[PlanEntry], config: LoraConfig) -> dict:
-    """PEFT key -> (entry, role, shape) for every tensor the file must hold.
+def _entry_base(model: nn.Module, entry: PlanEntry) -> nn.Module:
+    module = model.get_submodule(entry.path) if entry.path else model
+    return module if entry.layer is LoraParameter else unwrap(module)
 
-    Shapes come from a probe wrapper built on the unwrapped module (no side effects), so every
-    mismatch is found before the model changes.
+
+def _entry_shapes(model: nn.Module, entry: PlanEntry, config: LoraConfig) -> dict[str, tuple]:
+    """PEFT tensor name (under the entry's path) -> shape, for one plan entry."""
+    base = _entry_base(model, entry)
+    if entry.layer is ModulesToSave:
+        return {name: tuple(p.shape) for name, p in base.named_parameters()}
+    if entry.layer is TrainableTokens:
+        return {TOKENS_KEY: (len(entry.options["indices"]), base.weight.shape[1])}
+    return entry.layer.peft_shapes(
+        base, entry.r, use_dora=config.use_dora, lora_bias=config.lora_bias, **entry.options
+    )
+
+
+def _expected(model: nn.Module, entries: list[PlanEntry], config: LoraConfig) -> dict:
+    """PEFT key -> (entry or None, name under the entry, shape) for every tensor in the file.
+
+    Shapes come from the layer classes (nothing is wrapped yet), so every mismatch is found
+    before the model changes.
     """
     expected: dict[str, tuple[PlanEntry | None, str, tuple[int, ...]]] = {}
     for i, entry in enumerate(entries):
-        module = model.get_submodule(entry.path)
-        if entry.kind == "modules_to_save":
-            for name, p in unwrap(module).named_parameters():
-                expected[f"{PREFIX}{entry.path}.{name}"] = (entry, name, tuple(p.shape))
-            continue
         path = entry.path
-        if entry.kind == "parameter":
+        if entry.layer is LoraParameter:
             # PEFT nests one wrapper per parameter; the first one targeted is innermost.
-            later = sum(1 for e in entries[i + 1 :] if e.kind == "parameter" and e.path == path)
+            later = sum(1 for e in entries[i + 1 :] if e.layer is LoraParameter and e.path == path)
             path += ".base_layer" * later
-        probe = make_wrapper(entry, module if entry.kind == "parameter" else unwrap(module))
-        shape_a, shape_b = probe._shapes(entry.r)
-        peft_a, peft_b = _to_peft(torch.empty(shape_a), torch.empty(shape_b), probe)
-        key_a, key_b = _lora_keys(probe)
-        expected[f"{PREFIX}{path}.{key_a}"] = (entry, "A", tuple(peft_a.shape))
-        expected[f"{PREFIX}{path}.{key_b}"] = (entry, "B", tuple(peft_b.shape))
-    adapted = {e.path for e in entries if e.kind != "modules_to_save"}
-    saved = {e.path for e in entries if e.kind == "modules_to_save"}
+        for key, shape in _entry_shapes(model, entry, config).items():
+            expected[f"{PREFIX}{path}.{key}"] = (entry, key, tuple(shape))
+    adapted = {e.path for e in entries if e.layer is not ModulesToSave}
+    saved = {e.path for e in entries if e.layer is ModulesToSave}
     for key, bias in _bias_keys(model, config, adapted, saved).items():
         expected[key] = (None, "bias", tuple(bias.shape))
     return expected
@@ -335,7 +296,7 @@ def load_adapter(
     result = plan(model, config, adapter_name)
     problems = []
     if fingerprint:
-        mine = {e.target: list(e.shape) for e in result.entries if e.kind != "modules_to_save"}
+        mine = {e.target: list(e.shape) for e in result.entries if e.layer is not ModulesToSave}
         for target in sorted(set(fingerprint) | set(mine)):
             if fingerprint.get(target) != mine.get(target):
                 problems.append(
@@ -371,7 +332,7 @@ def load_adapter(
 def _embedding_weights(model: nn.Module, entries: list[PlanEntry]) -> dict[str, nn.Parameter]:
     """PEFT key -> weight for the input/output embeddings, which PEFT saves in full when an
     embedding is adapted (to carry a resized vocabulary); loading them does what PEFT does."""
-    wrapped = {e.path for e in entries if e.kind != "modules_to_save"}
+    wrapped = {e.path for e in entries if e.layer is not ModulesToSave}
     weights = {}
     for path, module in walk(model):
         if isinstance(unwrap(module), nn.Embedding) or path == "lm_head":
@@ -386,28 +347,30 @@ def _peft_duplicate(key: str, entries: list[PlanEntry]) -> bool:
         key.startswith(f"{PREFIX}{e.path}.original_module.")
         or key.startswith(f"{PREFIX}{e.path}.modules_to_save.")
         for e in entries
-        if e.kind == "modules_to_save"
+        if e.layer is ModulesToSave
     )
 
 
 def _copy_in(model: nn.Module, tensors: dict, expected: dict, adapter_name: str) -> None:
     """Copy checked file tensors into the freshly added adapter (and biases)."""
-    modules = dict(iter_adapter_modules(model))
-    pairs: dict[str, dict[str, Tensor]] = {}
+    per_entry: dict[int, tuple[PlanEntry, dict[str, Tensor]]] = {}
     with torch.no_grad():
-        for key, (entry, role, _) in expected.items():
+        for key, (entry, name, _) in expected.items():
             if entry is None:  # a bias or a full embedding weight
                 model.get_parameter(key.removeprefix(PREFIX)).copy_(tensors[key])
-            elif entry.kind == "modules_to_save":
-                copy = modules[entry.path].modules_to_save[adapter_name]
-                copy.get_parameter(role).copy_(tensors[key])
             else:
-                pairs.setdefault(entry.target, {"entry": entry})[role] = tensors[key]
-        for pair in pairs.values():
-            entry = pair["entry"]
-            layer = modules[entry.path]
-            while isinstance(layer, LoraParameter) and layer.parameter_name != entry.parameter:
-                layer = layer.base_layer
-            A, B = _from_peft(pair["A"], pair["B"], layer, entry.r)
-            layer.lora_A[adapter_name].copy_(A)
-            layer.lora_B[adapter_name].copy_(B)
+                per_entry.setdefault(id(entry), (entry, {}))[1][name] = tensors[key]
+    for entry, found in per_entry.values():
+        wrapper = model.get_submodule(entry.path)
+        while (
+            isinstance(wrapper, LoraParameter)
+            and wrapper.parameter_name != entry.options["parameter"]
+        ):
+            wrapper = wrapper.base_layer
+        if entry.layer is ModulesToSave:
+            copy = wrapper.modules_to_save[adapter_name]
+            with torch.no_grad():
+                for name, value in found.items():
+                    copy.get_parameter(name).copy_(value)
+        else:
+            wrapper.load_peft_tensors(adapter_name, found)

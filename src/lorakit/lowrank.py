@@ -28,27 +28,11 @@ from torch import Tensor, nn
 
 from .config import WEIGHT_INITS, LoraConfig
 from .errors import LoraError
-from .inject import (
-    CONFIGS_ATTR,
-    PlanEntry,
-    adapter_configs,
-    add_lora,
-    iter_adapter_modules,
-    logical_path,
-    make_wrapper,
-    plan,
-    unwrap,
-    walk,
-)
-from .layers import (
-    LoraConv,
-    LoraEmbedding,
-    LoraLayer,
-    LoraLinear,
-    LoraParameter,
-    lora_delta,
-)
+from .inject import PlanEntry, add_lora, plan
+from .layers import LoraParameter, lora_delta
 from .merge import check_adapter_names
+from .state import AdapterState, adapter_configs
+from .targeting import logical_path, lora_layers, unwrap, walk
 
 # A given rank on a matrix at least this wide uses a randomized SVD (Halko et al. 2011).
 RANDOMIZED_MIN_DIM = 2048
@@ -164,35 +148,6 @@ def low_rank(
     info = {"rank": rank, "rel_error": rel_error, "energy": kept, "method": method}
     info["singular_values"] = S
     return B, A, info
-
-
-# --- LoRA layers as matrices -----------------------------------------------------------------
-def _as_matrix(layer: LoraLayer, weight: Tensor) -> Tensor:
-    """A tensor shaped like ``layer.base_weight`` as the (out, in) matrix that B @ A gives."""
-    if isinstance(layer, LoraEmbedding) or (isinstance(layer, LoraLinear) and layer.fan_in_fan_out):
-        return weight.T  # embeddings (num, dim) and GPT-2 Conv1D (in, out)
-    return weight.flatten(1)  # Linear (out, in); conv (out, in, k…) -> (out, in·k…)
-
-
-def _unsupported(layer: LoraLayer) -> str | None:
-    """Why ``_set_pair`` can't give this layer new factors, if it can't."""
-    if isinstance(layer, LoraConv) and layer.base_layer.groups > 1:
-        return "a grouped convolution (its delta is not one matrix)"
-    if isinstance(layer, LoraParameter) and layer.num_experts:
-        return "a 3D expert parameter (one matrix per expert)"
-    if not isinstance(layer, (LoraLinear, LoraEmbedding, LoraConv, LoraParameter)):
-        return f"a {type(layer).__name__} (fused slices)"
-    return None
-
-
-def _set_pair(layer: LoraLayer, name: str, B: Tensor, A: Tensor) -> None:
-    """Make adapter ``name`` the factors B (out, r) @ A (r, in) at scale 1, whatever its rank."""
-    shape_a, shape_b = layer._shapes(A.shape[0])
-    old_a, old_b = layer.lora_A[name], layer.lora_B[name]
-    layer.lora_A[name] = nn.Parameter(A.reshape(shape_a).to(old_a), old_a.requires_grad)
-    layer.lora_B[name] = nn.Parameter(B.reshape(shape_b).to(old_b), old_b.requires_grad)
-    layer.r[name] = A.shape[0]
-    layer.scale[name] = 1.0
 
 
 def _unit_scale_config(config: LoraConfig, ranks: dict[str, int]) -> LoraConfig:
@@ -367,21 +322,22 @@ def extract_adapter(
     raise_problems("extract an adapter", problems)
     probe = LoraConfig(r=1, target_modules=target_modules)
     entries = plan(base_model, probe, adapter_name).entries
-    wrappers = [make_wrapper(e, unwrap(base_model.get_submodule(e.path))) for e in entries]
+    modules = [unwrap(base_model.get_submodule(e.path)) for e in entries]
     limits = {}
-    for entry, wrapper in zip(entries, wrappers, strict=True):
-        reason = _unsupported(wrapper)
+    for entry, module in zip(entries, modules, strict=True):
+        reason = entry.layer.matrix_problem(module, **entry.options)
         if reason:
             problems.append(f"{entry.path}: cannot extract into {reason}")
         else:
-            limits[entry.path] = min(_as_matrix(wrapper, wrapper.base_weight).shape)
+            limits[entry.path] = entry.layer.rank_limit(module, **entry.options)
     raise_problems("extract an adapter", problems + rank_limit_problems(rank, limits))
 
     factors = {}
-    for entry, wrapper in zip(entries, wrappers, strict=True):
+    for entry, module in zip(entries, modules, strict=True):
         name = f"{entry.path}.weight"
         delta = tuned[name].detach().float() - base[name].detach().float()
-        factors[entry.path] = (delta, *low_rank(_as_matrix(wrapper, delta), rank, energy))
+        matrix = entry.layer.to_matrix(module, delta, **entry.options)
+        factors[entry.path] = (delta, *low_rank(matrix, rank, energy))
 
     targeted = {f"{e.path}.weight" for e in entries}
     untargeted = {
@@ -407,7 +363,7 @@ def extract_adapter(
         for entry in entries:
             delta, B, A, info = factors[entry.path]
             layer = base_model.get_submodule(entry.path)
-            _set_pair(layer, adapter_name, B, A)
+            layer.set_factors(adapter_name, B, A, scale=1.0)
             error = _relative_change(delta, layer.delta_weight(adapter_name))
             rows.append(factor_row(entry, info, error, delta.numel(), B.numel() + A.numel()))
         for path in saved:
@@ -451,20 +407,18 @@ def resize_adapter(
             "residual; save_adapter it (a plain LoRA), load that onto the original base model "
             "and resize there"
         )
-    layers = [
-        (p, m)
-        for p, m in iter_adapter_modules(model)
-        if isinstance(m, LoraLayer) and adapter_name in m.lora_A
-    ]
+    layers = lora_layers(model, adapter_name)
     limits = {}
     for path, layer in layers:
-        reason = _unsupported(layer)
+        reason = layer.matrix_problem(layer.base_layer, **layer.options)
+        if layer.is_dora(adapter_name) or adapter_name in layer.lora_bias:
+            reason = "a DoRA or lora_bias adapter (not a plain low-rank delta)"
         if reason:
             problems.append(f"{path}: cannot resize {reason}")
         elif adapter_name in layer.merged:
             problems.append(f"{path}: adapter '{adapter_name}' is merged; unmerge it first")
         else:
-            limits[path] = min(_as_matrix(layer, layer.base_weight).shape)
+            limits[path] = layer.rank_limit(layer.base_layer, **layer.options)
     raise_problems(f"resize adapter '{adapter_name}'", problems + rank_limit_problems(rank, limits))
 
     rows, ranks = [], {}
@@ -473,13 +427,13 @@ def resize_adapter(
         # an error never leaves the adapter half resized.
         deltas = [layer.delta_weight(adapter_name) for _, layer in layers]
         factors = [
-            low_rank(_as_matrix(layer, delta), rank, energy)
+            low_rank(layer.as_matrix(delta), rank, energy)
             for (_, layer), delta in zip(layers, deltas, strict=True)
         ]
         for (path, layer), delta, (B, A, info) in zip(layers, deltas, factors, strict=True):
             old = layer.r[adapter_name]
             before = layer.lora_A[adapter_name].numel() + layer.lora_B[adapter_name].numel()
-            _set_pair(layer, adapter_name, B, A)
+            layer.set_factors(adapter_name, B, A, scale=1.0)
             error = _relative_change(delta, layer.delta_weight(adapter_name))
             key = path
             if isinstance(layer, LoraParameter):  # patterns name the parameter, as in plan()
@@ -490,7 +444,5 @@ def resize_adapter(
             rows.append(
                 FactorRow(key, shape, info["rank"], error, info["energy"], before, after, old)
             )
-    configs = dict(adapter_configs(model))
-    configs[adapter_name] = _unit_scale_config(config, ranks)
-    setattr(model, CONFIGS_ATTR, configs)
-    return LowRankReport("resize", rows, configs[adapter_name])
+    AdapterState.of(model).update(adapter_name, _unit_scale_config(config, ranks))
+    return LowRankReport("resize", rows, adapter_configs(model)[adapter_name])

@@ -1,8 +1,10 @@
 """Folding adapters into the base weights and back: ``merge``, ``unmerge``, ``unload``.
 
-``merge`` computes every delta (``lora_delta``, fp32) and checks it is finite before it writes
-a single weight, so a NaN in an adapter leaves the model untouched. Weights are updated as
-``W <- cast(float32(W) + ΔW)`` so a half-precision base is not rounded twice.
+Each layer knows what merging means for it (``merged_weight``: W + ΔW, DoRA's rescaled
+direction, a lora_bias, replaced embedding rows); this module only orchestrates. ``merge``
+computes every new weight and checks it is finite and exact before it writes a single one, so
+a NaN in an adapter leaves the model untouched. Weights are updated as
+``W <- cast(float32 result)`` so a half-precision base is not rounded twice.
 """
 
 from __future__ import annotations
@@ -11,28 +13,35 @@ import warnings
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .errors import LoraError
-from .inject import CONFIGS_ATTR, adapter_configs, iter_adapter_modules, replace_module
+from .inject import replace_module
 from .layers import LoraLayer, ModulesToSave
+from .state import AdapterState, adapter_configs
+from .targeting import iter_adapter_modules
 
 
-def _lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
-    return [(p, m) for p, m in iter_adapter_modules(model) if isinstance(m, LoraLayer)]
+def _mergeable(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every wrapper that folds into a weight: LoRA layers (nested too) and trainable rows."""
+    return [(p, m) for p, m in iter_adapter_modules(model) if not isinstance(m, ModulesToSave)]
 
 
 def check_adapter_names(model: nn.Module, names: Sequence[str]) -> None:
     """Raise ``LoraError`` naming every unknown adapter and listing the known ones."""
-    known = list(adapter_configs(model))
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise LoraError(f"Unknown adapter(s) {unknown}; this model has {known}.")
+    AdapterState.of(model).check(list(names))
 
 
-def _active(model: nn.Module) -> list[str]:
-    layers = [m for _, m in iter_adapter_modules(model)]
-    return [n for n in adapter_configs(model) if any(n in m.active for m in layers)]
+def active_adapters(model: nn.Module) -> list[str]:
+    """Names of the adapters whose deltas currently add to the output (or are merged)."""
+    wrappers = [m for _, m in iter_adapter_modules(model)]
+    return [n for n in adapter_configs(model) if any(n in m.active for m in wrappers)]
+
+
+def merged_adapters(model: nn.Module) -> list[str]:
+    """Names of the adapters folded into at least one weight."""
+    layers = [m for _, m in _mergeable(model)]
+    return [n for n in adapter_configs(model) if any(n in m.merged for m in layers)]
 
 
 def _untie(model: nn.Module, weight: nn.Parameter, owner: str) -> None:
@@ -55,53 +64,51 @@ def _untie(model: nn.Module, weight: nn.Parameter, owner: str) -> None:
         config.tie_word_embeddings = False
 
 
-def _write(weight: nn.Parameter, delta: Tensor, sign: float) -> None:
-    with torch.no_grad():
-        weight.copy_(weight.float().add(delta, alpha=sign).to(weight.dtype))
-
-
 def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Module:
     """Fold adapters (default: the active ones) into the base weights: W <- W + ΔW.
 
     Idempotent: an adapter already merged into a layer is skipped. Raises ``LoraError`` before
-    changing anything if an adapter is unknown, produces a non-finite delta, or sits on a
-    layer that cannot merge (a grouped convolution). Weights tied to a merged weight (an
-    embedding tied to ``lm_head``) are untied with a warning so they keep their values.
+    changing anything if an adapter is unknown, produces a non-finite weight, or sits on a
+    layer where merging would not be exact (see each layer's ``merge_problem``). Weights tied
+    to a merged weight (an embedding tied to ``lm_head``) are untied with a warning so they
+    keep their values.
     """
-    _merge(model, list(adapter_names) if adapter_names is not None else _active(model))
+    _merge(model, list(adapter_names) if adapter_names is not None else active_adapters(model))
     return model
 
 
 def _merge(model: nn.Module, names: list[str]) -> None:
     check_adapter_names(model, names)
     pending, bad = [], []
-    for path, layer in _lora_layers(model):
-        for name in names:
-            if name in layer.lora_A and name not in layer.merged:
-                delta = layer.delta_weight(name)
-                if not torch.isfinite(delta).all():
-                    bad.append(f"{path} (adapter '{name}')")
-                pending.append((path, layer, name, delta))
+    for path, layer in _mergeable(model):
+        todo = [n for n in names if n in layer.adapter_names() and n not in layer.merged]
+        problem = layer.merge_problem(todo) if todo else None
+        if problem:
+            bad.append(f"{path}: {problem}")
+            continue
+        for name in todo:
+            with torch.no_grad():
+                weight, bias = layer.merged_weight(name)
+            if not torch.isfinite(weight).all() or (
+                bias is not None and not torch.isfinite(bias).all()
+            ):
+                bad.append(f"non-finite values (NaN/inf) in the merged weight of {path} ('{name}')")
+            pending.append((path, layer, name, weight, bias))
     if bad:
-        raise LoraError(
-            f"Refusing to merge: non-finite values (NaN/inf) in the delta of {bad}. No weight "
-            "was changed; retrain or reload the adapter."
-        )
-    for path, layer, name, delta in pending:
+        raise LoraError("Refusing to merge; no weight was changed:\n  - " + "\n  - ".join(bad))
+    for path, layer, name, weight, bias in pending:
         _untie(model, layer.base_weight, path)
-        _write(layer.base_weight, delta, +1.0)
-        layer.merged.append(name)
+        layer.merge(name, weight, bias)
 
 
 def unmerge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Module:
-    """Undo ``merge`` (W <- W - ΔW) for the given adapters, default all merged ones."""
+    """Undo ``merge`` for the given adapters (default all merged ones), last merged first."""
     if adapter_names is not None:
         check_adapter_names(model, adapter_names)
-    for _, layer in _lora_layers(model):
-        for name in list(layer.merged):
+    for _, layer in _mergeable(model):
+        for name in reversed(layer.merged):
             if adapter_names is None or name in adapter_names:
-                _write(layer.base_weight, layer.delta_weight(name), -1.0)
-                layer.merged.remove(name)
+                layer.unmerge(name)
     return model
 
 
@@ -113,19 +120,15 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     discarded and the original weights restored.
     """
     if merge:
-        _merge(model, _active(model))
+        _merge(model, active_adapters(model))
     else:
         unmerge(model)
-        for _, layer in _lora_layers(model):
-            for name in layer.adapter_names():
-                layer.restore_base(name)
+        for _, layer in iter_adapter_modules(model):
+            if isinstance(layer, LoraLayer):
+                for name in layer.adapter_names():
+                    layer.restore_base(name)
     for path, module in reversed(list(iter_adapter_modules(model))):
-        if isinstance(module, ModulesToSave):
-            chosen = next((n for n in module.active if n in module.modules_to_save), None)
-            plain = module.modules_to_save[chosen] if merge and chosen else module.original_module
-        else:
-            plain = module.base_layer
+        plain = module.unloaded(merge) if isinstance(module, ModulesToSave) else module.base_layer
         replace_module(model, path, plain)
-    if hasattr(model, CONFIGS_ATTR):
-        delattr(model, CONFIGS_ATTR)
+    AdapterState.drop(model)
     return model

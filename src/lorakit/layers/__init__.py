@@ -1,0 +1,49 @@
+"""LoRA layer kinds, one module each, found through a type -> class registry.
+
+=====================  =============================  ============================
+base module            layer class                    module
+=====================  =============================  ============================
+nn.Linear, Conv1D      ``LoraLinear``                  ``linear.py`` (fused fast path)
+nn.Embedding           ``LoraEmbedding``               ``embedding.py``
+nn.Conv1d/2d/3d        ``LoraConv``                    ``conv.py`` (groups that merge)
+nn.MultiheadAttention  ``LoraMultiheadAttention``      ``attention.py``
+fused slices (config)  ``LoraFused``                   ``fused.py``
+a raw parameter        ``LoraParameter``               ``parameter.py``
+=====================  =============================  ============================
+
+``base.py`` holds the contract and everything the kinds share (adapters, DoRA, merging,
+PEFT tensors); ``modules_to_save.py`` and ``tokens.py`` hold the two non-LoRA wrappers.
+"""
+
+from .attention import LoraMultiheadAttention
+from .base import LoraLayer, lora_delta
+from .conv import LoraConv
+from .embedding import LoraEmbedding
+from .fused import LoraFused
+from .linear import LoraLinear, is_gpt2_conv1d, principal_init
+from .modules_to_save import ModulesToSave
+from .parameter import LoraParameter
+from .registry import layer_class_for, register, supported_types
+from .tokens import TrainableTokens
+
+# Every wrapper lorakit puts into a model: unwrap, walk and iteration stop at these.
+WRAPPERS = (LoraLayer, ModulesToSave, TrainableTokens)
+
+__all__ = [
+    "WRAPPERS",
+    "LoraConv",
+    "LoraEmbedding",
+    "LoraFused",
+    "LoraLayer",
+    "LoraLinear",
+    "LoraMultiheadAttention",
+    "LoraParameter",
+    "ModulesToSave",
+    "TrainableTokens",
+    "is_gpt2_conv1d",
+    "layer_class_for",
+    "lora_delta",
+    "principal_init",
+    "register",
+    "supported_types",
+]

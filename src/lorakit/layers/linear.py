@@ -1,0 +1,216 @@
+"""LoRA on ``nn.Linear`` (weight (out, in)) and GPT-2 ``Conv1D`` (weight (in, out)).
+
+The one kind with a fast path: ``LoraLinear.forward`` picks among three ways to compute the
+same output (``_path``), and PiSSA / OLoRA initialisation, which reads the weight's SVD / QR.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..kernels import LoraLinearFunction, lora_linear
+from .base import LoraLayer, lora_delta
+from .registry import register
+
+
+def is_gpt2_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 ``Conv1D``: a linear layer storing its weight as (in, out).
+
+    Checked by name so the core library does not import transformers.
+    """
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def principal_init(weight: Tensor, r: int, scale: float, init: str) -> tuple[Tensor, Tensor]:
+    """A (r, in) and B (out, r) taken from ``weight`` (out, in), as PEFT computes them.
+
+    ``pissa`` (Meng et al. 2024): W = U S Vᵀ, B = U_r sqrt(S_r / scale),
+    A = sqrt(S_r / scale) V_rᵀ, so scale · B A = U_r S_r V_rᵀ, W's best rank-r approximation.
+    ``olora`` (Büyükakyüz 2024): W = Q R, B = Q_r (orthonormal columns), A = R_r (first r rows).
+    Either way the caller leaves W - scale · B A in the base weight.
+    """
+    if init == "pissa":
+        U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+        root = (S[:r] / scale).sqrt()
+        return root[:, None] * Vh[:r], U[:, :r] * root  # (r, in), (out, r)
+    Q, R = torch.linalg.qr(weight)
+    return R[:r].contiguous(), Q[:, :r].contiguous()
+
+
+@register(nn.Linear, "transformers.pytorch_utils.Conv1D")
+class LoraLinear(LoraLayer):
+    """LoRA on ``nn.Linear`` or GPT-2 ``Conv1D``: A (r, in), B (out, r)."""
+
+    supports_dora = True
+    supports_lora_bias = True
+    supports_weight_init = True
+
+    @classmethod
+    def matrix_shape(cls, module: nn.Module, **options: Any) -> tuple[int, int]:
+        shape = tuple(module.weight.shape)
+        return shape[::-1] if is_gpt2_conv1d(module) else shape
+
+    def __init__(self, base_layer: nn.Module, **options: Any) -> None:
+        super().__init__(base_layer, **options)
+        self.fan_in_fan_out = is_gpt2_conv1d(base_layer)
+        self.out_features, self.in_features = self.matrix_shape(base_layer)
+
+    @classmethod
+    def to_matrix(cls, module: nn.Module, weight: Tensor, **options: Any) -> Tensor:
+        return weight.T if is_gpt2_conv1d(module) else weight
+
+    from_matrix = to_matrix  # a transpose is its own inverse
+
+    def delta_weight(self, name: str) -> Tensor:
+        return self.as_matrix(lora_delta(self.lora_B[name], self.lora_A[name], self.scale[name]))
+
+    def lora_output(self, name: str, x: Tensor) -> Tensor:
+        # (..., in) @ (in, r) -> (..., r), scaled while small, @ (r, out) -> (..., out)
+        after_a = F.linear(self._dropped(name, x), self.lora_A[name]) * self.scale[name]
+        bias = self.lora_bias[name] * self.scale[name] if name in self.lora_bias else None
+        return F.linear(after_a, self.lora_B[name], bias)
+
+    # --- PiSSA / OLoRA -----------------------------------------------------------------------
+    def _init_from_weight(self, name: str, init: str) -> None:
+        """PiSSA / OLoRA: A, B from the base weight, which keeps the residual W - ΔW."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        weight = self.base_weight
+        matrix = self.as_matrix(weight.detach().to(A.dtype))  # (out, in)
+        A0, B0 = principal_init(matrix, A.shape[0], self.scale[name], init)
+        with torch.no_grad():
+            A.copy_(A0)
+            B.copy_(B0)
+            weight.copy_((weight.float() - self.delta_weight(name)).to(weight.dtype))
+        # The starting point, kept so a trained adapter can be saved as a plain LoRA on the
+        # original weight (``plain_pair``); not part of the state dict.
+        self.register_buffer(f"lora_A0_{name}", A0, persistent=False)
+        self.register_buffer(f"lora_B0_{name}", B0, persistent=False)
+
+    def initial_lora(self, name: str) -> tuple[Tensor, Tensor] | None:
+        if f"lora_A0_{name}" not in self._buffers:
+            return None
+        return self._buffers[f"lora_A0_{name}"], self._buffers[f"lora_B0_{name}"]
+
+    def restore_base(self, name: str) -> None:
+        """Give back to the base weight what a PiSSA / OLoRA init took out (scale · B0 A0)."""
+        initial = self.initial_lora(name)
+        if initial is None:
+            return
+        A0, B0 = initial
+        weight = self.base_weight
+        delta = self.as_matrix(lora_delta(B0, A0, self.scale[name]))
+        with torch.no_grad():
+            weight.copy_((weight.float() + delta).to(weight.dtype))
+        self._buffers.pop(f"lora_A0_{name}")
+        self._buffers.pop(f"lora_B0_{name}")
+
+    def plain_pair(self, name: str) -> tuple[Tensor, Tensor]:
+        """PiSSA / OLoRA as a plain rank-2r LoRA on the weight before the init.
+
+        The init moved scale · B0 A0 out of the base: W = W_res + scale · B0 A0. The trained
+        model is W_res + scale · B A = W + scale · [B, -B0] [A; A0] (PEFT's
+        ``path_initial_model_for_weight_conversion``).
+        """
+        A, B = self.lora_A[name], self.lora_B[name]
+        initial = self.initial_lora(name)
+        if initial is None:
+            return A, B
+        A0, B0 = initial
+        # (r, in) + (r, in) -> (2r, in);  (out, r) + (out, r) -> (out, 2r)
+        return torch.cat([A, A0.to(A.dtype)]), torch.cat([B, -B0.to(B.dtype)], dim=1)
+
+    def peft_rank(self, name: str) -> int:
+        return self.r[name] * (2 if self.initial_lora(name) is not None else 1)
+
+    # --- forward -----------------------------------------------------------------------------
+    def _path(self, x: Tensor, extra_args: bool) -> str:
+        """Which of three equal computations ``forward`` runs, and why.
+
+        - ``routed``: ``route()`` gave rows their own adapters; two batched products.
+        - ``fused``: one autograd node (``LoraLinearFunction``) for the base and every pending
+          plain adapter, or for one DoRA adapter (y = g ⊙ fused(x, no bias) + b). It needs a
+          plain frozen Linear / Conv1D without hooks (it reads the weight directly), no extra
+          call arguments, no lora_bias, and no autocast (which rewrites dtypes per op, while
+          the node adds in place).
+        - ``generic``: ``LoraLayer.forward``, composing ordinary ops; always correct.
+        """
+        base = self.base_layer
+        if self._route is not None:
+            return "generic" if extra_args else "routed"
+        names = self.pending()
+        dora = [n for n in names if self.is_dora(n)]
+        if (
+            extra_args
+            or not (type(base) is nn.Linear or self.fan_in_fan_out)
+            or base.weight.requires_grad
+            or base._forward_hooks
+            or base._forward_pre_hooks
+            or torch.is_autocast_enabled(x.device.type)
+            or any(n in self.lora_bias for n in names)
+            or (dora and (len(names) > 1 or (self.training and self.dropout[dora[0]] > 0)))
+        ):
+            return "generic"
+        return "fused"
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """base(x) + Σ pending adapters, computed the way ``_path`` chooses."""
+        path = self._path(x, bool(args or kwargs))
+        if path == "routed":
+            return self._routed(x)
+        if path == "generic":
+            return super().forward(x, *args, **kwargs)
+        return self._fused(x)
+
+    def _fused(self, x: Tensor) -> Tensor:
+        base, names = self.base_layer, self.pending()
+        if not names:
+            return base(x)
+        lora: list[Tensor | None] = []
+        for n in names:
+            dropped = self.dropout[n] > 0 and self.training
+            lora += [self._dropped(n, x) if dropped else None, self.lora_A[n], self.lora_B[n]]
+        weight = self.as_matrix(base.weight)  # (out, in)
+        scales = [self.scale[n] for n in names]
+        dora = self.is_dora(names[0])
+        bias = None if dora else base.bias
+        if torch.is_grad_enabled():
+            y = LoraLinearFunction.apply(x, weight, bias, scales, *lora)
+        else:  # inference: the same maths without building an autograd node
+            flat, _, _ = lora_linear(x.reshape(-1, x.shape[-1]), weight, bias, scales, lora)
+            y = flat.view(*x.shape[:-1], flat.shape[-1])
+        if not dora:
+            return y
+        # DoRA: y = g ⊙ (x Wᵀ + s x Aᵀ Bᵀ) + b, g = m / ‖W + ΔW‖ (out,)
+        y = y * self.dora_factor(names[0]).to(y.dtype)
+        return y if base.bias is None else y + base.bias
+
+    def _routed(self, x: Tensor) -> Tensor:
+        """Routed rows of several plain adapters in two batched products, not a loop.
+
+        Row b with adapter n: y_b += s_n x_b A_nᵀ B_nᵀ. The k adapters are stacked (ranks
+        zero-padded to the largest, which adds nothing; B pre-scaled) and gathered per row:
+        (m, T, in) @ (m, in, r) -> (m, T, r) @ (m, r, out) -> (m, T, out) for the m routed
+        rows. One adapter, DoRA, lora_bias, dropout in training or a wrong batch: the
+        generic path.
+        """
+        groups = self._route
+        special = any(self.is_dora(n) or n in self.lora_bias for n, _ in groups)
+        dropout = self.training and any(self.dropout[n] > 0 for n, _ in groups)
+        if len(groups) < 2 or special or dropout or x.shape[0] != self._route_batch:
+            return super().forward(x)
+        result = self.base_layer(x)
+        r = max(self.r[n] for n, _ in groups)
+        A = torch.stack([F.pad(self.lora_A[n], (0, 0, 0, r - self.r[n])) for n, _ in groups])
+        B = torch.stack(
+            [F.pad(self.lora_B[n] * self.scale[n], (0, r - self.r[n])) for n, _ in groups]
+        )  # (k, r, in), (k, out, r)
+        rows = torch.cat([idx for _, idx in groups])  # (m,)
+        which = torch.cat([torch.full_like(idx, i) for i, (_, idx) in enumerate(groups)])
+        xr = x[rows]
+        h = torch.bmm(xr.reshape(len(rows), -1, x.shape[-1]).to(A.dtype), A[which].mT)
+        delta = torch.bmm(h, B[which].mT).view(*xr.shape[:-1], -1)
+        return result.index_add_(0, rows, delta.to(result.dtype))
