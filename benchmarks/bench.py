@@ -40,24 +40,41 @@ from lorakit.models import DEFAULT_MODEL, load_model
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ["train", "memory", "infer", "route", "io"]
+SECTIONS = ["train", "dora", "memory", "infer", "route", "io"]
 MEMORY_VARIANTS = ["floor", "lorakit", "lorakit-generic", "peft"]
 
 
 # --- building the variants -------------------------------------------------------------------
-def lorakit_model(base: nn.Module, rank: int, names: list[str] = ["default"]) -> nn.Module:  # noqa: B006
+def lorakit_model(
+    base: nn.Module,
+    rank: int,
+    names: list[str] = ["default"],  # noqa: B006
+    dora: bool = False,
+) -> nn.Module:
     model = copy.deepcopy(base)
+    config = LoraConfig(r=rank, alpha=2 * rank, target_modules=PROJECTIONS, use_dora=dora)
     for name in names:
-        add_lora(model, LoraConfig(r=rank, alpha=2 * rank, target_modules=PROJECTIONS), name)
+        add_lora(model, config, name)
     return model
 
 
-def peft_model(base: nn.Module, rank: int, names: list[str] = ["default"]) -> nn.Module:  # noqa: B006
+def peft_model(
+    base: nn.Module,
+    rank: int,
+    names: list[str] = ["default"],  # noqa: B006
+    dora: bool = False,
+) -> nn.Module:
     from peft import LoraConfig as PeftConfig
     from peft import get_peft_model
 
     def config() -> PeftConfig:
-        return PeftConfig(r=rank, lora_alpha=2 * rank, target_modules=PROJECTIONS, lora_dropout=0.0)
+        return PeftConfig(
+            r=rank,
+            lora_alpha=2 * rank,
+            target_modules=PROJECTIONS,
+            lora_dropout=0.0,
+            use_dora=dora,
+        )
 
     model = get_peft_model(copy.deepcopy(base), config(), adapter_name=names[0])
     for name in names[1:]:
@@ -101,6 +118,9 @@ def train_variant(name: str, base: nn.Module, rank: int) -> nn.Module:
         "lorakit": lambda b: lorakit_model(b, rank),
         "lorakit-generic": lambda b: generic_path(lorakit_model(b, rank)),
         "peft": lambda b: peft_model(b, rank),
+        "lorakit-dora": lambda b: lorakit_model(b, rank, dora=True),
+        "lorakit-dora-generic": lambda b: generic_path(lorakit_model(b, rank, dora=True)),
+        "peft-dora": lambda b: peft_model(b, rank, dora=True),
         "full": full_model,
     }
     return build[name](base).train()
@@ -251,6 +271,14 @@ def bench_memory(args: argparse.Namespace) -> dict:
 
 
 # --- report ----------------------------------------------------------------------------------
+def bench_dora(base: nn.Module, args: argparse.Namespace) -> dict:
+    """DoRA's step against LoRA's, lorakit and PEFT (PEFT's DoRA is known to cost ~2x LoRA)."""
+    batch = fake_batch(base.config.vocab_size, args.batch, args.seq)
+    variants = ["lorakit", "lorakit-dora", "lorakit-dora-generic", "peft", "peft-dora"]
+    fns = {v: train_step_fn(train_variant(v, base, args.rank), batch) for v in variants}
+    return alternate(fns, args.warmup, args.steps)
+
+
 def ms(res: dict, key: str) -> float:
     return res[key]["median_s"] * 1e3
 
@@ -276,6 +304,12 @@ def table(results: dict, args: argparse.Namespace) -> str:
             if v.startswith("lorakit"):
                 extra += f", {ms(r, v) / ms(r, 'peft'):.3f}x PEFT"
             row("train step", v, f"{ms(r, v):.1f} ms", extra)
+    if "dora" in results:
+        r = results["dora"]
+        for v in r:
+            peer = "peft-dora" if "dora" in v else "peft"
+            extra = f"{ms(r, v) / ms(r, 'lorakit'):.3f}x lorakit LoRA, {ms(r, v) / ms(r, peer):.3f}x {peer}"
+            row("DoRA train step", v, f"{ms(r, v):.1f} ms", extra)
     if "memory" in results:
         r = results["memory"]
         for v in r:
@@ -335,7 +369,13 @@ def main() -> None:
     if len(args.only) == 1 and args.only[0].startswith("memory-"):
         print(json.dumps(memory_child(args.only[0].removeprefix("memory-"), base, args)))
         return
-    benches = {"train": bench_train, "infer": bench_infer, "route": bench_route, "io": bench_io}
+    benches = {
+        "train": bench_train,
+        "dora": bench_dora,
+        "infer": bench_infer,
+        "route": bench_route,
+        "io": bench_io,
+    }
     results = {}
     for section in args.only:
         t0 = time.perf_counter()

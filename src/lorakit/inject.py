@@ -447,7 +447,7 @@ def _apply(model: nn.Module, entry: PlanEntry, config: LoraConfig, adapter_name:
             replace_module(model, entry.path, existing)
         module = existing
     elif not isinstance(module, entry.layer):
-        module = entry.layer(module, **({} if entry.layer is ModulesToSave else entry.options))
+        module = entry.layer(module, **entry.options) if entry.is_lora else entry.layer(module)
         replace_module(model, entry.path, module)
     if entry.layer is ModulesToSave:
         module.add_adapter(adapter_name)
