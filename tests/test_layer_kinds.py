@@ -8,7 +8,16 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorakit import LoraConfig, LoraError, add_lora, merge, unload, unmerge
+from lorakit import (
+    LoraConfig,
+    LoraError,
+    add_lora,
+    load_adapter,
+    merge,
+    save_adapter,
+    unload,
+    unmerge,
+)
 from lorakit.layers import (
     LoraConv,
     LoraEmbedding,
@@ -236,25 +245,67 @@ def test_wrappers_pass_attributes_through_to_the_wrapped_layer():
         _ = model["lin"].no_such_attribute
 
 
-def test_registry_walks_the_type_hierarchy_and_accepts_new_kinds():
-    class MyLinear(nn.Linear):
-        pass
+class Dense(nn.Module):
+    """A module lorakit has never heard of: y = x Wᵀ, W stored as ``kernel`` (out, in)."""
 
-    class Custom(nn.Module):
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.kernel = nn.Parameter(torch.randn(n_out, n_in))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.kernel.T
+
+
+class LoraDense(LoraLayer):
+    """A new layer kind: the class and its registration are all it takes."""
+
+    @classmethod
+    def weight_shape(cls, module: nn.Module, **options) -> tuple[int, ...]:
+        return tuple(module.kernel.shape)
+
+    @classmethod
+    def matrix_shape(cls, module: nn.Module, **options) -> tuple[int, int]:
+        return tuple(module.kernel.shape)
+
+    @property
+    def base_weight(self) -> nn.Parameter:
+        return self.base_layer.kernel
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        return self.scale[name] * self.lora_B[name] @ self.lora_A[name]
+
+    def lora_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return self.scale[name] * self._dropped(name, x) @ self.lora_A[name].T @ self.lora_B[name].T
+
+
+def test_a_new_layer_kind_needs_only_its_class_and_registration(tmp_path):
+    class MyLinear(nn.Linear):
         pass
 
     assert layer_class_for(MyLinear(2, 2)) is LoraLinear  # inherited registration
     assert layer_class_for(Conv1D(2, 2)) is LoraLinear  # registered by dotted name
-    assert layer_class_for(Custom()) is None
+    assert layer_class_for(Dense(2, 2)) is None
+    register(Dense)(LoraDense)
     try:
-
-        @register(Custom)
-        class LoraCustom(LoraLinear):
-            pass
-
-        assert layer_class_for(Custom()) is LoraCustom
+        torch.manual_seed(0)
+        model = nn.ModuleDict({"dense": Dense(5, 3)})
+        x = torch.randn(4, 5)
+        add_lora(model, LoraConfig(r=2, alpha=4, target_modules=["dense"]))
+        layer = model["dense"]
+        _randomize(layer, "default")
+        A, B = layer.lora_A["default"], layer.lora_B["default"]
+        expected = x @ (layer.base_layer.kernel + 2 * B @ A).T
+        torch.testing.assert_close(layer(x), expected, **TOL)
+        save_adapter(model, tmp_path)  # PEFT's names come from the base class
+        fresh = nn.ModuleDict({"dense": Dense(5, 3)})
+        fresh["dense"].load_state_dict(layer.base_layer.state_dict())
+        load_adapter(fresh, tmp_path)
+        torch.testing.assert_close(fresh["dense"](x), expected, **TOL)
+        unload(fresh)  # merges through the base class
+        assert type(fresh["dense"]) is Dense
+        torch.testing.assert_close(fresh["dense"](x), expected, **TOL)
     finally:
-        _LAYERS.pop(Custom, None)
+        _LAYERS.pop(Dense, None)
 
 
 def test_rank_above_min_round_trips_its_warning_and_layout():

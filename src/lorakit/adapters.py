@@ -13,10 +13,10 @@ from torch import nn
 from .config import LoraConfig
 from .errors import LoraError
 from .inject import add_lora, replace_module
-from .layers import LoraFused, LoraLayer, LoraParameter, lora_delta
+from .layers import LoraLayer, lora_delta
 from .merge import active_adapters, check_adapter_names, merge, merged_adapters, unmerge
 from .state import AdapterState, adapter_configs
-from .targeting import iter_adapter_modules, logical_path, lora_layers
+from .targeting import iter_adapter_modules, lora_layers
 
 __all__ = [
     "active_adapters",
@@ -214,14 +214,13 @@ def _combined_config(layers: list, ranks: dict[str, int]) -> LoraConfig:
     """Config of a combined adapter: exactly these modules, each with scale 1 at its rank."""
     modules, parameters, slices, rank_pattern = [], [], {}, {}
     for path, layer in layers:
-        if isinstance(layer, LoraParameter):
-            owner = logical_path(path)
-            parameters.append(f"{owner}.{layer.parameter_name}")
-            rank_pattern[re.escape(f"{owner}.{layer.parameter_name}")] = ranks[path]
+        target = re.escape(layer.target_name(path))
+        rank_pattern[target] = ranks[path]
+        if "parameter" in layer.options:
+            parameters.append(layer.target_name(path))
             continue
-        modules.append(re.escape(path))
-        rank_pattern[re.escape(path)] = ranks[path]
-        if isinstance(layer, LoraFused):
+        modules.append(target)
+        if "slices" in layer.options:
             slices[path] = layer.options["slices"]
     return LoraConfig(
         r=max(ranks.values()),

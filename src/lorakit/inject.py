@@ -83,9 +83,8 @@ class Plan:
     def __str__(self) -> str:
         rows = [("module", "type", "weight shape", "r", "alpha", "params")]
         for e in self.entries:
-            kind = e.module_type + (
-                f" slices={e.options['slices']}" if e.layer is LoraFused else ""
-            )
+            shown = {k: v for k, v in e.options.items() if k in ("slices",)}
+            kind = e.module_type + "".join(f" {k}={v}" for k, v in shown.items())
             r, alpha = (str(e.r), f"{e.alpha:g}") if e.is_lora else (_what(e), "-")
             rows.append((e.target, kind, "x".join(map(str, e.shape)), r, alpha, f"{e.params:,}"))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -161,7 +160,7 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str = "default") ->
     for entry in result.entries:
         if entry.is_lora:
             module = model.get_submodule(entry.path) if entry.path else model
-            base = module if entry.layer is LoraParameter else unwrap(module)
+            base = module if entry.layer.nests else unwrap(module)
             shape_a, shape_b = entry.layer.adapter_shapes(base, entry.r, **entry.options)
             entry.params = math.prod(shape_a) + math.prod(shape_b)
             limit = entry.layer.rank_limit(base, **entry.options)
@@ -435,20 +434,14 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default"
 def _apply(model: nn.Module, entry: PlanEntry, config: LoraConfig, adapter_name: str) -> None:
     """Wrap ``entry.path`` if it is not wrapped yet, and add the adapter to its wrapper."""
     module = model.get_submodule(entry.path)
-    if entry.layer is LoraParameter:
-        existing = module
-        while (
-            isinstance(existing, LoraParameter)
-            and existing.parameter_name != entry.options["parameter"]
-        ):
-            existing = existing.base_layer
-        if not isinstance(existing, LoraParameter):
-            existing = LoraParameter(module, **entry.options)
-            replace_module(model, entry.path, existing)
-        module = existing
-    elif not isinstance(module, entry.layer):
-        module = entry.layer(module, **entry.options) if entry.is_lora else entry.layer(module)
-        replace_module(model, entry.path, module)
+    if entry.is_lora:
+        existing = entry.layer.existing(module, **entry.options)
+    else:
+        existing = module if isinstance(module, entry.layer) else None
+    if existing is None:  # a new wrapper, around any of another target (nesting kinds)
+        existing = entry.layer(module, **entry.options) if entry.is_lora else entry.layer(module)
+        replace_module(model, entry.path, existing)
+    module = existing
     if entry.layer is ModulesToSave:
         module.add_adapter(adapter_name)
     elif entry.layer is TrainableTokens:

@@ -30,11 +30,11 @@ from torch import Tensor, nn
 from .config import WEIGHT_INITS, LoraConfig
 from .errors import LoraError
 from .inject import PlanEntry, add_lora, plan
-from .layers import LoraLayer, LoraParameter, ModulesToSave, TrainableTokens
+from .layers import LoraLayer, ModulesToSave, TrainableTokens
 from .layers.tokens import PEFT_KEY as TOKENS_KEY
 from .merge import check_adapter_names
 from .state import adapter_configs
-from .targeting import iter_adapter_modules, logical_path, unwrap, walk
+from .targeting import iter_adapter_modules, unwrap, walk
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -144,14 +144,16 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
 
+def _target(module: nn.Module, path: str) -> str:
+    return module.target_name(path) if isinstance(module, LoraLayer) else path
+
+
 def _fingerprint(model: nn.Module, adapter_name: str) -> dict[str, list[int]]:
     """Adapted target -> base weight shape: what the adapter was made for."""
     prints = {}
     for path, module in top_level(model, adapter_name):
-        if isinstance(module, LoraParameter):
-            prints[f"{logical_path(path)}.{module.parameter_name}"] = list(module.base_weight.shape)
-        elif not isinstance(module, ModulesToSave):
-            prints[path] = list(module.base_weight.shape)
+        if not isinstance(module, ModulesToSave):
+            prints[_target(module, path)] = list(module.base_weight.shape)
     return prints
 
 
@@ -246,7 +248,7 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, Te
 
 def _entry_base(model: nn.Module, entry: PlanEntry) -> nn.Module:
     module = model.get_submodule(entry.path) if entry.path else model
-    return module if entry.layer is LoraParameter else unwrap(module)
+    return module if entry.is_lora and entry.layer.nests else unwrap(module)
 
 
 def _entry_shapes(model: nn.Module, entry: PlanEntry, config: LoraConfig) -> dict[str, tuple]:
@@ -270,9 +272,9 @@ def _expected(model: nn.Module, entries: list[PlanEntry], config: LoraConfig) ->
     expected: dict[str, tuple[PlanEntry | None, str, tuple[int, ...]]] = {}
     for i, entry in enumerate(entries):
         path = entry.path
-        if entry.layer is LoraParameter:
+        if entry.is_lora and entry.layer.nests:
             # PEFT nests one wrapper per parameter; the first one targeted is innermost.
-            later = sum(1 for e in entries[i + 1 :] if e.layer is LoraParameter and e.path == path)
+            later = sum(1 for e in entries[i + 1 :] if e.layer is entry.layer and e.path == path)
             path += ".base_layer" * later
         for key, shape in _entry_shapes(model, entry, config).items():
             expected[f"{PREFIX}{path}.{key}"] = (entry, key, tuple(shape))
@@ -362,11 +364,8 @@ def _copy_in(model: nn.Module, tensors: dict, expected: dict, adapter_name: str)
                 per_entry.setdefault(id(entry), (entry, {}))[1][name] = tensors[key]
     for entry, found in per_entry.values():
         wrapper = model.get_submodule(entry.path)
-        while (
-            isinstance(wrapper, LoraParameter)
-            and wrapper.parameter_name != entry.options["parameter"]
-        ):
-            wrapper = wrapper.base_layer
+        if entry.is_lora:
+            wrapper = entry.layer.existing(wrapper, **entry.options)
         if entry.layer is ModulesToSave:
             copy = wrapper.modules_to_save[adapter_name]
             with torch.no_grad():

@@ -29,10 +29,10 @@ from torch import Tensor, nn
 from .config import WEIGHT_INITS, LoraConfig
 from .errors import LoraError
 from .inject import PlanEntry, add_lora, plan
-from .layers import LoraParameter, lora_delta
+from .layers import lora_delta
 from .merge import check_adapter_names
 from .state import AdapterState, adapter_configs
-from .targeting import logical_path, lora_layers, unwrap, walk
+from .targeting import lora_layers, unwrap, walk
 
 # A given rank on a matrix at least this wide uses a randomized SVD (Halko et al. 2011).
 RANDOMIZED_MIN_DIM = 2048
@@ -435,9 +435,7 @@ def resize_adapter(
             before = layer.lora_A[adapter_name].numel() + layer.lora_B[adapter_name].numel()
             layer.set_factors(adapter_name, B, A, scale=1.0)
             error = _relative_change(delta, layer.delta_weight(adapter_name))
-            key = path
-            if isinstance(layer, LoraParameter):  # patterns name the parameter, as in plan()
-                key = f"{logical_path(path)}.{layer.parameter_name}"
+            key = layer.target_name(path)  # patterns name a parameter, as in plan()
             ranks[key] = info["rank"]
             shape = tuple(layer.base_weight.shape)
             after = B.numel() + A.numel()

@@ -71,6 +71,9 @@ class LoraLayer(nn.Module):
     dropout_mode: ClassVar[str] = "input"
     # The wrapped module's children are part of this kind (not separate targets).
     owns_children: ClassVar[bool] = False
+    # Wrappers of this kind nest, one per target in one module (raw parameters, as in PEFT):
+    # class methods then get the module as it stands, wrappers included.
+    nests: ClassVar[bool] = False
 
     # --- what the kind is (class methods: no wrapper is built to ask) ----------------------
     @classmethod
@@ -143,6 +146,11 @@ class LoraLayer(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """Inverse of ``to_peft``."""
         return A, B
+
+    @classmethod
+    def existing(cls, module: nn.Module, **options: Any) -> LoraLayer | None:
+        """The wrapper of this kind (and options) already standing at a module's place."""
+        return module if isinstance(module, cls) else None
 
     # --- construction ----------------------------------------------------------------------
     def __init__(self, base_layer: nn.Module, **options: Any) -> None:
@@ -243,6 +251,10 @@ class LoraLayer(nn.Module):
             del store[name]
         if name in self._active:
             self._active.remove(name)
+
+    def target_name(self, path: str) -> str:
+        """What the user's config calls this layer's target, given the wrapper's path."""
+        return path
 
     def nested_layers(self) -> list[LoraLayer]:
         """Wrappers inside this one whose adapters it adds and saves (none by default)."""

@@ -32,6 +32,7 @@ class LoraParameter(LoraLayer):
 
     supports_routing = False
     dropout_mode = "refused"
+    nests = True
 
     @classmethod
     def _parameter(cls, module: nn.Module, parameter: str) -> nn.Parameter:
@@ -91,6 +92,14 @@ class LoraParameter(LoraLayer):
         # (E·r, in) -> (E, r, in);  (out, r·E) -> (out, r, E) -> (E, out, r)
         return A.reshape(experts, r, -1), B.reshape(B.shape[0], r, experts).permute(2, 0, 1)
 
+    @classmethod
+    def existing(cls, module: nn.Module, **options: Any) -> LoraLayer | None:
+        while isinstance(module, cls):
+            if module.parameter_name == options["parameter"]:
+                return module
+            module = module.base_layer
+        return None
+
     def __init__(self, base_layer: nn.Module, **options: Any) -> None:
         super().__init__(base_layer, **options)
         self.parameter_name = options["parameter"]
@@ -103,6 +112,11 @@ class LoraParameter(LoraLayer):
     @property
     def base_weight(self) -> nn.Parameter:
         return getattr(self.owner[0], self.parameter_name)
+
+    def target_name(self, path: str) -> str:
+        # "experts.base_layer" (a nested wrapper's path) -> "experts.gate_up_proj"
+        owner = ".".join(part for part in path.split(".") if part != "base_layer")
+        return f"{owner}.{self.parameter_name}"
 
     def delta_weight(self, name: str) -> Tensor:
         delta = lora_delta(self.lora_B[name], self.lora_A[name], self.scale[name])
