@@ -17,7 +17,9 @@ from typing import Any
 from .errors import LoraError
 
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_MODES = ("kaiming", "gaussian", "pissa", "olora")
+# "random": B random too, so the adapter changes the output from the start (PEFT's
+# init_lora_weights=False, for tests); the others start at B = 0 or from the weight.
+INIT_MODES = ("kaiming", "gaussian", "random", "pissa", "olora")
 # Inits that take A, B from the base weight and leave the residual in it (LoRA layers only).
 WEIGHT_INITS = ("pissa", "olora")
 ALL_LINEAR = "all-linear"
@@ -145,7 +147,7 @@ class LoraConfig:
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
             "bias": self.bias,
-            "init_lora_weights": True if self.init == "kaiming" else self.init,
+            "init_lora_weights": {"kaiming": True, "random": False}.get(self.init, self.init),
             "use_rslora": self.use_rslora,
             "modules_to_save": self.modules_to_save,
             "target_parameters": self.target_parameters,
@@ -308,4 +310,4 @@ def _init_mode(init_lora_weights: Any) -> str:
             f"adapter_config.json has init_lora_weights={init_lora_weights!r}, which lorakit "
             "does not implement; merge it with PEFT (merge_and_unload) and use the merged model."
         )
-    return "kaiming"
+    return "kaiming" if init_lora_weights is not False else "random"

@@ -202,7 +202,8 @@ class LoraLayer(nn.Module):
         use_dora: bool = False,
         lora_bias: bool = False,
     ) -> None:
-        """Create adapter ``name`` (A random, B zero; DoRA's m = ‖W‖) and make it active."""
+        """Create adapter ``name`` (A random, B zero unless ``init="random"``; DoRA's m = ‖W‖)
+        and make it active."""
         shape_a, shape_b = self.adapter_shapes(self.base_layer, r, **self.options)
         weight = self.base_weight
         # Adapters train in fp32 even on a half-precision base; forward casts at the boundary.
@@ -213,8 +214,11 @@ class LoraLayer(nn.Module):
         else:
             bound = 1.0 / math.sqrt(self.fan_in)
             nn.init.uniform_(A, -bound, bound)
+        B = torch.zeros(shape_b, device=weight.device, dtype=dtype)
+        if init == "random":  # B's fan-in is r: the bound nn.Linear(r, out) would use
+            nn.init.uniform_(B, -1.0 / math.sqrt(r), 1.0 / math.sqrt(r))
         self.lora_A[name] = nn.Parameter(A)
-        self.lora_B[name] = nn.Parameter(torch.zeros(shape_b, device=weight.device, dtype=dtype))
+        self.lora_B[name] = nn.Parameter(B)
         self.r[name], self.scale[name], self.dropout[name] = r, float(scale), float(dropout)
         if lora_bias:
             out_features = self.matrix_shape(self.base_layer, **self.options)[0]
