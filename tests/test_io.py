@@ -349,7 +349,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(lorakit.io, "save_file", explode)
-    with pytest.raises(OSError):
+    with pytest.raises(LoraError, match="disk full.*unchanged"):
         save_adapter(model, tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == [

@@ -66,51 +66,116 @@ class LoraConfig:
     base_model_name_or_path: str | None = None
 
     def __post_init__(self) -> None:
-        problems = []
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            problems.append(f"r must be a positive integer, got {self.r!r}")
-        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
-            problems.append(f"alpha must be a finite number, got {self.alpha!r}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.bias not in BIAS_MODES:
-            problems.append(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
-        if self.init not in INIT_MODES:
-            problems.append(f"init must be one of {INIT_MODES}, got {self.init!r}")
         # PEFT's own LoraConfig turns name lists into sets; keep a JSON-friendly sorted list.
-        if isinstance(self.target_modules, (set, frozenset)):
-            self.target_modules = sorted(self.target_modules)
-        elif isinstance(self.target_modules, tuple):
-            self.target_modules = list(self.target_modules)
-        if isinstance(self.exclude_modules, (set, frozenset)):
-            self.exclude_modules = sorted(self.exclude_modules)
-        elif isinstance(self.exclude_modules, tuple):
-            self.exclude_modules = list(self.exclude_modules)
-        if self.use_dora and self.lora_bias:
-            problems.append("lora_bias=True is not supported with use_dora=True (nor in PEFT)")
-        if self.lora_bias and self.init in WEIGHT_INITS:
-            problems.append(
-                f"lora_bias=True needs a plain init, not init={self.init!r} (as in PEFT)"
+        for name in ("target_modules", "exclude_modules", "modules_to_save", "target_parameters"):
+            value = getattr(self, name)
+            if isinstance(value, (set, frozenset)):
+                setattr(self, name, sorted(value))
+            elif isinstance(value, tuple):
+                setattr(self, name, list(value))
+        problems = [*self._number_problems(), *self._name_problems(), *self._option_problems()]
+        if problems:
+            raise LoraError("Invalid LoraConfig:\n  - " + "\n  - ".join(problems))
+
+    def _number_problems(self) -> list[str]:
+        found = []
+        if not _is_int(self.r) or self.r <= 0:
+            found.append(f"r must be a positive integer, got {self.r!r}")
+        if not _is_number(self.alpha):
+            found.append(f"alpha must be a finite number, got {self.alpha!r}")
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            found.append(f"dropout must be in [0, 1), got {self.dropout!r}")
+        for field_name, pattern, check, what in (
+            (
+                "rank_pattern",
+                self.rank_pattern,
+                lambda v: _is_int(v) and v > 0,
+                "a positive integer",
+            ),
+            ("alpha_pattern", self.alpha_pattern, _is_number, "a finite number"),
+        ):
+            if not isinstance(pattern, dict):
+                found.append(
+                    f"{field_name} must be a dict {{module regex: value}}, got {pattern!r}"
+                )
+                continue
+            found += [
+                f"{field_name}[{k!r}] must be {what}, got {v!r}"
+                for k, v in pattern.items()
+                if not check(v)
+            ] + [
+                f"{field_name} key {k!r} is not a valid regex" for k in pattern if not _is_regex(k)
+            ]
+        layers = self.layers_to_transform
+        if layers is not None and not (
+            (_is_int(layers) and layers >= 0)
+            or (isinstance(layers, list) and all(_is_int(i) and i >= 0 for i in layers))
+        ):
+            found.append(
+                f"layers_to_transform must be a layer index or a list of them, got {layers!r}"
             )
-        problems += _token_problems(self.trainable_token_indices)
+        return found
+
+    def _name_problems(self) -> list[str]:
+        found = []
+        for field_name in ("target_modules", "exclude_modules", "layers_pattern"):
+            value = getattr(self, field_name)
+            if isinstance(value, str):
+                if not _is_regex(value):
+                    found.append(f"{field_name} {value!r} is not a valid regex")
+            elif value is not None and not _is_names(value):
+                found.append(
+                    f"{field_name} must be a list of module names or a regex string, got {value!r}"
+                )
+        for field_name in ("modules_to_save", "target_parameters"):
+            value = getattr(self, field_name)
+            if value is not None and not _is_names(value):
+                found.append(f"{field_name} must be a list of names, got {value!r}")
         if not (self.target_modules or self.target_parameters or self.trainable_token_indices):
-            problems.append(
+            found.append(
                 "nothing to adapt: set target_modules (e.g. ['q_proj', 'v_proj'] or 'all-linear'), "
                 "target_parameters or trainable_token_indices"
             )
-        for name, rank in self.rank_pattern.items():
-            if not isinstance(rank, int) or rank <= 0:
-                problems.append(f"rank_pattern[{name!r}] must be a positive integer, got {rank!r}")
+        if self.layers_to_transform is not None and not isinstance(self.target_modules, list):
+            found.append("layers_to_transform needs target_modules as a list of names")
+        name = self.base_model_name_or_path
+        if name is not None and not isinstance(name, str):
+            found.append(f"base_model_name_or_path must be a string, got {name!r}")
+        return found
+
+    def _option_problems(self) -> list[str]:
+        found = []
+        if self.bias not in BIAS_MODES:
+            found.append(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
+        if self.init not in INIT_MODES:
+            found.append(f"init must be one of {INIT_MODES}, got {self.init!r}")
+        for field_name in ("use_rslora", "use_dora", "lora_bias"):
+            if not isinstance(getattr(self, field_name), bool):
+                found.append(
+                    f"{field_name} must be true or false, got {getattr(self, field_name)!r}"
+                )
+        if self.use_dora is True and self.lora_bias is True:
+            found.append("lora_bias=True is not supported with use_dora=True (nor in PEFT)")
+        if self.lora_bias is True and self.init in WEIGHT_INITS:
+            found.append(f"lora_bias=True needs a plain init, not init={self.init!r} (as in PEFT)")
+        found += _token_problems(self.trainable_token_indices)
+        if not isinstance(self.fused_slices, dict):
+            return [
+                *found,
+                f"fused_slices must be a dict {{module: [bool, ...]}}, got {self.fused_slices!r}",
+            ]
         for name, flags in self.fused_slices.items():
-            if not flags or not all(isinstance(f, bool) for f in flags) or not any(flags):
-                problems.append(
+            if (
+                not isinstance(flags, list)
+                or not flags
+                or not all(isinstance(f, bool) for f in flags)
+                or not any(flags)
+            ):
+                found.append(
                     f"fused_slices[{name!r}] must be a non-empty list of booleans with at least "
                     f"one True, got {flags!r}"
                 )
-        if self.layers_to_transform is not None and not isinstance(self.target_modules, list):
-            problems.append("layers_to_transform needs target_modules as a list of names")
-        if problems:
-            raise LoraError("Invalid LoraConfig:\n  - " + "\n  - ".join(problems))
+        return found
 
     def rank_for(self, path: str) -> int:
         """Rank of the module at ``path``: the first matching ``rank_pattern`` entry, else ``r``."""
@@ -194,8 +259,8 @@ class LoraConfig:
             exclude_modules=data.get("exclude_modules"),
             layers_to_transform=data.get("layers_to_transform"),
             layers_pattern=data.get("layers_pattern"),
-            rank_pattern=dict(data.get("rank_pattern") or {}),
-            alpha_pattern=dict(data.get("alpha_pattern") or {}),
+            rank_pattern=_copied(data.get("rank_pattern") or {}),
+            alpha_pattern=_copied(data.get("alpha_pattern") or {}),
             bias=data.get("bias", "none"),
             init=_init_mode(data.get("init_lora_weights", True)),
             use_rslora=bool(data.get("use_rslora", False)),
@@ -268,6 +333,30 @@ def _peft_key_ok(key: str, value: Any) -> bool:
     if key in _PEFT_IMPLEMENTED or key in _PEFT_INFORMATIONAL:
         return True
     return value is None or value is False or value == {} or value == [] or value == ""
+
+
+def _copied(value: Any) -> Any:
+    return dict(value) if isinstance(value, dict) else value  # anything else: __post_init__ says
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+
+
+def _is_regex(value: Any) -> bool:
+    try:
+        re.compile(value)
+    except (re.error, TypeError):
+        return False
+    return True
 
 
 def _token_problems(indices: Any) -> list[str]:

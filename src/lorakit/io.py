@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .atomic import atomic_folder
 from .config import WEIGHT_INITS, LoraConfig
 from .errors import LoraError
 from .inject import PlanEntry, add_lora, plan
@@ -157,25 +157,15 @@ def _fingerprint(model: nn.Module, adapter_name: str) -> dict[str, list[int]]:
     return prints
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_adapter(
     model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default"
 ) -> Path:
     """Write adapter ``adapter_name`` to ``directory`` in PEFT's format; return the folder.
 
-    Files: ``adapter_config.json`` and ``adapter_model.safetensors`` (with lorakit's config and
-    the base model fingerprint in its metadata). Each file is written to a temporary name and
-    renamed, so an interrupted save never leaves a half-written file. A PiSSA / OLoRA adapter
+    Files: ``adapter_config.json`` and ``adapter_model.safetensors`` (with lorakit's config, a
+    copy of the JSON, and the base model fingerprint in its metadata). The pair is replaced as
+    one unit (``lorakit.atomic``): a kill or a full disk at any moment leaves the old adapter
+    or the new one, and other files in the folder are kept. A PiSSA / OLoRA adapter
     is written as a plain rank-2r LoRA (see ``LoraLinear.plain_pair``): it loads, in PEFT or lorakit,
     onto the unchanged base model, not onto the residual this model now holds.
     """
@@ -190,14 +180,19 @@ def save_adapter(
     metadata = {
         "format": "pt",
         "lorakit.config": json.dumps(config.to_dict()),
+        "lorakit.peft_config": json.dumps(peft),  # what the JSON must still say when read
         "lorakit.fingerprint": json.dumps(_fingerprint(model, adapter_name)),
     }
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    _atomic_write(
-        out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(peft, indent=2) + "\n")
-    )
+    try:
+        with atomic_folder(out) as new:
+            save_file(tensors, new / WEIGHTS_NAME, metadata=metadata)
+            (new / CONFIG_NAME).write_text(json.dumps(peft, indent=2) + "\n")
+    except OSError as err:  # a full disk, a read-only or missing mount
+        raise LoraError(
+            f"Could not write the adapter to {out} ({err.strerror or err}); what was there "
+            "before is unchanged. Free space or choose another folder."
+        ) from err
     return out
 
 
@@ -206,7 +201,11 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, Te
     """Read an adapter folder: (config, tensors under PEFT names, fingerprint or {}).
 
     Reads safetensors, or a legacy ``adapter_model.bin`` with ``weights_only=True`` (no
-    arbitrary unpickling). Raises ``LoraError`` for a missing folder or file.
+    arbitrary unpickling). One folder is one model: ``adapter_config.json`` is what PEFT reads,
+    so a lorakit file whose JSON was changed after saving (it disagrees with the copy kept in
+    the weights' metadata) is refused, naming the fields. Raises ``LoraError`` for a missing,
+    corrupt or truncated file, a config that is not a valid LoRA config, and tensors that are
+    not finite floating-point values.
     """
     folder = Path(directory)
     config_file = folder / CONFIG_NAME
@@ -215,35 +214,102 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, Te
             f"{config_file} not found: an adapter folder needs {CONFIG_NAME} and {WEIGHTS_NAME} "
             "(as written by save_adapter, lorakit train or PEFT's save_pretrained)."
         )
-    metadata: dict = {}
-    if (folder / WEIGHTS_NAME).is_file():
-        with safe_open(folder / WEIGHTS_NAME, framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    elif (folder / LEGACY_WEIGHTS_NAME).is_file():
+    peft_json = _read_json(config_file)
+    tensors, metadata = _read_tensors(folder)
+    try:
+        config = LoraConfig.from_peft_dict(peft_json)  # validates the JSON in every case
+        if "lorakit.config" in metadata:
+            _check_same_config(config_file, peft_json, _metadata(metadata, "lorakit.peft_config"))
+            config = LoraConfig.from_dict(_metadata(metadata, "lorakit.config"))
+    except LoraError as err:
+        raise LoraError(f"{config_file}: {err}") from None
+    _check_values(folder, tensors)
+    return config, tensors, _metadata(metadata, "lorakit.fingerprint") or {}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LoraError(
+            f"{path} is not valid JSON ({err}); restore it or save the adapter again."
+        ) from None
+    if not isinstance(data, dict):
+        raise LoraError(f"{path} must hold a JSON object, not a {type(data).__name__}.")
+    return data
+
+
+def _read_tensors(folder: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and metadata of the weights file, every reading error as a ``LoraError``."""
+    path = folder / WEIGHTS_NAME
+    if path.is_file():
         try:
-            tensors = torch.load(
-                folder / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True
-            )
-        except Exception as err:  # pickle errors vary by torch version
+            with safe_open(path, framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118
+        except Exception as err:  # safetensors raises its own error types for every corruption
             raise LoraError(
-                f"Refusing to load {folder / LEGACY_WEIGHTS_NAME}: it holds more than plain "
-                f"tensors ({err.__class__.__name__}), and lorakit never unpickles code. "
-                "Convert it to safetensors in a trusted environment."
-            ) from err
-    else:
+                f"{path} is not a readable safetensors file ({type(err).__name__}: {err}); it "
+                "is truncated or corrupt. Save the adapter again."
+            ) from None
+    legacy = folder / LEGACY_WEIGHTS_NAME
+    if not legacy.is_file():
         raise LoraError(
             f"{folder} has {CONFIG_NAME} but no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME})."
         )
     try:
-        peft_json = json.loads(config_file.read_text())
+        tensors = torch.load(legacy, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle errors vary by torch version
+        raise LoraError(
+            f"Refusing to load {legacy}: it holds more than plain tensors "
+            f"({err.__class__.__name__}), and lorakit never unpickles code. Convert it to "
+            "safetensors in a trusted environment."
+        ) from None
+    if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
+        raise LoraError(f"{legacy} does not hold a dict of tensors.")
+    return tensors, {}
+
+
+def _metadata(metadata: dict[str, str], key: str) -> dict | None:
+    if key not in metadata:
+        return None
+    try:
+        value = json.loads(metadata[key])
     except json.JSONDecodeError as err:
-        raise LoraError(f"{config_file} is not valid JSON: {err}") from err
-    if "lorakit.config" in metadata:
-        config = LoraConfig.from_dict(json.loads(metadata["lorakit.config"]))
-    else:
-        config = LoraConfig.from_peft_dict(peft_json)
-    return config, tensors, json.loads(metadata.get("lorakit.fingerprint", "{}"))
+        raise LoraError(f"the metadata entry {key!r} is not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise LoraError(f"the metadata entry {key!r} must be a JSON object")
+    return value
+
+
+def _check_same_config(config_file: Path, found: dict, saved: dict | None) -> None:
+    """The JSON must still say what lorakit wrote next to the weights (else: two models)."""
+    if saved is None:
+        return  # written by a lorakit before the copy existed
+    changed = sorted(k for k in set(found) | set(saved) if found.get(k) != saved.get(k))
+    if changed:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {found.get(k)!r}" for k in changed)
+        raise LoraError(
+            f"it was changed after the adapter was saved ({shown}), so PEFT and lorakit would "
+            "build different models from this folder. Undo the edit, or apply it to the model "
+            "(e.g. a new scale) and save the adapter again."
+        )
+
+
+def _check_values(folder: Path, tensors: dict[str, Tensor]) -> None:
+    """Every tensor a finite floating-point array (an int LoRA matrix is a broken file)."""
+    wrong = [f"{k} ({v.dtype})" for k, v in tensors.items() if not v.is_floating_point()]
+    if wrong:
+        raise LoraError(
+            f"{folder}: adapter tensors must be floating point; found {wrong[:5]}"
+            + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else "")
+        )
+    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise LoraError(
+            f"{folder}: NaN or inf in {bad[:5]}"
+            + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            + "; the adapter diverged or the file is corrupt."
+        )
 
 
 def _entry_base(model: nn.Module, entry: PlanEntry) -> nn.Module:
