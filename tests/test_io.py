@@ -304,11 +304,21 @@ def test_fingerprint_mismatch(tmp_path):
             num_key_value_heads=4,
         )
     )
-    with pytest.raises(
-        LoraError,
-        match=r"base model differs at model.layers.0.self_attn.v_proj: adapter was made for shape \[16, 32\], this model has \[32, 32\]",
-    ):
+    with pytest.raises(LoraError) as err:
         load_adapter(other, tmp_path)
+    message = str(err.value)
+    assert message.count("\n") <= 3  # a few lines, not one per module
+    assert "made for: (not recorded); this model: LlamaForCausalLM" in message
+    assert "2 of 4 adapted weights differ" in message
+    assert "model.layers.0.self_attn.v_proj: [16, 32] vs [32, 32]" in message
+
+
+def test_wrong_base_with_other_module_names_names_the_recorded_base(tmp_path):
+    model = tiny.llama()
+    add_lora(model, LoraConfig(r=2, target_modules=["q_proj"], base_model_name_or_path="org/a"))
+    save_adapter(model, tmp_path)
+    with pytest.raises(LoraError, match=r"made for: org/a; this model: SmallCNN\n  2 of 2"):
+        load_adapter(tiny.cnn(), tmp_path)
 
 
 def test_missing_files(tmp_path):

@@ -361,16 +361,16 @@ def load_adapter(
     The loaded adapter becomes the active one.
     """
     config, tensors, fingerprint = read_adapter(directory)
-    result = plan(model, config, adapter_name)
-    problems = []
+    try:
+        result = plan(model, config, adapter_name)
+    except LoraError as err:
+        if fingerprint and adapter_name not in adapter_configs(model):
+            _check_base(model, config, fingerprint, {}, directory)
+        raise LoraError(f"Cannot load adapter from {directory}: {err}") from None
     if fingerprint:
         mine = {e.target: list(e.shape) for e in result.entries if e.layer is not ModulesToSave}
-        for target in sorted(set(fingerprint) | set(mine)):
-            if fingerprint.get(target) != mine.get(target):
-                problems.append(
-                    f"base model differs at {target}: adapter was made for shape "
-                    f"{fingerprint.get(target)}, this model has {mine.get(target)}"
-                )
+        _check_base(model, config, fingerprint, mine, directory)
+    problems = []
     expected = _expected(model, result.entries, config)
     for key, (_, _, shape) in expected.items():
         if key not in tensors:
@@ -386,15 +386,33 @@ def load_adapter(
         elif not _peft_duplicate(key, result.entries):
             problems.append(f"unexpected tensor {key}")
     if problems:
-        shown = problems[:50] + (["..."] if len(problems) > 50 else [])
+        more = [f"... and {len(problems) - 10} more"] if len(problems) > 10 else []
         raise LoraError(
             f"Cannot load adapter from {directory}:\n  - "
-            + "\n  - ".join(shown)
+            + "\n  - ".join(problems[:10] + more)
             + "\nCheck that the adapter was made for this base model."
         )
     add_lora(model, config, adapter_name)
     _copy_in(model, tensors, expected, adapter_name)
     return model
+
+
+def _check_base(
+    model: nn.Module, config: LoraConfig, recorded: dict, mine: dict, directory: object
+) -> None:
+    """A few lines naming the base the adapter records, this model, and the first differences."""
+    differ = [t for t in sorted(set(recorded) | set(mine)) if recorded.get(t) != mine.get(t)]
+    if not differ:
+        return
+    this = getattr(model, "name_or_path", None) or type(model).__name__
+    shown = "; ".join(f"{t}: {recorded.get(t)} vs {mine.get(t)}" for t in differ[:3])
+    raise LoraError(
+        f"Adapter {directory} was made for another base model.\n"
+        f"  made for: {config.base_model_name_or_path or '(not recorded)'}; this model: {this}\n"
+        f"  {len(differ)} of {len(recorded)} adapted weights differ (adapter vs this model), "
+        f"e.g. {shown}\n"
+        "Load it onto the model it was made for."
+    )
 
 
 def _embedding_weights(model: nn.Module, entries: list[PlanEntry]) -> dict[str, nn.Parameter]:
