@@ -19,6 +19,7 @@ from lorakit.cli import lowrank as cli
 from lorakit.factorize import FACTORIZED_KEY, LowRankLinear, factorize, load_factorized
 from lorakit.lowrank import (
     extract_adapter,
+    factored_svd,
     low_rank,
     rank_for_energy,
     resize_adapter,
@@ -576,3 +577,22 @@ def test_cli_extract_resize_factorize(folders, finetune, capsys):
     reference = copy.deepcopy(finetune[0])
     factorize(reference, ["q_proj", "v_proj"], rank=3)
     assert _max_diff(_logits(loaded), _logits(reference)) < 1e-6
+
+
+@pytest.mark.parametrize(
+    ("b_shape", "a_shape"),
+    [((40, 4), (4, 30)), ((3, 20, 6), (3, 6, 12)), ((5, 9), (9, 7))],
+    ids=["low-rank", "batched", "k-above-m"],
+)
+def test_factored_svd_is_the_svd_of_the_product(b_shape, a_shape):
+    gen = torch.Generator().manual_seed(0)
+    B, A = torch.randn(b_shape, generator=gen), torch.randn(a_shape, generator=gen)
+    U, S, Vh = factored_svd(B, A)
+    M = B @ A
+    j = min(M.shape[-2], M.shape[-1], B.shape[-1])
+    assert S.shape[-1] == j
+    torch.testing.assert_close(S, torch.linalg.svdvals(M)[..., :j], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(U * S.unsqueeze(-2) @ Vh, M, rtol=1e-4, atol=1e-4)
+    eye = torch.eye(j).expand(*S.shape[:-1], j, j)
+    torch.testing.assert_close(U.mT @ U, eye, rtol=0, atol=1e-4)  # orthonormal columns
+    torch.testing.assert_close(Vh @ Vh.mT, eye, rtol=0, atol=1e-4)

@@ -13,8 +13,10 @@ from torch import nn
 from .config import LoraConfig
 from .errors import LoraError
 from .inject import add_lora, replace_module
-from .layers import LoraLayer, lora_delta
+from .layers import LoraLayer
+from .lowrank import factored_svd
 from .merge import active_adapters, check_adapter_names, merge, merged_adapters, unmerge
+from .progress import progress
 from .state import AdapterState, adapter_configs
 from .targeting import iter_adapter_modules, lora_layers
 
@@ -181,7 +183,7 @@ def combine(
     add_lora(model, config, name)
     errors = {}
     with torch.no_grad():
-        for path, layer in layers:
+        for path, layer in progress(layers, f"combine ({method})", unit="layer"):
             errors.update(_combine_layer(path, layer, name, weights, method, ranks[path]))
     return errors
 
@@ -200,8 +202,9 @@ def _combine_layer(
         B = sum(b * math.copysign(math.sqrt(abs(ws)), ws) for b, _, ws in pairs)
         A = sum(a * math.sqrt(abs(ws)) for _, a, ws in pairs)
     else:
-        delta = sum(lora_delta(b, a, ws) for b, a, ws in pairs)
-        U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+        # Σ w_i s_i B_i A_i = [w_1 s_1 B_1, …] [A_1; …]: its SVD from the factors, exactly.
+        B_cat = torch.cat([b * ws for b, _, ws in pairs], dim=-1)
+        U, S, Vh = factored_svd(B_cat, torch.cat([a for _, a, _ in pairs], dim=-2))
         root = S[..., :rank].sqrt()
         B, A = U[..., :rank] * root.unsqueeze(-2), root.unsqueeze(-1) * Vh[..., :rank, :]
         layer.set_factors(name, B, A)

@@ -27,6 +27,7 @@ from .lowrank import (
     rank_limit_problems,
     rank_problems,
 )
+from .progress import progress
 from .targeting import iter_adapter_modules
 
 FACTORIZED_KEY = "lorakit_factorized"  # config.json key: module path -> rank of its factors
@@ -108,7 +109,7 @@ def factorize(
     with torch.no_grad():
         # Every factorisation before the first replacement: an error changes nothing.
         factors = []
-        for entry in entries:
+        for entry in progress(entries, "factorize (SVD)", unit="matrix"):
             module = model.get_submodule(entry.path)
             weight = module.weight.T if is_gpt2_conv1d(module) else module.weight  # (out, in)
             factors.append((module, weight, *low_rank(weight, rank, energy)))

@@ -23,8 +23,9 @@ from torch import Tensor, nn
 from .errors import LoraError
 from .io import PREFIX, load_adapter, read_adapter
 from .layers import LoraLayer, lora_delta
-from .lowrank import format_table, rank_for_energy
+from .lowrank import factored_svd, format_table, rank_for_energy
 from .merge import check_adapter_names
+from .progress import progress
 from .state import adapter_configs
 from .targeting import lora_layers
 
@@ -77,15 +78,16 @@ class InspectReport:
         return "\n".join(lines)
 
 
-def _spectrum(path: str, rank: int, scale: float, delta: Tensor, W: Tensor | None, seed: int):
-    """A ``ModuleSpectrum`` for ΔW (out, in) and, if given, W (out, in) in the same layout."""
-    U, S, Vh = torch.linalg.svd(delta.float(), full_matrices=False)
+def _spectrum(path: str, rank: int, scale: float, factors: tuple[Tensor, Tensor], W, seed: int):
+    """A ``ModuleSpectrum`` for ΔW = B @ A (``factors``, (out, k) and (k, in)) and, if given,
+    W (out, in) in the same layout."""
+    U, S, Vh = factored_svd(*factors)  # exact, without forming ΔW
     r = min(rank, S.numel())
     result = ModuleSpectrum(
         path=path,
         rank=rank,
         scale=scale,
-        delta_norm=float(delta.norm()),
+        delta_norm=float(S.norm()),  # ‖ΔW‖_F² = Σσ²
         singular_values=S[:r].tolist(),
         effective_rank=rank_for_energy(S, EFFECTIVE_ENERGY),
     )
@@ -106,39 +108,51 @@ def _spectrum(path: str, rank: int, scale: float, delta: Tensor, W: Tensor | Non
     return result
 
 
-def _delta_and_weight(layer: LoraLayer, name: str) -> tuple[Tensor, Tensor]:
-    """(ΔW, W) in the layout of ``layer.base_weight``, W as before the adapter."""
-    delta = layer.delta_weight(name)
+def _factors_and_weight(layer: LoraLayer, name: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(B', A', W): ΔW = B' @ A' and W as before the adapter, as (…, out, in) matrices.
+
+    Low-rank factors where the layer has them (the spectrum then costs O((out + in) r²));
+    ΔW itself with an identity factor otherwise (a grouped convolution).
+    """
     weight = layer.base_weight.detach().float()
+    delta = layer.delta_weight(name)
     if name in layer.merged:
         weight = weight - delta
+    try:
+        B, A = layer.factors(name)
+    except LoraError:  # no factors (a grouped convolution)
+        B = None
+    if B is None or B.dim() != weight.dim():  # or per-slice factors of one fused matrix
+        A = layer.as_matrix(delta)
+        B = torch.eye(A.shape[-2])
+    else:
+        B = B.float() * layer.scale[name]
     initial = layer.initial_lora(name)
     if initial is not None:
-        # PiSSA / OLoRA: the base holds W - scale·B0 A0; the change from W is scale·(B A - B0 A0).
+        # PiSSA / OLoRA: the base holds W - s·B0 A0; the change from W is s·[B, -B0] [A; A0].
         A0, B0 = initial
-        start = layer.from_matrix(layer.base_layer, lora_delta(B0, A0, layer.scale[name]))
-        weight, delta = weight + start, delta - start
-    return delta, weight
-
-
-def _matrices(path: str, delta: Tensor, weight: Tensor) -> list[tuple[str, Tensor, Tensor]]:
-    """2D (name, ΔW, W): a conv kernel flattened to (out, in·k…), 3D experts one by one."""
-    if delta.dim() == 3:
-        return [(f"{path}[{e}]", delta[e], weight[e]) for e in range(delta.shape[0])]
-    return [(path, delta.flatten(1), weight.flatten(1))]
+        weight = weight + layer.from_matrix(layer.base_layer, lora_delta(B0, A0, layer.scale[name]))
+        B = torch.cat([B, -B0.float() * layer.scale[name]], dim=-1)
+        A = torch.cat([A.float(), A0.float()], dim=-2)
+    return B, A, layer.as_matrix(weight)
 
 
 def _from_model(model: nn.Module, adapter_name: str, seed: int) -> InspectReport:
     check_adapter_names(model, [adapter_name])
     report = InspectReport(adapter_name)
-    for path, layer in lora_layers(model, adapter_name):
+    layers = lora_layers(model, adapter_name)
+    for path, layer in progress(layers, "inspect", unit="layer"):
         rank, scale = layer.r[adapter_name], layer.scale[adapter_name]
         if layer.initial_lora(adapter_name) is not None:
             rank *= 2  # the change from W is a rank-2r LoRA (see lorakit.io)
         with torch.no_grad():
-            delta, weight = _delta_and_weight(layer, adapter_name)
-            for name, d, w in _matrices(path, delta, weight):
-                report.modules.append(_spectrum(name, rank, scale, d, w, seed))
+            B, A, W = _factors_and_weight(layer, adapter_name)
+            if A.dim() == 3:  # experts: one matrix each
+                for e in range(A.shape[0]):
+                    pair = (B[e], A[e])
+                    report.modules.append(_spectrum(f"{path}[{e}]", rank, scale, pair, W[e], seed))
+            else:
+                report.modules.append(_spectrum(path, rank, scale, (B, A), W.flatten(1), seed))
     return report
 
 
@@ -158,8 +172,8 @@ def _from_files(directory: str | os.PathLike, adapter_name: str) -> InspectRepor
         A, B = tensors[key], tensors[key.removesuffix(suffix) + suffix.replace("_A", "_B")]
         scale = config.scale_for(path)
         # PEFT's layout: B (out, r[, 1…]) @ A (r, in[, k…]) -> (out, in·k…)
-        delta = lora_delta(B.flatten(1), A.flatten(1), scale)
-        report.modules.append(_spectrum(path, A.shape[0], scale, delta, None, 0))
+        factors = (B.flatten(1).float() * scale, A.flatten(1))
+        report.modules.append(_spectrum(path, A.shape[0], scale, factors, None, 0))
     return report
 
 

@@ -31,6 +31,7 @@ from .errors import LoraError
 from .inject import PlanEntry, add_lora, plan
 from .layers import lora_delta
 from .merge import check_adapter_names
+from .progress import progress
 from .state import AdapterState, adapter_configs
 from .targeting import lora_layers, unwrap, walk
 
@@ -69,6 +70,20 @@ def rank_limit_problems(rank: int | None, limits: dict[str, int]) -> list[str]:
         f"rank {rank} exceeds min(out, in) of {len(small)} module(s), e.g. {example}: "
         f"{lowest}; use rank <= {lowest}, energy, or narrower targets"
     ]
+
+
+def factored_svd(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The exact thin SVD of M = B @ A without forming M: (..., m, k) @ (..., k, n).
+
+    With B = Q_b R_b and Aᵀ = Q_a R_a (QR), M = Q_b (R_b R_aᵀ) Q_aᵀ, and the small core's
+    SVD U' S V'ᵀ gives M = (Q_b U') S (Q_a V')ᵀ. It costs O((m + n) k²) instead of the
+    O(m n min(m, n)) of an SVD of M, which matters for a LoRA delta (k = r ≪ m, n). Returns
+    U (..., m, j), S (..., j), Vᴴ (..., j, n) with j = min(m, n, k), in fp32.
+    """
+    Qb, Rb = torch.linalg.qr(B.float())  # (..., m, j1), (..., j1, k)
+    Qa, Ra = torch.linalg.qr(A.float().mT)  # (..., n, j2), (..., j2, k)
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.mT, full_matrices=False)  # core (..., j1, j2)
+    return Qb @ U, S, Vh @ Qa.mT
 
 
 def rank_for_energy(singular_values: Tensor, energy: float) -> int:
@@ -333,7 +348,8 @@ def extract_adapter(
     raise_problems("extract an adapter", problems + rank_limit_problems(rank, limits))
 
     factors = {}
-    for entry, module in zip(entries, modules, strict=True):
+    pairs = list(zip(entries, modules, strict=True))
+    for entry, module in progress(pairs, "extract (SVD)", unit="matrix"):
         name = f"{entry.path}.weight"
         delta = tuned[name].detach().float() - base[name].detach().float()
         matrix = entry.layer.to_matrix(module, delta, **entry.options)
@@ -428,7 +444,9 @@ def resize_adapter(
         deltas = [layer.delta_weight(adapter_name) for _, layer in layers]
         factors = [
             low_rank(layer.as_matrix(delta), rank, energy)
-            for (_, layer), delta in zip(layers, deltas, strict=True)
+            for (_, layer), delta in progress(
+                zip(layers, deltas, strict=True), "resize (SVD)", len(layers), "matrix"
+            )
         ]
         for (path, layer), delta, (B, A, info) in zip(layers, deltas, factors, strict=True):
             old = layer.r[adapter_name]

@@ -53,6 +53,13 @@ class LoraParameter(LoraLayer):
         return shape[::-1] if cls._transposed(module, options["parameter"]) else shape
 
     @classmethod
+    def to_matrix(cls, module: nn.Module, weight: Tensor, **options: Any) -> Tensor:
+        # (E, in, out) experts of a transposed module -> (E, out, in), as B @ A gives
+        return weight.transpose(-1, -2) if cls._transposed(module, options["parameter"]) else weight
+
+    from_matrix = to_matrix  # a transpose is its own inverse
+
+    @classmethod
     def adapter_shapes(cls, module: nn.Module, r: int, **options: Any) -> tuple[Shape, Shape]:
         param = cls._parameter(module, options["parameter"])
         experts = (param.shape[0],) if param.dim() == 3 else ()
