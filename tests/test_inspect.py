@@ -130,3 +130,20 @@ def test_cli_inspect_prints_and_plots(adapted, tmp_path, capsys):
     assert "model.layers.1.self_attn.v_proj" in printed and "spectra plotted" in printed
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_spectra(inspect_adapter(adapted), tmp_path / "again.png").stat().st_size > 1000
+
+
+def test_spectra_plot_colours_lines_by_layer_with_a_colour_bar(adapted, tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    with pytest.raises(FileNotFoundError):  # nothing was written: the figure is inspected
+        plot_spectra(inspect_adapter(adapted), tmp_path / "s.png")
+    (fig,) = saved
+    *panels, bar = fig.axes
+    assert bar.get_ylabel() == "layer" and [t for t in bar.get_yticks() if 0 <= t <= 1] == [0, 1]
+    for panel in panels:
+        colours = [tuple(line.get_color()) for line in panel.get_lines()]
+        assert len(set(colours)) == len(colours) == 2  # layers 0 and 1 differ
+        labels = [t.get_text() for t in panel.get_yticklabels(minor=True) if t.get_text()]
+        assert all("10^" not in label and "times" not in label for label in labels)

@@ -29,6 +29,7 @@ from .layers import (
 )
 from .layers.base import warn_large_rank
 from .state import AdapterState, adapter_configs
+from .tables import format_table
 from .targeting import (
     closest,
     excluded,
@@ -87,9 +88,7 @@ class Plan:
             kind = e.module_type + "".join(f" {k}={v}" for k, v in shown.items())
             r, alpha = (str(e.r), f"{e.alpha:g}") if e.is_lora else (_what(e), "-")
             rows.append((e.target, kind, "x".join(map(str, e.shape)), r, alpha, f"{e.params:,}"))
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines = format_table(rows)
         share = 100.0 * self.lora_params / max(self.base_params, 1)
         lines.append(
             f"adapter '{self.adapter_name}': {len(self.entries)} modules, "

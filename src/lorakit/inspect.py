@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,10 +24,11 @@ from torch import Tensor, nn
 from .errors import LoraError
 from .io import PREFIX, load_adapter, read_adapter
 from .layers import LoraLayer, lora_delta
-from .lowrank import factored_svd, format_table, rank_for_energy
+from .lowrank import factored_svd, rank_for_energy
 from .merge import check_adapter_names
 from .progress import progress
 from .state import adapter_configs
+from .tables import format_table
 from .targeting import lora_layers
 
 EFFECTIVE_ENERGY = 0.9  # effective rank: the smallest rank holding this share of ‖ΔW‖_F²
@@ -209,6 +211,13 @@ def inspect_adapter(
     return _from_model(model, adapter_name, seed)
 
 
+def _layer_number(path: str, position: int) -> int:
+    """The layer index in a module path (``model.layers.3.self_attn.q_proj`` -> 3), else its
+    position among the modules of the same name."""
+    found = re.search(r"\.(\d+)\.", f".{path}.")
+    return int(found[1]) if found else position
+
+
 def plot_spectra(report: InspectReport, path: str | os.PathLike) -> Path:
     """Write a PNG of ΔW's singular values: one panel per module name (q_proj, ...), one line
     per layer, darker for deeper layers, σ on a log scale. Returns the file's path."""
@@ -216,25 +225,34 @@ def plot_spectra(report: InspectReport, path: str | os.PathLike) -> Path:
 
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     groups: dict[str, list[ModuleSpectrum]] = {}
     for m in report.modules:
         groups.setdefault(m.path.rsplit(".", 1)[-1], []).append(m)
     cols = min(4, len(groups)) or 1
     rows = max(1, -(-len(groups) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(4 * cols + 1, 3 * rows), squeeze=False, layout="constrained"
+    )
+    plain = FuncFormatter(lambda value, _: f"{value:g}")  # 4, not 4×10^0
+    depth = max((len(modules) for modules in groups.values()), default=1)
+    colors = matplotlib.colors.Normalize(vmin=0, vmax=max(depth - 1, 1))
     for ax, (name, modules) in zip(axes.flat, groups.items(), strict=False):
-        colors = plt.cm.viridis(torch.linspace(0.0, 0.9, len(modules)).tolist())
-        for color, m in zip(colors, modules, strict=True):
+        for position, m in enumerate(modules):
             values = [max(s, 1e-12) for s in m.singular_values]
+            color = plt.cm.viridis(colors(_layer_number(m.path, position)))
             ax.plot(range(1, len(values) + 1), values, marker=".", color=color, label=m.path)
         ax.set(title=name, xlabel="index i", ylabel="sigma_i of dW", yscale="log")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
     for ax in list(axes.flat)[len(groups) :]:
         ax.axis("off")
+    scale = matplotlib.cm.ScalarMappable(norm=colors, cmap=plt.cm.viridis)
+    bar = fig.colorbar(scale, ax=axes.ravel().tolist(), label="layer")
+    bar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(f"Singular values of dW, adapter '{report.adapter_name}'")
-    fig.tight_layout()
     out = Path(path)
     tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
     fig.savefig(tmp, dpi=100)

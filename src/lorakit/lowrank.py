@@ -33,6 +33,7 @@ from .layers import lora_delta
 from .merge import check_adapter_names
 from .progress import progress
 from .state import AdapterState, adapter_configs
+from .tables import format_table
 from .targeting import lora_layers, unwrap, walk
 
 # A given rank on a matrix at least this wide uses a randomized SVD (Halko et al. 2011).
@@ -243,14 +244,6 @@ class LowRankReport:
             kept = "kept" if name in self.kept else "dropped"
             lines.append(f"changed outside the targets: {name} (|dW|/|W| = {change:.2e}), {kept}")
         return "\n".join(lines)
-
-
-def format_table(rows: list[tuple[str, ...]]) -> list[str]:
-    """Left-aligned columns with a rule under the header row."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return lines
 
 
 # --- additive: extraction and resizing --------------------------------------------------------
