@@ -366,3 +366,32 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         "adapter_config.json",
         "adapter_model.safetensors",
     ]
+
+
+def test_task_type_lets_peft_auto_class_and_transformers_load_it(tmp_path):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    base = tiny.llama()
+    base.save_pretrained(tmp_path / "base")
+    model = tiny.llama()
+    config = LoraConfig(
+        r=2, target_modules=["q_proj"], base_model_name_or_path=str(tmp_path / "base")
+    )
+    add_lora(model, config)
+    tiny.randomize_adapters(model)
+    save_adapter(model, tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["task_type"] == "CAUSAL_LM"
+    expected = _out(model, TOKENS)
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
+    torch.testing.assert_close(_out(peft_model, TOKENS), expected, rtol=0, atol=1e-5)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()  # auto-detection
+    torch.testing.assert_close(_out(plain, TOKENS), expected, rtol=0, atol=1e-5)
+
+
+def test_task_type_is_none_for_plain_torch_modules(tmp_path):
+    cnn = tiny.cnn()
+    add_lora(cnn, LoraConfig(r=2, target_modules=["conv1"]))
+    save_adapter(cnn, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["task_type"] is None

@@ -73,6 +73,27 @@ def _peft_exclude(spec: list[str] | str | None) -> str | None:
     return rf"(?:{core})(?:\..*)?"
 
 
+# transformers' head class suffix -> PEFT's task_type (AutoPeftModel picks its class by it).
+_TASK_TYPES = {
+    "ForCausalLM": "CAUSAL_LM",
+    "ForSeq2SeqLM": "SEQ_2_SEQ_LM",
+    "ForConditionalGeneration": None,  # vision-language and seq2seq alike: no single auto class
+    "ForSequenceClassification": "SEQ_CLS",
+    "ForTokenClassification": "TOKEN_CLS",
+    "ForQuestionAnswering": "QUESTION_ANS",
+    "Model": "FEATURE_EXTRACTION",
+}
+
+
+def task_type(model: nn.Module) -> str | None:
+    """PEFT's ``task_type`` for a transformers model (``LlamaForCausalLM`` -> ``CAUSAL_LM``),
+    None for other modules."""
+    name = type(model).__name__
+    if not name.endswith(tuple(_TASK_TYPES)) or not hasattr(model, "config"):
+        return None
+    return next(task for suffix, task in _TASK_TYPES.items() if name.endswith(suffix))
+
+
 # --- PiSSA / OLoRA: saved as a plain LoRA on the original weights --------------------------
 def _plain_config(config: LoraConfig) -> LoraConfig:
     """The config of ``_plain_pair``'s adapter: rank 2r at the same scale, a plain init."""
@@ -174,6 +195,7 @@ def save_adapter(
     peft = config.to_peft_dict()
     peft.update(_pattern_overrides(config, model, adapter_name))
     peft["exclude_modules"] = _peft_exclude(config.exclude_modules)
+    peft["task_type"] = task_type(model)
     peft["fan_in_fan_out"] = any(
         getattr(m, "fan_in_fan_out", False) for _, m in iter_adapter_modules(model)
     )
