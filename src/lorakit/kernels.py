@@ -62,15 +62,23 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, scales, *lora):  # lora: (x₁, A₁, B₁, x₂, A₂, B₂, ...)
-        y, inputs, hs = lora_linear(x.reshape(-1, x.shape[-1]), weight, bias, scales, lora)
+        # ``weight`` may be a callable giving W (a quantized base): it is called again in
+        # backward instead of keeping the dequantized W alive between the two passes.
+        ctx.weight_fn = weight if callable(weight) else None
+        W = weight(x.dtype) if ctx.weight_fn else weight
+        y, inputs, hs = lora_linear(x.reshape(-1, x.shape[-1]), W, bias, scales, lora)
         ctx.scales, ctx.x_shape = scales, x.shape
         ctx.dropped = [lora[3 * i] is not None for i in range(len(scales))]
-        ctx.save_for_backward(weight, *inputs, *lora[1::3], *lora[2::3], *hs)
+        kept = () if ctx.weight_fn else (W,)
+        ctx.save_for_backward(*kept, *inputs, *lora[1::3], *lora[2::3], *hs)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        weight, *saved = ctx.saved_tensors
+        if ctx.weight_fn:
+            weight, saved = ctx.weight_fn(grad.dtype), ctx.saved_tensors
+        else:
+            weight, *saved = ctx.saved_tensors
         k, needs = len(ctx.scales), ctx.needs_input_grad
         inputs, As, Bs, hs = (saved[j * k : (j + 1) * k] for j in range(4))
         g = grad.reshape(-1, grad.shape[-1])  # (N, out)

@@ -17,7 +17,8 @@ from torch import nn
 
 from .errors import LoraError
 from .inject import replace_module
-from .layers import LoraLayer, ModulesToSave
+from .layers import LoraLayer, LoraQuantizedLinear, ModulesToSave, layer_class_for
+from .layers.quantized import float_linear
 from .state import AdapterState, adapter_configs
 from .targeting import iter_adapter_modules
 
@@ -110,6 +111,30 @@ def unmerge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.
             if adapter_names is None or name in adapter_names:
                 layer.unmerge(name)
     return model
+
+
+def dequantize_merge(
+    model: nn.Module,
+    dtype: torch.dtype = torch.float32,
+    base_weights: dict[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    """``unload(merge=True)`` for a model on a quantized (bitsandbytes) base: a float model.
+
+    Each quantized layer becomes a float ``nn.Linear`` of ``dtype``: with adapters,
+    dequant(W) + ΔW, or W + ΔW where ``base_weights`` ({"<module path>.weight": original float
+    W}) gives the weights before quantization; without, dequant(W). Nothing is re-quantized.
+    """
+    base_weights = base_weights or {}
+    for path, module in list(iter_adapter_modules(model)):
+        if isinstance(module, LoraQuantizedLinear):
+            original = base_weights.get(f"{path}.weight")
+            replace_module(model, path, module.to_float(dtype, original))
+    for path, module in list(model.named_modules()):
+        if layer_class_for(module) is LoraQuantizedLinear:  # quantized, no adapter
+            replace_module(
+                model, path, float_linear(module, dtype, base_weights.get(f"{path}.weight"))
+            )
+    return unload(model, merge=True)
 
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:

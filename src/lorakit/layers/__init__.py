@@ -4,6 +4,7 @@
 base module            layer class                    module
 =====================  =============================  ============================
 nn.Linear, Conv1D      ``LoraLinear``                  ``linear.py`` (fused fast path)
+bnb Linear4bit/8bitLt  ``LoraQuantizedLinear``         ``quantized.py`` (QLoRA)
 nn.Embedding           ``LoraEmbedding``               ``embedding.py``
 nn.Conv1d/2d/3d        ``LoraConv``                    ``conv.py`` (groups that merge)
 nn.MultiheadAttention  ``LoraMultiheadAttention``      ``attention.py``
@@ -23,6 +24,7 @@ from .fused import LoraFused
 from .linear import LoraLinear, is_gpt2_conv1d, principal_init
 from .modules_to_save import ModulesToSave
 from .parameter import LoraParameter
+from .quantized import LoraQuantizedLinear
 from .registry import layer_class_for, register, supported_types
 from .tokens import TrainableTokens
 
@@ -38,6 +40,7 @@ __all__ = [
     "LoraLinear",
     "LoraMultiheadAttention",
     "LoraParameter",
+    "LoraQuantizedLinear",
     "ModulesToSave",
     "TrainableTokens",
     "is_gpt2_conv1d",

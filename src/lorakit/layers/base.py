@@ -336,10 +336,14 @@ class LoraLayer(nn.Module):
         """A per-output-channel vector (out,) shaped to broadcast against this layer's output."""
         return per_output
 
+    def dense_weight(self) -> Tensor:
+        """The base weight as a float tensor in its own layout (dequantized if need be)."""
+        return self.base_weight.float()
+
     def weight_norm(self, name: str) -> Tensor:
         """DoRA's ‖W + ΔW‖ per output channel, (out,), fp32 and without gradient."""
         with torch.no_grad():
-            matrix = self.as_matrix(self.base_weight.float() + self.delta_weight(name))
+            matrix = self.as_matrix(self.dense_weight() + self.delta_weight(name))
             return torch.linalg.vector_norm(matrix, dim=1)
 
     def dora_factor(self, name: str) -> Tensor:
@@ -416,7 +420,7 @@ class LoraLayer(nn.Module):
 
     def merged_weight(self, name: str) -> tuple[Tensor, Tensor | None]:
         """(W, bias) after merging ``name``, in fp32; nothing is written."""
-        weight = self.base_weight.float() + self.delta_weight(name)
+        weight = self.dense_weight() + self.delta_weight(name)
         if self.is_dora(name):
             g = self.dora_factor(name).detach()
             weight = self.from_matrix(

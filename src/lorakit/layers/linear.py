@@ -6,6 +6,7 @@ same output (``_path``), and PiSSA / OLoRA initialisation, which reads the weigh
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -145,7 +146,7 @@ class LoraLinear(LoraLayer):
         dora = [n for n in names if self.is_dora(n)]
         if (
             extra_args
-            or not (type(base) is nn.Linear or self.fan_in_fan_out)
+            or not self._plain_base()
             or base.weight.requires_grad
             or base._forward_hooks
             or base._forward_pre_hooks
@@ -155,6 +156,15 @@ class LoraLinear(LoraLayer):
         ):
             return "generic"
         return "fused"
+
+    def _plain_base(self) -> bool:
+        """Whether the base computes exactly x Wᵀ + b from ``_fused_weight`` (no subclass
+        with its own forward), so the fused node may replace its call."""
+        return type(self.base_layer) is nn.Linear or self.fan_in_fan_out
+
+    def _fused_weight(self) -> Tensor | Callable[[torch.dtype], Tensor]:
+        """W (out, in) for the fused node, or a function giving it (see LoraLinearFunction)."""
+        return self.as_matrix(self.base_layer.weight)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """base(x) + Σ pending adapters, computed the way ``_path`` chooses."""
@@ -173,13 +183,14 @@ class LoraLinear(LoraLayer):
         for n in names:
             dropped = self.dropout[n] > 0 and self.training
             lora += [self._dropped(n, x) if dropped else None, self.lora_A[n], self.lora_B[n]]
-        weight = self.as_matrix(base.weight)  # (out, in)
+        weight = self._fused_weight()  # (out, in), or a function giving it
         scales = [self.scale[n] for n in names]
         dora = self.is_dora(names[0])
         bias = None if dora else base.bias
         if torch.is_grad_enabled():
             y = LoraLinearFunction.apply(x, weight, bias, scales, *lora)
         else:  # inference: the same maths without building an autograd node
+            weight = weight(x.dtype) if callable(weight) else weight
             flat, _, _ = lora_linear(x.reshape(-1, x.shape[-1]), weight, bias, scales, lora)
             y = flat.view(*x.shape[:-1], flat.shape[-1])
         if not dora:
