@@ -27,9 +27,10 @@ from .parameter import LoraParameter
 from .quantized import LoraQuantizedLinear
 from .registry import layer_class_for, register, supported_types
 from .tokens import TrainableTokens
+from .wrapper import Wrapper
 
 # Every wrapper lorakit puts into a model: unwrap, walk and iteration stop at these.
-WRAPPERS = (LoraLayer, ModulesToSave, TrainableTokens)
+WRAPPERS = Wrapper
 
 __all__ = [
     "WRAPPERS",
@@ -43,6 +44,7 @@ __all__ = [
     "LoraQuantizedLinear",
     "ModulesToSave",
     "TrainableTokens",
+    "Wrapper",
     "is_gpt2_conv1d",
     "layer_class_for",
     "lora_delta",

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LoraError
+from .wrapper import Wrapper
 
 Shape = tuple[int, ...]
 
@@ -53,7 +54,7 @@ def lora_delta(B: Tensor, A: Tensor, scale: float) -> Tensor:
     return torch.matmul(B.float(), A.float()) * scale
 
 
-class LoraLayer(nn.Module):
+class LoraLayer(Wrapper):
     """Base of all LoRA wrappers: named adapters, activation, routing, DoRA, merge state.
 
     Subclasses set the class attributes below and implement ``matrix_shape``,
@@ -170,15 +171,6 @@ class LoraLayer(nn.Module):
         self._merge_norms: dict[str, Tensor] = {}  # DoRA: ‖W + ΔW‖ used when merging
         self._route: list[tuple[str, Tensor]] | None = None
         self._route_batch = 0
-
-    def __getattr__(self, name: str) -> Any:
-        # Model code that reads ``.weight``, ``.in_features``, ... keeps working on a wrapper.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
 
     @property
     def base_weight(self) -> nn.Parameter:

@@ -8,13 +8,17 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .wrapper import Wrapper
 
-class ModulesToSave(nn.Module):
+
+class ModulesToSave(Wrapper):
     """A full trainable copy of a module per adapter (e.g. a new classification head).
 
     The original stays frozen in ``original_module``; forward uses the copy of the first
     active adapter that has one. PEFT's tensor names: ``<path>.<param>`` of the copy.
     """
+
+    wrapped_attribute = "original_module"  # PEFT's name, kept for its state-dict keys
 
     def __init__(self, original_module: nn.Module) -> None:
         super().__init__()
@@ -27,14 +31,6 @@ class ModulesToSave(nn.Module):
     def base_layer(self) -> nn.Module:
         """The user's module (named like ``LoraLayer.base_layer`` for unwrapping)."""
         return self.original_module
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "original_module":
-                raise
-            return getattr(self.original_module, name)
 
     @property
     def active(self) -> list[str]:

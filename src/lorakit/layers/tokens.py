@@ -12,18 +12,18 @@ PEFT's file holds the values as ``<path>.token_adapter.trainable_tokens_delta`` 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LoraError
+from .wrapper import Wrapper
 
 PEFT_KEY = "token_adapter.trainable_tokens_delta"
 
 
-class TrainableTokens(nn.Module):
+class TrainableTokens(Wrapper):
     """Wraps an ``nn.Embedding``; each adapter replaces a few of its rows with trainable ones."""
 
     def __init__(self, base_layer: nn.Embedding) -> None:
@@ -35,14 +35,6 @@ class TrainableTokens(nn.Module):
         self._active: list[str] = []
         self._merged: list[str] = []
         self._replaced: dict[str, Tensor] = {}  # rows a merge overwrote, to give them back
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
 
     @classmethod
     def problems(cls, path: str, module: nn.Module, indices: Sequence[int]) -> list[str]:
