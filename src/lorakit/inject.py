@@ -18,12 +18,12 @@ from torch import nn
 from .config import ALL_LINEAR, WEIGHT_INITS, LoraConfig
 from .errors import LoraError
 from .layers import (
-    WRAPPERS,
     LoraFused,
     LoraLayer,
     LoraParameter,
     ModulesToSave,
     TrainableTokens,
+    Wrapper,
     layer_class_for,
     supported_types,
 )
@@ -258,7 +258,7 @@ def _plan_parameters(
         return
     hit: dict[str, int] = {}
     for path, module in modules:
-        wrapped = isinstance(module, WRAPPERS) and not isinstance(module, LoraParameter)
+        wrapped = isinstance(module, Wrapper) and not isinstance(module, LoraParameter)
         if not path or excluded(config, path) or wrapped:
             continue
         for name, param in unwrap(module).named_parameters(recurse=False):

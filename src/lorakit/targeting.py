@@ -15,12 +15,12 @@ from collections.abc import Callable, Iterator
 from torch import nn
 
 from .config import ALL_LINEAR, LoraConfig
-from .layers import WRAPPERS, LoraLayer, LoraLinear, layer_class_for
+from .layers import LoraLayer, LoraLinear, Wrapper, layer_class_for
 
 
 def unwrap(module: nn.Module) -> nn.Module:
     """The user's module inside any lorakit wrappers."""
-    while isinstance(module, WRAPPERS):
+    while isinstance(module, Wrapper):
         module = module.base_layer
     return module
 
@@ -28,7 +28,7 @@ def unwrap(module: nn.Module) -> nn.Module:
 def walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
     """(path, module) of logical modules: a wrapper stands for the module it wraps."""
     yield prefix, module
-    if isinstance(module, WRAPPERS) or _owns_children(module):
+    if isinstance(module, Wrapper) or _owns_children(module):
         return
     for name, child in module.named_children():
         yield from walk(child, f"{prefix}.{name}" if prefix else name)
@@ -42,7 +42,7 @@ def _owns_children(module: nn.Module) -> bool:
 def iter_adapter_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(path, wrapper) for every lorakit wrapper in ``model``, outermost first."""
     for path, module in model.named_modules():
-        if isinstance(module, WRAPPERS):
+        if isinstance(module, Wrapper):
             yield path, module
 
 

@@ -29,11 +29,7 @@ from .registry import layer_class_for, register, supported_types
 from .tokens import TrainableTokens
 from .wrapper import Wrapper
 
-# Every wrapper lorakit puts into a model: unwrap, walk and iteration stop at these.
-WRAPPERS = Wrapper
-
 __all__ = [
-    "WRAPPERS",
     "LoraConv",
     "LoraEmbedding",
     "LoraFused",
