@@ -167,22 +167,30 @@ class _FakeLoaders:
 
 @pytest.fixture
 def fake_loaders(tmp_path, monkeypatch) -> _FakeLoaders:
+    import transformers
+
     fakes = _FakeLoaders()
+    # lorakit.models imports these from transformers when it loads a model (lazily).
     monkeypatch.setattr(
-        lk_models, "AutoModelForCausalLM", SimpleNamespace(from_pretrained=fakes.load_model)
+        transformers, "AutoModelForCausalLM", SimpleNamespace(from_pretrained=fakes.load_model)
     )
     monkeypatch.setattr(
-        lk_models, "AutoTokenizer", SimpleNamespace(from_pretrained=fakes.load_tokenizer)
+        transformers, "AutoTokenizer", SimpleNamespace(from_pretrained=fakes.load_tokenizer)
     )
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
     return fakes
 
 
-def test_gguf_is_converted_once_then_loaded_from_cache(tmp_path, fake_loaders):
+def test_gguf_is_converted_once_then_loaded_from_cache(tmp_path, fake_loaders, capsys):
     gguf = tmp_path / "tiny.gguf"
     gguf.write_bytes(b"GGUF")
     load_model(str(gguf))
+    # The one slow step says what it does and where the result goes.
+    said = capsys.readouterr().err
+    assert said.startswith("converting tiny.gguf to a float32 Hugging Face folder once")
+    assert f"cached at {tmp_path / 'cache'}" in said
     load_model(str(gguf))
+    assert capsys.readouterr().err == ""  # from the cache: nothing to announce
     assert fake_loaders.conversions == 1
     (entry,) = (tmp_path / "cache").iterdir()  # no temporary folder left behind
     assert entry.name.startswith("tiny-")

