@@ -1,16 +1,108 @@
-"""Generation with a chat template: batched greedy answers, exact match, streaming chat."""
+"""Generation with a chat template: batched greedy answers, exact match, streaming chat.
+
+What a model was trained with to answer well, its system prompt and chat template, is saved
+beside the adapter (:data:`GENERATION_FILE`) and used by ``generate``, ``chat`` and ``eval``
+unless overridden: an adapter then answers in the shape it learned without hidden knowledge.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .data import Conversation, Example
+from .data import Conversation, Example, with_system
 from .demo import exact_match
 from .errors import LoraError
+
+GENERATION_FILE = "generation_settings.json"
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How to prompt an adapter: the system prompt and chat template it was trained with.
+
+    Attributes:
+        system: put first in every conversation that has no system message; ``None``: none.
+        chat_template: Jinja text replacing the tokenizer's template; ``None``: the model's own.
+    """
+
+    system: str | None = None
+    chat_template: str | None = None
+
+    def messages(self, conversation: Conversation) -> Conversation:
+        """``conversation`` as the model saw such conversations in training."""
+        return with_system(conversation, self.system)
+
+    def apply_template(self, tokenizer: Any) -> None:
+        """Set the chat template on ``tokenizer`` (a copy the caller owns) when one is saved."""
+        if self.chat_template is not None:
+            tokenizer.chat_template = self.chat_template
+
+
+def save_generation_settings(settings: GenerationSettings, folder: str | Path) -> Path:
+    """Write ``folder/generation_settings.json`` (temporary name, then renamed)."""
+    path = Path(folder) / GENERATION_FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(asdict(settings), indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_generation_settings(folder: str | Path) -> GenerationSettings:
+    """The settings saved in an adapter or model folder; defaults when there are none.
+
+    Raises:
+        LoraError: a settings file that is not the JSON object lorakit writes.
+    """
+    path = Path(folder) / GENERATION_FILE
+    if not path.is_file():
+        return GenerationSettings()
+    try:
+        values = json.loads(path.read_text())
+        return GenerationSettings(**{k: values.get(k) for k in ("system", "chat_template")})
+    except (json.JSONDecodeError, AttributeError, TypeError) as error:
+        raise LoraError(
+            f"{path} is not a JSON object with keys system and chat_template ({error}); fix or "
+            "delete it and pass --system / --chat-template instead."
+        ) from error
+
+
+def _bar(total: int, desc: str | None, unit: str) -> Any:
+    """A progress bar with rate and ETA on stderr; nothing when ``desc`` is ``None``."""
+    from tqdm import tqdm
+
+    layout = "{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]"
+    return tqdm(
+        total=total, desc=desc, unit=unit, disable=desc is None, leave=False, bar_format=layout
+    )
+
+
+class _TokenProgress:
+    """A ``generate(streamer=...)`` hook that moves a bar of replies token by token.
+
+    A batch of ``rows`` replies advances the bar by ``rows / max_new_tokens`` per generated
+    token, so the bar moves (with its rate and ETA) while one slow batch runs.
+    """
+
+    def __init__(self, bar: Any, rows: int, max_new_tokens: int) -> None:
+        self.bar, self.rows, self.step = bar, rows, rows / max_new_tokens
+        self.done, self.prompt = 0.0, True
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt:  # the first call passes the prompt
+            self.prompt = False
+        elif self.done + self.step < self.rows:
+            self.bar.update(self.step)
+            self.done += self.step
+
+    def end(self) -> None:
+        self.bar.update(self.rows - self.done)
 
 
 def _prompt(tokenizer: Any, messages: Conversation) -> str:
@@ -28,15 +120,18 @@ def generate_batch(
     conversations: Sequence[Conversation],
     max_new_tokens: int = 128,
     batch_size: int = 16,
+    progress: str | None = None,
 ) -> list[str]:
     """Greedy replies to each conversation (ending with a user turn), in order.
 
     Prompts are padded on the left so every sequence's next token sits in the last column.
+    ``progress``: the label of a progress bar (rate, ETA) over the replies; ``None``: no bar.
     """
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"
     replies: list[str] = []
+    bar = _bar(len(conversations), progress, "reply")
     try:
         for start in range(0, len(conversations), batch_size):
             prompts = [_prompt(tokenizer, c) for c in conversations[start : start + batch_size]]
@@ -49,11 +144,13 @@ def generate_batch(
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
                 use_cache=True,
+                streamer=None if bar.disable else _TokenProgress(bar, len(prompts), max_new_tokens),
             )
             # (B, prompt + new) -> the new tokens only
             new = out[:, enc["input_ids"].shape[1] :]
             replies += tokenizer.batch_decode(new, skip_special_tokens=True)
     finally:
+        bar.close()
         tokenizer.padding_side = side
         model.train(was_training)
     return replies
@@ -78,18 +175,64 @@ def split_references(examples: Sequence[Example]) -> tuple[list[Conversation], l
 
 
 def exact_match_score(
-    model: nn.Module, tokenizer: Any, examples: Sequence[Example], batch_size: int = 25
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    batch_size: int = 25,
+    progress: str | None = None,
 ) -> float:
     """Share of examples whose greedy reply equals the reference (see ``demo.exact_match``).
 
     ``max_new_tokens`` is just above the longest reference, so the score costs little more
-    than the answers themselves.
+    than the answers themselves. ``progress`` labels a progress bar (see :func:`generate_batch`).
     """
     prompts, references = split_references(examples)
     longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references)
-    replies = generate_batch(model, tokenizer, prompts, longest + 8, batch_size)
+    replies = generate_batch(model, tokenizer, prompts, longest + 8, batch_size, progress)
     hits = sum(exact_match(p, r) for p, r in zip(replies, references, strict=True))
     return hits / len(references)
+
+
+def json_shape(text: str) -> Any:
+    """The structure of a JSON text: objects as their keys with the shapes of their values,
+    lists as the set of their items' shapes, other values as their type; ``None`` if ``text``
+    is not JSON. ``{"a": [1, 2]}`` and ``{"a": [3]}`` have the same shape."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+    def shape(v: Any) -> Any:
+        if isinstance(v, dict):
+            return tuple(sorted((k, shape(x)) for k, x in v.items()))
+        if isinstance(v, list):
+            return ("list", tuple(sorted({repr(shape(x)) for x in v})))
+        return type(v).__name__
+
+    return shape(value)
+
+
+def shape_matches(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    settings: GenerationSettings,
+    progress: str | None = None,
+) -> tuple[int, int]:
+    """(replies in the reference's JSON shape, examples), prompting as ``lorakit generate`` does.
+
+    Each example's system messages are dropped and ``settings`` applied, as for a user who
+    types only the request: this checks that the saved settings reproduce the trained answers.
+    """
+    prompts, references = split_references(examples)
+    prompts = [settings.messages([m for m in p if m["role"] != "system"]) for p in prompts]
+    longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references)
+    replies = generate_batch(model, tokenizer, prompts, longest + 8, len(prompts), progress)
+    hits = sum(
+        json_shape(p) is not None and json_shape(p) == json_shape(r)
+        for p, r in zip(replies, references, strict=True)
+    )
+    return hits, len(references)
 
 
 def stream_reply(
@@ -113,8 +256,16 @@ def stream_reply(
     return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def print_table(before: dict[str, float], after: dict[str, float], eval_losses: dict) -> None:
-    """Print the before/after table of a training run (the CLI's user output)."""
+def print_table(
+    before: dict[str, float],
+    after: dict[str, float],
+    eval_losses: dict,
+    shape: tuple[int, int] | None = None,
+) -> None:
+    """Print the before/after table of a training run (the CLI's user output).
+
+    ``shape``: (hits, total) of :func:`shape_matches`, a row for the answers ``generate`` gives.
+    """
     rows = []
     if "exact_match" in before or "exact_match" in after:
         rows.append(
@@ -133,7 +284,14 @@ def print_table(before: dict[str, float], after: dict[str, float], eval_losses: 
                 f"{eval_losses[last]:.4f}",
             )
         )
-    print(f"\n{'':<20}{'before':>10}{'after':>10}")
+    if shape is not None:
+        rows.append(("JSON shape, generate", "-", f"{shape[0]}/{shape[1]}"))
+    print(f"\n{'':<22}{'before':>10}{'after':>10}")
     for name, b, a in rows:
-        print(f"{name:<20}{b:>10}{a:>10}")
+        print(f"{name:<22}{b:>10}{a:>10}")
+    if shape is not None:
+        print(
+            f"(JSON shape: {shape[1]} test requests with no system prompt, prompted as "
+            "`lorakit generate` does with the saved settings)"
+        )
     print()

@@ -16,12 +16,17 @@ PLOT_FILE = "loss.png"
 
 
 class Metrics:
-    """Train and eval losses: kept in memory, appended to metrics.jsonl, optionally TensorBoard."""
+    """Train and eval losses: kept in memory, appended to metrics.jsonl, optionally TensorBoard.
+
+    A multi-task run also logs each task's loss (``task_loss``: name -> loss); ``loss`` is
+    their sum, the quantity the step minimises.
+    """
 
     def __init__(self, output: Path, start_step: int, tensorboard: bool, is_main: bool) -> None:
         self.path = output / METRICS_FILE
         self.is_main = is_main
         self.train_losses: dict[int, float] = {}
+        self.task_losses: dict[str, dict[int, float]] = {}
         self.eval_losses: dict[int, float] = {}
         self.writer = None
         if not is_main:
@@ -35,6 +40,8 @@ class Metrics:
                     kept.append(line)
                     losses = self.train_losses if "loss" in record else self.eval_losses
                     losses[record["step"]] = record.get("loss", record.get("eval_loss"))
+                    for task, loss in record.get("task_loss", {}).items():
+                        self.task_losses.setdefault(task, {})[record["step"]] = loss
             tmp = self.path.with_name(f".{self.path.name}.tmp")
             tmp.write_text("".join(f"{line}\n" for line in kept))
             tmp.replace(self.path)  # a crash here keeps the old history whole
@@ -53,13 +60,29 @@ class Metrics:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def train(self, step: int, loss: float, lr: float, grad_norm: float, tok_per_s: float) -> None:
+    def train(
+        self,
+        step: int,
+        loss: float,
+        lr: float,
+        grad_norm: float,
+        tok_per_s: float,
+        task_losses: dict[str, float] | None = None,
+    ) -> None:
+        """Record one optimizer step; ``task_losses``: each task's loss in a multi-task run."""
         self.train_losses[step] = loss
-        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}
-        self._write({**record, "tokens_per_s": round(tok_per_s, 1)})
+        record: dict[str, Any] = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}
+        record["tokens_per_s"] = round(tok_per_s, 1)
+        if task_losses:
+            record["task_loss"] = dict(task_losses)
+            for task, value in task_losses.items():
+                self.task_losses.setdefault(task, {})[step] = value
+        self._write(record)
         if self.writer is not None:
             self.writer.add_scalar("train/loss", loss, step)
             self.writer.add_scalar("train/lr", lr, step)
+            for task, value in (task_losses or {}).items():
+                self.writer.add_scalar(f"train/loss_{task}", value, step)
 
     def eval(self, step: int, loss: float) -> None:
         self.eval_losses[step] = loss
@@ -69,19 +92,41 @@ class Metrics:
         if self.is_main:
             tqdm.write(f"step {step}: eval loss {loss:.4f}")
 
-    def plot(self, path: Path) -> None:
+    def figure(self) -> Any:
+        """The loss curves as a matplotlib figure: integer steps, loss on a log axis labelled
+        with plain numbers (0.5, 2), one line per task in a multi-task run."""
         import matplotlib
 
         matplotlib.use("Agg")  # files only, no display needed
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import LogFormatter, MaxNLocator
+
+        class PlainLog(LogFormatter):
+            """matplotlib's choice of labelled ticks, written as 0.04 instead of 4×10⁻²."""
+
+            def __call__(self, x: float, pos: int | None = None) -> str:
+                return f"{x:.6g}" if super().__call__(x, pos) else ""
 
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(list(self.train_losses), list(self.train_losses.values()), label="train")
+        train_label = "train (sum of tasks)" if self.task_losses else "train"
+        ax.plot(list(self.train_losses), list(self.train_losses.values()), label=train_label)
+        for task, losses in self.task_losses.items():
+            ax.plot(list(losses), list(losses.values()), "--", label=f"train {task}")
         if self.eval_losses:
             ax.plot(list(self.eval_losses), list(self.eval_losses.values()), "o-", label="eval")
         ax.set(xlabel="step", ylabel="loss", yscale="log", title="lorakit train")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_formatter(PlainLog())
+        ax.yaxis.set_minor_formatter(PlainLog(labelOnlyBase=False))
         ax.legend()
         fig.tight_layout()
+        return fig
+
+    def plot(self, path: Path) -> None:
+        """Write :meth:`figure` as a PNG (temporary name, then renamed)."""
+        import matplotlib.pyplot as plt
+
+        fig = self.figure()
         tmp = path.with_name(f".{path.stem}.tmp.png")
         fig.savefig(tmp, dpi=100)
         plt.close(fig)
