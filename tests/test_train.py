@@ -245,7 +245,9 @@ def test_demo_defaults_without_data():
 def test_config_errors_list_every_problem(tmp_path):
     with pytest.raises(LoraError, match=r"rank must be a positive integer[\s\S]*schedule"):
         TrainConfig(rank=0, schedule="step")
-    with pytest.raises(LoraError, match="Unknown config keys: learning_rate"):
+    with pytest.raises(
+        LoraError, match=r"Unknown config keys: learning_rate \(did you mean lr\?\)"
+    ):
         resolve_config(None, {"learning_rate": 1.0})
     with pytest.raises(LoraError, match="not found"):
         resolve_config(tmp_path / "missing.yaml")

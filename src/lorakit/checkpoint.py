@@ -27,9 +27,16 @@ from . import distributed
 from .distributed import Dist
 from .errors import LoraError
 from .io import save_adapter
-from .train_config import CONFIG_FILE, RESUMABLE_CHANGES, TrainConfig, write_config
+from .train_config import (
+    CONFIG_FILE,
+    RESUMABLE_CHANGES,
+    TrainConfig,
+    iter_config_help,
+    write_config,
+)
 
 if TYPE_CHECKING:
+    from .generate import GenerationSettings
     from .train import BatchStream
 
 STATE_FILE = "state.pt"
@@ -88,11 +95,14 @@ def save_checkpoint(
     config: TrainConfig,
     keep: int,
     dist: Dist | None = None,
+    settings: GenerationSettings | None = None,
 ) -> Path:
     """Write ``output/checkpoints/step-{step}`` atomically and prune to the last ``keep``.
 
-    ``extra`` joins the state (the data position, under ``"stream"``). Every rank of a
-    distributed run must call this; rank 0 writes, and all return the folder.
+    ``extra`` joins the state (the data position, under ``"stream"``); ``settings`` (the
+    system prompt and chat template) go beside the adapter, so the checkpoint is usable as
+    ``--adapter`` as it is. Every rank of a distributed run must call this; rank 0 writes,
+    and all return the folder.
     """
     dist = dist or Dist()
     root = output / CHECKPOINTS
@@ -115,18 +125,29 @@ def save_checkpoint(
                 "world_size": dist.world_size,
                 **extra,
             }
-            _write(root, target, model, state, config)
+            _write(root, target, model, state, config, settings)
             for _, old in _steps(root)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
     return target
 
 
-def _write(root: Path, target: Path, model: nn.Module, state: dict, config: TrainConfig) -> None:
+def _write(
+    root: Path,
+    target: Path,
+    model: nn.Module,
+    state: dict,
+    config: TrainConfig,
+    settings: GenerationSettings | None,
+) -> None:
     """Adapter, state and config into a temporary folder, then renamed to ``target``."""
+    from .generate import save_generation_settings
+
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
     try:
         save_adapter(model, tmp)
+        if settings is not None:
+            save_generation_settings(settings, tmp)
         torch.save(state, tmp / STATE_FILE)
         write_config(config, tmp)
         if target.exists():
@@ -134,6 +155,48 @@ def _write(root: Path, target: Path, model: nn.Module, state: dict, config: Trai
         tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_resumable(
+    folder: Path, config: TrainConfig, world_size: int, saved_world: int | None = None
+) -> None:
+    """Refuse to resume ``folder`` with a config that would train differently.
+
+    Only :data:`RESUMABLE_CHANGES` may differ, and ``batch_size`` as long as processes x
+    batch size stays the same. ``saved_world``: the processes the checkpoint ran with (read
+    from its state file when ``None``). Cheap: no model is needed.
+
+    Raises:
+        LoraError: naming every setting that differs.
+    """
+    if saved_world is None:
+        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+        saved_world = int(state.get("world_size", 1))
+    saved = yaml.safe_load((folder / CONFIG_FILE).read_text()) or {}
+    mine = config.to_dict()
+    # A key the checkpoint lacks is a setting added since: it ran with that setting's default.
+    defaults = {name: default for name, default, _ in iter_config_help()}
+    same_global_batch = saved.get("batch_size", 0) * saved_world == mine["batch_size"] * world_size
+    differ = sorted(
+        key
+        for key in set(saved) | set(mine)
+        if key not in RESUMABLE_CHANGES
+        and saved.get(key, defaults.get(key)) != mine.get(key)
+        and not (key == "batch_size" and same_global_batch)
+    )
+    if not differ:
+        return
+    details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {mine.get(k)!r}" for k in differ)
+    if "batch_size" in differ and saved_world != world_size:
+        details += (
+            f" (the checkpoint ran {saved_world} process(es); keep processes x batch size "
+            f"at {saved.get('batch_size', 0) * saved_world})"
+        )
+    raise LoraError(
+        f"Cannot resume from {folder}: it was made with a different model or config "
+        f"({details}). Resume with the same settings (see {folder / CONFIG_FILE}), or start "
+        "a new run without --resume."
+    )
 
 
 def load_checkpoint(
@@ -159,33 +222,7 @@ def load_checkpoint(
 
     dist = dist or Dist()
     state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-    saved = yaml.safe_load((folder / CONFIG_FILE).read_text()) or {}
-    mine = config.to_dict()
-    saved_world = int(state.get("world_size", 1))
-    same_global_batch = saved.get("batch_size", 0) * saved_world == (
-        mine["batch_size"] * dist.world_size
-    )
-    differ = sorted(
-        key
-        for key in set(saved) | set(mine)
-        if key not in RESUMABLE_CHANGES
-        and saved.get(key) != mine.get(key)
-        and not (key == "batch_size" and same_global_batch)
-    )
-    if differ:
-        details = "; ".join(
-            f"{k}: checkpoint {saved.get(k)!r}, now {mine.get(k)!r}" for k in differ
-        )
-        if "batch_size" in differ and saved_world != dist.world_size:
-            details += (
-                f" (the checkpoint ran {saved_world} process(es); keep processes x batch size "
-                f"at {saved.get('batch_size', 0) * saved_world})"
-            )
-        raise LoraError(
-            f"Cannot resume from {folder}: it was made with a different model or config "
-            f"({details}). Resume with the same settings (see {folder / CONFIG_FILE}), or start "
-            "a new run without --resume."
-        )
+    check_resumable(folder, config, dist.world_size, int(state.get("world_size", 1)))
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state["trainable"].items():

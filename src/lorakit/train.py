@@ -26,6 +26,7 @@ normalised by the target tokens of all ranks, and rank 0 alone writes files and 
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import time
@@ -39,10 +40,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .data import IGNORE_INDEX, EncodedDataset, collate, load_datasets, read_examples
+from .checkpoint import check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint
+from .data import (
+    IGNORE_INDEX,
+    EncodedDataset,
+    Example,
+    collate,
+    common_system,
+    load_datasets,
+    read_examples,
+    with_system,
+)
 from .distributed import Dist
 from .errors import LoraError
+from .generate import (
+    GenerationSettings,
+    exact_match_score,
+    json_shape,
+    print_table,
+    save_generation_settings,
+    shape_matches,
+    split_references,
+)
 from .inject import add_lora, trainable_parameters
 from .io import save_adapter
 from .metrics import PLOT_FILE, Metrics
@@ -50,6 +69,7 @@ from .models import resolve_model_spec
 from .train_config import TrainConfig, write_config
 
 DEFAULT = "default"  # the adapter's name in a single-task run
+SHAPE_CHECKS = 5  # test records prompted as `lorakit generate` does, for the final table
 
 
 # --- learning-rate schedule -------------------------------------------------------------------
@@ -146,28 +166,28 @@ def summed_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tenso
 
 def step_loss(
     model: nn.Module, batch: dict[str, torch.Tensor], rows: list[str], targets: dict[str, float]
-) -> torch.Tensor:
-    """This micro-batch's share of the step loss: sum over tasks of loss / the task's targets.
+) -> dict[str, torch.Tensor]:
+    """This micro-batch's share of each task's step loss: its loss / the task's target tokens.
 
-    ``rows`` names each row's task and ``targets`` each task's target tokens in the whole step.
-    One task: the summed loss over ``targets``. Several: rows are routed to their task's
-    adapter (:func:`lorakit.route`), so each adapter's gradient is its own task's mean-loss
-    gradient, exactly as if it were trained alone.
+    ``rows`` names each row's task and ``targets`` each task's target tokens in the whole step;
+    the loss to minimise is the sum of the values. One task: the summed loss over ``targets``.
+    Several: rows are routed to their task's adapter (:func:`lorakit.route`), so each adapter's
+    gradient is its own task's mean-loss gradient, exactly as if it were trained alone.
     """
     if len(targets) == 1:
-        (count,) = targets.values()
-        return summed_loss(model, batch) / max(count, 1)
+        ((name, count),) = targets.items()
+        return {name: summed_loss(model, batch) / max(count, 1)}
     from .adapters import route
 
     # Adapters are found on the model itself, not on a DDP wrapper around it.
     inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     with route(inner, rows):
         per_row = row_losses(model, batch)
-    total = per_row.new_zeros(())
+    losses = {}
     for name, count in targets.items():
         mine = [i for i, task in enumerate(rows) if task == name]
-        total = total + per_row[mine].sum() / max(count, 1)
-    return total
+        losses[name] = per_row[mine].sum() / max(count, 1)
+    return losses
 
 
 def _mixed_batch(
@@ -186,29 +206,42 @@ def _adapter_parameters(model: nn.Module, names: list[str]) -> dict[str, list[nn
     """Trainable parameters by adapter: all of them for one adapter, else each LoRA's A and B."""
     if len(names) == 1:
         return {names[0]: [p for p in model.parameters() if p.requires_grad]}
-    from .layers import LoraLayer
+    from .targeting import iter_adapter_modules
 
     groups: dict[str, list[nn.Parameter]] = {name: [] for name in names}
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            for name in names:
-                if name in module.lora_A:
-                    groups[name] += [module.lora_A[name], module.lora_B[name]]
+    for _, module in iter_adapter_modules(model):
+        for name in names:
+            if name in module.adapter_names():
+                groups[name] += module.adapter_parameters(name)
     return groups
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, dataset: EncodedDataset, batch_size: int, pad_id: int) -> float:
-    """Mean next-token loss over every target token of ``dataset`` (eval mode, no dropout)."""
+def evaluate_loss(
+    model: nn.Module,
+    dataset: EncodedDataset,
+    batch_size: int,
+    pad_id: int,
+    progress: str | None = None,
+) -> float:
+    """Mean next-token loss over every target token of ``dataset`` (eval mode, no dropout).
+
+    ``progress``: the label of a progress bar (rate, ETA) over the sequences; ``None``: none.
+    """
+    from tqdm import tqdm
+
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    bar = tqdm(total=len(dataset), desc=progress, unit="seq", disable=progress is None, leave=False)
     for start in range(0, len(dataset), batch_size):
         batch = collate(
             [dataset[i] for i in range(start, start + batch_size) if i < len(dataset)], pad_id
         )
         total += float(summed_loss(model, batch))
         count += target_count(batch)
+        bar.update(len(batch["input_ids"]))
+    bar.close()
     model.train(was_training)
     return total / max(count, 1)
 
@@ -264,6 +297,65 @@ def _log(message: str, is_main: bool) -> None:
         tqdm.write(message)
 
 
+@dataclass
+class Inputs:
+    """What :func:`check_inputs` read and checked, before any model loads.
+
+    Attributes:
+        settings: per adapter name, the generation settings saved beside it (the system
+            prompt given, or the one its training conversations share, and the template).
+        test_examples: the ``test_data`` records (conversations), if any.
+        resume_dir: the checkpoint ``resume`` points to, if any.
+    """
+
+    settings: dict[str, GenerationSettings]
+    test_examples: list[Example] | None
+    resume_dir: Path | None
+
+
+def _read(path: str, flag: str, data_format: str | None) -> list[Example]:
+    if not Path(path).is_file():
+        raise LoraError(f"{flag} {path}: file not found; pass an existing JSON/JSONL file.")
+    return read_examples(path, data_format)
+
+
+def check_inputs(config: TrainConfig, check_model: bool = True) -> Inputs:
+    """Every cheap check of a run, so that bad input fails in a second, not after a model load.
+
+    Reads every data file (format and records), the chat template file, the test records
+    (they need reference replies), finds the checkpoint to resume from and, with
+    ``check_model``, resolves the model spec.
+
+    Raises:
+        LoraError: naming the flag and the problem.
+    """
+    if check_model:
+        try:
+            resolve_model_spec(config.model)
+        except LoraError as error:
+            raise LoraError(f"--model {config.model}: {error}") from None
+    template = None
+    if config.chat_template is not None:
+        if not Path(config.chat_template).is_file():
+            raise LoraError(
+                f"--chat-template {config.chat_template}: file not found; pass a Jinja file."
+            )
+        template = Path(config.chat_template).read_text()
+    settings = {}
+    for name, path in (config.task_files() or {DEFAULT: config.data}).items():
+        examples = _read(path, "--task" if config.tasks else "--data", config.format)
+        system = config.system if config.system is not None else common_system(examples)
+        settings[name] = GenerationSettings(system or None, template)
+    if config.val_data:
+        _read(config.val_data, "--val-data", config.format)
+    test = None
+    if config.test_data:
+        test = [with_system(e, config.system) for e in _read(config.test_data, "--test-data", None)]
+        split_references(test)  # exact match needs a reference reply in every record
+    resume_dir = latest_checkpoint(config.resume) if config.resume else None
+    return Inputs(settings, test, resume_dir)
+
+
 def train(
     config: TrainConfig,
     model: nn.Module | None = None,
@@ -300,20 +392,49 @@ def train(
             distributed.teardown(dist)
 
 
-def _train(config: TrainConfig, model: nn.Module | None, tokenizer: Any, dist: Dist) -> TrainResult:
-    from tqdm import tqdm
+@dataclass
+class _Run:
+    """The state of a run between its set-up, its steps and its end."""
 
-    from .generate import exact_match_score, print_table
+    config: TrainConfig
+    dist: Dist
+    inputs: Inputs
+    model: nn.Module
+    tokenizer: Any
+    train_sets: dict[str, EncodedDataset]
+    val_set: EncodedDataset | None
+    before: dict[str, float] = field(default_factory=dict)
 
-    is_main = dist.is_main
-    output = Path(config.output)
-    resume_dir = latest_checkpoint(config.resume) if config.resume else None
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def log(self, message: str) -> None:
+        _log(message, self.is_main)
+
+    def folder(self, name: str) -> Path:
+        """Where adapter ``name`` is written: the output itself, or OUTPUT/NAME for a task."""
+        output = Path(self.config.output)
+        return output if name == DEFAULT else output / name
+
+
+def _prepare(config: TrainConfig, model: nn.Module | None, tokenizer: Any, dist: Dist) -> _Run:
+    """Check the inputs, load the model and data, measure the base model: all before LoRA."""
+    inputs = check_inputs(config, check_model=model is None)
+    if inputs.resume_dir is not None:
+        check_resumable(inputs.resume_dir, config, dist.world_size)
     if model is None:
         from .models import load_model
 
         model, tokenizer = load_model(config.model)
-    base_model = _base_name(model, config.model)
-    _log(_describe(config), is_main)
+    if config.chat_template is not None:
+        tokenizer = copy.deepcopy(tokenizer)  # the caller's tokenizer keeps its own template
+        next(iter(inputs.settings.values())).apply_template(tokenizer)
+    _log(_describe(config), dist.is_main)
 
     # One adapter per task (``--task NAME=FILE``), or the adapter "default" on --data.
     train_sets: dict[str, EncodedDataset] = {}
@@ -328,19 +449,32 @@ def _train(config: TrainConfig, model: nn.Module | None, tokenizer: Any, dist: D
             train_on_prompt=config.train_on_prompt,
             pack=config.packing,
             seed=config.seed,
+            system=config.system,
         )
-        _log(f"train{'' if name == DEFAULT else ' ' + name}: {train_sets[name].summary()}", is_main)
+        label = "" if name == DEFAULT else " " + name
+        _log(f"train{label}: {train_sets[name].summary()}", dist.is_main)
     if val_set is not None:
-        _log(f"val:   {val_set.summary()}", is_main)
-    test_examples = read_examples(config.test_data, config.format) if config.test_data else None
-    pad_id = tokenizer.pad_token_id
+        _log(f"val:   {val_set.summary()}", dist.is_main)
+    run = _Run(config, dist, inputs, model, tokenizer, train_sets, val_set)
+    if inputs.test_examples is not None and inputs.resume_dir is None:
+        run.before["exact_match"] = exact_match_score(
+            model, tokenizer, inputs.test_examples, progress=_bar_label(run, "base model")
+        )
+        run.log(f"base model exact match on {config.test_data}: {run.before['exact_match']:.1%}")
+    return run
 
-    before: dict[str, float] = {}
-    if test_examples is not None and not resume_dir:
-        before["exact_match"] = exact_match_score(model, tokenizer, test_examples)
-        _log(f"base model exact match on {config.test_data}: {before['exact_match']:.1%}", is_main)
 
-    for name in train_sets:
+def _bar_label(run: _Run, what: str) -> str | None:
+    """The label of an exact-match progress bar (rank 0 only)."""
+    count = len(run.inputs.test_examples or [])
+    return f"exact match, {what} ({count} greedy replies)" if run.is_main else None
+
+
+def _add_adapters(run: _Run) -> nn.Module:
+    """Add one adapter per task, seeded as a run on that task alone; return the model to step."""
+    config, model, dist = run.config, run.model, run.dist
+    base_model = _base_name(model, config.model)
+    for name in run.train_sets:
         # LoRA's A init draws from the global generator: reseeding gives every task's adapter
         # the init a run on that task alone would draw.
         torch.manual_seed(config.seed)
@@ -351,7 +485,7 @@ def _train(config: TrainConfig, model: nn.Module | None, tokenizer: Any, dist: D
         # the one-process stream).
         torch.manual_seed(config.seed + 1_000_003 * dist.rank)
         random.seed(config.seed + 1_000_003 * dist.rank)
-    _log(str(trainable_parameters(model)), is_main)
+    run.log(str(trainable_parameters(model)))
     if config.gradient_checkpointing:
         # With a frozen embedding no input of a checkpointed block requires grad, and
         # reentrant checkpointing would then drop the adapters' gradients.
@@ -362,16 +496,53 @@ def _train(config: TrainConfig, model: nn.Module | None, tokenizer: Any, dist: D
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
-    # ``model`` keeps the parameter names (checkpoints, adapter); ``wrapped`` runs the steps.
-    wrapped = distributed.wrap(model, dist)
+    # ``model`` keeps the parameter names (checkpoints, adapter); the wrapper runs the steps.
+    return distributed.wrap(model, dist)
 
+
+@dataclass
+class _Loop:
+    """The optimisation state of a run: optimizer, schedule, data streams, position, logs."""
+
+    total_steps: int
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    schedule: Any  # step -> lr factor
+    streams: dict[str, BatchStream]
+    mine: slice  # this rank's rows of each global micro-batch
+    metrics: Metrics | None = None
+    step: int = 0
+    last_saved: Path | None = None
+
+
+def _train(config: TrainConfig, model: nn.Module | None, tokenizer: Any, dist: Dist) -> TrainResult:
+    run = _prepare(config, model, tokenizer, dist)
+    wrapped = _add_adapters(run)
+    loop = _start_loop(run)
+    if run.val_set is not None and loop.step == 0 and config.eval_every:
+        loop.metrics.eval(0, _val_loss(run))
+    wrapped.train()
+    _run_steps(run, wrapped, loop)
+    return _finish(run, loop.metrics, loop.step)
+
+
+def _start_loop(run: _Run) -> _Loop:
+    """Steps, optimizer, schedule and data streams; restored from the checkpoint on resume."""
+    config, dist, model = run.config, run.dist, run.model
     # Rank i takes slice i of each global micro-batch of world * batch_size examples, so one
     # step sees the same examples as one process with batch world * batch_size.
     global_batch = config.batch_size * dist.world_size
-    _log(_describe_parallel(config, dist), is_main)
-    largest = max(len(dataset) for dataset in train_sets.values())
+    run.log(_describe_parallel(config, dist, len(run.train_sets)))
+    largest = max(len(dataset) for dataset in run.train_sets.values())
     steps_per_epoch = math.ceil(largest / (global_batch * config.grad_accum))
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    if config.warmup_steps >= total_steps:
+        run.log(
+            f"warning: --warmup-steps {config.warmup_steps} is not shorter than the run "
+            f"({total_steps} steps): the lr never reaches --lr {config.lr:g} and no "
+            f"{config.schedule} decay follows. Lower --warmup-steps (e.g. to "
+            f"{total_steps // 10})."
+        )
     optimizer = build_optimizer(model, config)
     schedule = partial(
         lr_factor,
@@ -379,116 +550,175 @@ def _train(config: TrainConfig, model: nn.Module | None, tokenizer: Any, dist: D
         total_steps=total_steps,
         schedule=config.schedule,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    # Each task has its own stream, as if trained alone; a micro-batch holds rows of every task.
-    streams = {
-        name: BatchStream(len(d), global_batch, config.seed) for name, d in train_sets.items()
-    }
-    stream = streams[next(iter(streams))]  # checkpoints: single-task runs only
-    mine = slice(dist.rank * config.batch_size, (dist.rank + 1) * config.batch_size)
-
-    start_step = 0
+    loop = _Loop(
+        total_steps,
+        optimizer,
+        torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+        schedule,
+        # Each task has its own stream, as if trained alone; a micro-batch holds every task.
+        {n: BatchStream(len(d), global_batch, config.seed) for n, d in run.train_sets.items()},
+        slice(dist.rank * config.batch_size, (dist.rank + 1) * config.batch_size),
+    )
+    resume_dir = loop.last_saved = run.inputs.resume_dir
     if resume_dir is not None:
-        start_step = load_checkpoint(resume_dir, model, optimizer, scheduler, stream, config, dist)
-        _log(f"resumed from {resume_dir} at step {start_step}", is_main)
-
-    metrics = Metrics(output, start_step, config.tensorboard, is_main)
-    if is_main:
+        stream = next(iter(loop.streams.values()))  # checkpoints: single-task runs only
+        loop.step = load_checkpoint(
+            resume_dir, model, optimizer, loop.scheduler, stream, config, dist
+        )
+        run.log(f"resumed from {resume_dir} at step {loop.step}")
+    output = Path(config.output)
+    loop.metrics = Metrics(output, loop.step, config.tensorboard, run.is_main)
+    if run.is_main:
         output.mkdir(parents=True, exist_ok=True)
         write_config(config, output)
-    if val_set is not None and start_step == 0 and config.eval_every:
-        metrics.eval(0, evaluate_loss(model, val_set, config.batch_size, pad_id))
+    return loop
 
-    wrapped.train()
-    autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=config.bf16)
+
+def _run_steps(run: _Run, wrapped: nn.Module, loop: _Loop) -> None:
+    """Optimizer steps up to ``loop.total_steps``: log, evaluate and save as configured."""
+    from tqdm import tqdm
+
+    config = run.config
     bar = tqdm(
-        total=total_steps, initial=start_step, disable=not is_main, desc="train", dynamic_ncols=True
+        total=loop.total_steps,
+        initial=loop.step,
+        disable=not run.is_main,
+        desc="train",
+        dynamic_ncols=True,
     )
-    last_saved: Path | None = resume_dir
-    step = start_step
-    while step < total_steps:
+    while loop.step < loop.total_steps:
         t0 = time.perf_counter()
-        micro = [_mixed_batch(train_sets, streams, mine, pad_id) for _ in range(config.grad_accum)]
-        # Normalise each task by its targets in the whole step on all ranks, so accumulation
-        # and more processes both equal one bigger batch.
-        local = [sum(target_count(b, rows, name) for b, rows in micro) for name in train_sets]
-        targets = dict(zip(train_sets, distributed.all_reduce_sum(local, dist), strict=True))
-        loss_sum = 0.0
-        for index, (batch, rows) in enumerate(micro):
-            with distributed.no_grad_sync(wrapped, dist, sync=index == len(micro) - 1):
-                with autocast:
-                    loss = step_loss(wrapped, batch, rows, targets)
-                # DDP and FSDP2 average gradients over the N ranks: (1/N) sum_r g_r. Rank r's
-                # loss is its share of the global mean, so N times it makes that average
-                # sum_r g_r, the gradient of the global mean loss.
-                (loss * dist.world_size).backward()
-            loss_sum += loss.item()
-        tokens = sum(int(batch["attention_mask"].sum()) for batch, _ in micro)
-        loss_sum, tokens = distributed.all_reduce_sum([loss_sum, tokens], dist)
-        if not math.isfinite(loss_sum):
-            where = f"; the last good checkpoint is {last_saved}" if last_saved else ""
-            raise LoraError(
-                f"The loss is not finite at step {step + 1} ({loss_sum}){where}. Lower --lr, "
-                "keep --max-grad-norm on, or turn off --bf16, and resume from a checkpoint."
-            )
-        # Each task's adapter is clipped on its own, as if trained alone. The norm before
-        # clipping is logged (inf = measure only): equal norms across world sizes show the
-        # gradient's scale is right, which Adam's updates alone would hide.
-        max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
-        norms = [
-            float(distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)))
-            for params in _adapter_parameters(model, list(train_sets)).values()
-        ]
-        grad_norm = math.sqrt(sum(n * n for n in norms))
-        lr = config.lr * schedule(step)  # the lr of this update (A matrices under LoRA+)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
+        losses, tokens, grad_norm = _step(run, wrapped, loop)
+        lr = config.lr * loop.schedule(loop.step)  # the lr of this update (A under LoRA+)
+        loop.optimizer.step()
+        loop.scheduler.step()
+        loop.optimizer.zero_grad(set_to_none=True)
+        loop.step += 1
+        step = loop.step
 
+        loss = sum(losses.values())
         tok_per_s = tokens / (time.perf_counter() - t0)
-        metrics.train(step, loss_sum, lr, grad_norm, tok_per_s)
-        bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_per_s:.0f}")
+        per_task = losses if len(losses) > 1 else None
+        loop.metrics.train(step, loss, lr, grad_norm, tok_per_s, per_task)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_per_s:.0f}")
         bar.update(1)
 
-        eval_due = config.eval_every and step % config.eval_every == 0 and step != total_steps
-        if val_set is not None and eval_due:
-            metrics.eval(step, evaluate_loss(model, val_set, config.batch_size, pad_id))
+        eval_due = config.eval_every and step % config.eval_every == 0
+        if run.val_set is not None and eval_due and step != loop.total_steps:
+            loop.metrics.eval(step, _val_loss(run))
         if config.save_every and step % config.save_every == 0:
-            state = {"stream": stream.state_dict()}
-            last_saved = save_checkpoint(
-                output,
+            stream = next(iter(loop.streams.values()))
+            loop.last_saved = save_checkpoint(
+                Path(config.output),
                 step,
-                model,
-                optimizer,
-                scheduler,
-                state,
+                run.model,
+                loop.optimizer,
+                loop.scheduler,
+                {"stream": stream.state_dict()},
                 config,
                 config.keep_checkpoints,
-                dist,
+                run.dist,
+                settings=run.inputs.settings[DEFAULT],
             )
     bar.close()
 
-    if val_set is not None:
-        metrics.eval(step, evaluate_loss(model, val_set, config.batch_size, pad_id))
+
+def _val_loss(run: _Run) -> float:
+    label = "val loss" if run.is_main else None
+    return evaluate_loss(run.model, run.val_set, run.config.batch_size, run.pad_id, label)
+
+
+def _step(run: _Run, wrapped: nn.Module, loop: _Loop) -> tuple[dict[str, float], int, float]:
+    """Forward and backward over the step's micro-batches, then clip.
+
+    Returns each task's loss, the tokens of the step (all ranks) and the gradient norm.
+    """
+    config, dist, names = run.config, run.dist, list(run.train_sets)
+    micro = [
+        _mixed_batch(run.train_sets, loop.streams, loop.mine, run.pad_id)
+        for _ in range(config.grad_accum)
+    ]
+    # Normalise each task by its targets in the whole step on all ranks, so accumulation
+    # and more processes both equal one bigger batch.
+    local = [sum(target_count(b, rows, name) for b, rows in micro) for name in names]
+    targets = dict(zip(names, distributed.all_reduce_sum(local, dist), strict=True))
+    losses = dict.fromkeys(names, 0.0)
+    for index, (batch, rows) in enumerate(micro):
+        with distributed.no_grad_sync(wrapped, dist, sync=index == len(micro) - 1):
+            with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                shares = step_loss(wrapped, batch, rows, targets)
+            # DDP and FSDP2 average gradients over the N ranks: (1/N) sum_r g_r. Rank r's
+            # loss is its share of the global mean, so N times it makes that average
+            # sum_r g_r, the gradient of the global mean loss.
+            (sum(shares.values()) * dist.world_size).backward()
+        for name, share in shares.items():
+            losses[name] += share.item()
+    tokens = sum(int(batch["attention_mask"].sum()) for batch, _ in micro)
+    *task_losses, tokens = distributed.all_reduce_sum([*losses.values(), tokens], dist)
+    losses = dict(zip(names, task_losses, strict=True))
+    total = sum(losses.values())
+    if not math.isfinite(total):
+        where = f"; the last good checkpoint is {loop.last_saved}" if loop.last_saved else ""
+        raise LoraError(
+            f"The loss is not finite at step {loop.step + 1} ({total}){where}. Lower --lr, "
+            "keep --max-grad-norm on, or turn off --bf16, and resume from a checkpoint."
+        )
+    # Each task's adapter is clipped on its own, as if trained alone. The norm before
+    # clipping is logged (inf = measure only): equal norms across world sizes show the
+    # gradient's scale is right, which Adam's updates alone would hide.
+    max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
+    norms = [
+        float(distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+        for params in _adapter_parameters(run.model, names).values()
+    ]
+    return losses, int(tokens), math.sqrt(sum(n * n for n in norms))
+
+
+def _finish(run: _Run, metrics: Metrics, step: int) -> TrainResult:
+    """Final evaluation, the adapters with their generation settings, the plot and the table."""
+    config, model, dist = run.config, run.model, run.dist
+    if run.val_set is not None:
+        metrics.eval(step, _val_loss(run))
     model.eval()
     after: dict[str, float] = {}
-    if test_examples is not None:
-        after["exact_match"] = exact_match_score(model, tokenizer, test_examples)
+    shape = None
+    test = run.inputs.test_examples
+    if test is not None:
+        after["exact_match"] = exact_match_score(
+            model, run.tokenizer, test, progress=_bar_label(run, "trained")
+        )
+        settings = run.inputs.settings[next(iter(run.train_sets))]
+        if len(run.train_sets) == 1 and settings.system and json_shape(test[0][-1]["content"]):
+            shape = shape_matches(model, run.tokenizer, test[:SHAPE_CHECKS], settings)
     with distributed.whole_trainable_params(model, dist):
-        if is_main:
-            for name in train_sets:
-                save_adapter(model, output if name == DEFAULT else output / name, name)
-    if is_main:
-        metrics.plot(output / PLOT_FILE)
-        if before or after:
-            print_table(before, after, metrics.eval_losses)
-        folders = [output if name == DEFAULT else output / name for name in train_sets]
-        _log(f"adapter written to {', '.join(map(str, folders))}", is_main)
+        if run.is_main:
+            for name in run.train_sets:
+                save_adapter(model, run.folder(name), name)
+                save_generation_settings(run.inputs.settings[name], run.folder(name))
+    if run.is_main:
+        metrics.plot(Path(config.output) / PLOT_FILE)
+        if run.before or after:
+            print_table(run.before, after, metrics.eval_losses, shape)
+        folders = ", ".join(str(run.folder(name)) for name in run.train_sets)
+        run.log(f"adapter written to {folders}")
+        for name, settings in run.inputs.settings.items():
+            if settings.system:
+                label = "" if name == DEFAULT else f" ({name})"
+                run.log(f"saved with it{label}: the system prompt {_short(settings.system)}")
     metrics.close()
     return TrainResult(
-        output, step, metrics.train_losses, metrics.eval_losses, model, before, after
+        Path(config.output),
+        step,
+        metrics.train_losses,
+        metrics.eval_losses,
+        model,
+        run.before,
+        after,
     )
+
+
+def _short(text: str, width: int = 60) -> str:
+    return repr(text if len(text) <= width else text[: width - 3] + "...")
 
 
 def _base_name(model: nn.Module, spec: str) -> str | None:
@@ -502,15 +732,25 @@ def _base_name(model: nn.Module, spec: str) -> str | None:
         return None
 
 
-def _describe_parallel(config: TrainConfig, dist: Dist) -> str:
-    """The effective batch: processes x batch x accumulation, and how the model is spread."""
+def _describe_parallel(config: TrainConfig, dist: Dist, tasks: int = 1) -> str:
+    """The effective batch: processes x batch x accumulation (x tasks), and the model's spread.
+
+    With several tasks every micro-batch holds ``batch_size`` rows of each task, so a step
+    takes ``tasks`` times as many rows.
+    """
     mode = "FSDP2 (fully_shard)" if dist.fsdp else "DDP"
     if not dist.enabled:
         mode = "one process"
-    per_step = dist.world_size * config.batch_size * config.grad_accum
+    per_task = dist.world_size * config.batch_size * config.grad_accum
+    counts = (
+        f"{dist.world_size} process(es) x batch {config.batch_size} x grad-accum "
+        f"{config.grad_accum}"
+    )
+    if tasks == 1:
+        return f"{mode}: {counts} = {per_task} sequences per step, on {dist.device}"
     return (
-        f"{mode}: {dist.world_size} process(es) x batch {config.batch_size} x grad-accum "
-        f"{config.grad_accum} = {per_step} sequences per step, on {dist.device}"
+        f"{mode}: {counts} x {tasks} tasks = {per_task * tasks} rows per step "
+        f"({per_task} per task), on {dist.device}"
     )
 
 
@@ -518,4 +758,6 @@ def _describe(config: TrainConfig) -> str:
     keys = ("model", "data", "max_steps", "epochs", "batch_size", "grad_accum", "seq_len")
     keys += ("lr", "schedule", "warmup_steps", "rank", "alpha", "dropout", "targets", "seed")
     values = config.to_dict()
+    if config.tasks:
+        keys = ("model", "tasks", *keys[2:])
     return "config: " + ", ".join(f"{k}={values[k]}" for k in keys)

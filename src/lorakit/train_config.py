@@ -8,6 +8,7 @@ its tuned settings (``DEMO_DEFAULTS``) are used.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,14 @@ class TrainConfig:
     val_fraction: float = _opt(0.0, "hold out this fraction of --data for validation")
     test_data: str | None = _opt(None, "chat/alpaca file for the before/after exact-match table")
     format: str | None = _opt(None, "data format: alpaca, chat, sharegpt or text (auto)")
+    system: str | None = _opt(
+        None,
+        "system prompt for conversations without one; saved with the adapter for generate, "
+        "chat and eval (none given: the one every training conversation shares, if any)",
+    )
+    chat_template: str | None = _opt(
+        None, "Jinja chat template file to use instead of the model's own; saved with the adapter"
+    )
     seq_len: int = _opt(512, "cut sequences to this many tokens")
     train_on_prompt: bool = _opt(False, "put loss on prompt tokens too")
     packing: bool = _opt(False, "pack several examples into each sequence")
@@ -72,7 +81,11 @@ class TrainConfig:
     eval_every: int = _opt(0, "validation loss every N steps (0 = at the end only)")
     save_every: int = _opt(0, "checkpoint every N steps (0 = none)")
     keep_checkpoints: int = _opt(2, "keep the last K checkpoints")
-    resume: str | None = _opt(None, "continue from a checkpoint folder (or an output folder)")
+    resume: str | None = _opt(
+        None,
+        "continue a run from its output folder (or one checkpoint); alone, it reads the run's "
+        "own settings from there",
+    )
     tensorboard: bool = _opt(False, "also write TensorBoard logs to OUTPUT/tensorboard")
     # --- several processes (under torchrun; see docs/distributed.md)
     fsdp: bool = _opt(False, "under torchrun: shard the frozen base with FSDP2 instead of DDP")
@@ -195,30 +208,20 @@ def resolve_config(
     """A config from a YAML file (optional) with ``overrides`` (the flags) on top.
 
     Without data in either, the bundled demo task is used with :data:`DEMO_DEFAULTS` for the
-    keys neither sets.
+    keys neither sets. With ``resume`` and no YAML file, the run's own settings are read from
+    its folder (see :func:`resumed_config`).
 
     Raises:
-        LoraError: a missing or malformed YAML file, or unknown keys.
+        LoraError: a missing or malformed YAML file, unknown keys (with the closest valid
+            one), or flags that contradict the run being resumed.
     """
-    values: dict[str, Any] = {}
-    if yaml_path is not None:
-        path = Path(yaml_path)
-        if not path.is_file():
-            raise LoraError(f"Config file {path} not found; pass an existing YAML file.")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise LoraError(f"{path} is not valid YAML: {error}") from error
-        if not isinstance(loaded, dict):
-            raise LoraError(f"{path} must hold a mapping of keys to values.")
-        values.update({key.replace("-", "_"): value for key, value in loaded.items()})
-    values.update(overrides or {})
-    names = {f.name for f in config_fields()}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise LoraError(
-            f"Unknown config keys: {', '.join(unknown)}. Valid keys: {', '.join(sorted(names))}."
-        )
+    overrides = dict(overrides or {})
+    values = _read_yaml(Path(yaml_path)) if yaml_path is not None else {}
+    check_keys(values, f"in {yaml_path}")
+    check_keys(overrides)
+    if yaml_path is None and overrides.get("resume"):
+        return resumed_config(overrides)
+    values.update(overrides)
     if values.get("data") is None and not values.get("tasks"):
         from .demo import demo_path
 
@@ -228,6 +231,121 @@ def resolve_config(
             values.setdefault(key, value)
         values["data"] = demo["data"]
     return TrainConfig(**values)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML config file, keys with ``-`` read as ``_``."""
+    if not path.is_file():
+        raise LoraError(f"Config file {path} not found; pass an existing YAML file.")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise LoraError(f"{path} is not valid YAML: {error}") from error
+    if not isinstance(loaded, dict):
+        raise LoraError(f"{path} must hold a mapping of keys to values.")
+    return {str(key).replace("-", "_"): value for key, value in loaded.items()}
+
+
+# What other fine-tuning tools (Hugging Face Trainer, PEFT, axolotl) call these settings.
+ALIASES = {
+    "learning_rate": "lr",
+    "r": "rank",
+    "lora_r": "rank",
+    "lora_rank": "rank",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "target_modules": "targets",
+    "num_train_epochs": "epochs",
+    "num_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "micro_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "max_seq_length": "seq_len",
+    "max_length": "seq_len",
+    "sequence_len": "seq_len",
+    "cutoff_len": "seq_len",
+    "output_dir": "output",
+    "model_name_or_path": "model",
+    "base_model": "model",
+    "train_file": "data",
+    "dataset": "data",
+    "validation_file": "val_data",
+    "lr_scheduler_type": "schedule",
+    "warmup": "warmup_steps",
+    "eval_steps": "eval_every",
+    "save_steps": "save_every",
+    "save_total_limit": "keep_checkpoints",
+    "resume_from_checkpoint": "resume",
+    "system_prompt": "system",
+    "task": "tasks",
+}
+
+
+def suggest_key(name: str, names: list[str]) -> str | None:
+    """The valid key closest to ``name``: another tool's name for it, or a near spelling."""
+    key = name.replace("-", "_").lower()
+    if ALIASES.get(key) in names:
+        return ALIASES[key]
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def check_keys(values: dict[str, Any], where: str = "") -> None:
+    """Refuse keys that are not :class:`TrainConfig` fields, naming the closest valid one."""
+    names = [f.name for f in config_fields()]
+    unknown = sorted(set(values) - set(names))
+    if not unknown:
+        return
+    hints = []
+    for key in unknown:
+        close = suggest_key(key, names)
+        hints.append(f"{key} (did you mean {close}?)" if close else key)
+    raise LoraError(
+        f"Unknown config keys{' ' + where if where else ''}: {', '.join(hints)}. "
+        f"Valid keys: {', '.join(sorted(names))}."
+    )
+
+
+def resumed_config(overrides: dict[str, Any]) -> TrainConfig:
+    """The config of the run ``overrides["resume"]`` continues, read from its newest checkpoint.
+
+    Flags may change only :data:`RESUMABLE_CHANGES` (``--output`` defaults to the run's own
+    folder); any other flag that differs from the run's setting is refused by name, since the
+    resumed losses would no longer equal an uninterrupted run's.
+
+    Raises:
+        LoraError: no checkpoint in the folder, or conflicting flags.
+    """
+    from .checkpoint import CHECKPOINTS, latest_checkpoint
+
+    resume = str(overrides["resume"])
+    checkpoint = latest_checkpoint(resume)
+    saved = _read_yaml(checkpoint / CONFIG_FILE)
+    check_keys(saved, f"in {checkpoint / CONFIG_FILE}")
+    defaults = {name: default for name, default, _ in iter_config_help()}
+    # --batch-size may change with the number of processes (load_checkpoint checks the rest).
+    allowed = RESUMABLE_CHANGES | {"batch_size"}
+    conflicts = [
+        f"--{key.replace('_', '-')} {_show(value)} (the run has {_show(saved.get(key, defaults[key]))})"
+        for key, value in overrides.items()
+        if key not in allowed and value != saved.get(key, defaults[key])
+    ]
+    if conflicts:
+        raise LoraError(
+            f"Cannot resume {resume} with {', '.join(conflicts)}: a resumed run keeps the settings "
+            f"in {checkpoint / CONFIG_FILE}, so that it continues exactly. Drop these flags to "
+            "continue the run, or start a new run (a new --output, no --resume). A resume may "
+            f"change only {', '.join('--' + k.replace('_', '-') for k in sorted(RESUMABLE_CHANGES))}."
+        )
+    values = {**saved, **overrides, "resume": resume}
+    if "output" not in overrides and checkpoint.parent.name == CHECKPOINTS:
+        values["output"] = str(checkpoint.parent.parent)  # the run's folder, wherever it moved
+    return TrainConfig(**values)
+
+
+def _show(value: Any) -> str:
+    """A setting as the user would type it on the command line."""
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def iter_config_help() -> Iterator[tuple[str, Any, str]]:
