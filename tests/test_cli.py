@@ -126,7 +126,10 @@ def test_resume_from_another_config_is_refused(trained, small_data, tmp_path, ca
     argv += ["--lr", "1e-2", "--val-fraction", "0.34", "--resume", str(trained)]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "different model or config" in err and "rank" in err
+    # Each conflicting flag by name, with the run's own value; the allowed --output is not.
+    assert f"Cannot resume {trained} with --rank 8 (the run has 4), --max-steps 3 (the run " in err
+    assert "--output" not in err.split(": a resumed run")[0]
+    assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
 def test_generate_picks_among_several_adapters(trained, tmp_path, capsys):

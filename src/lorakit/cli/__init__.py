@@ -2,11 +2,15 @@
 
 Each module in this package contributes a ``COMMANDS`` dict; ``main`` builds one argparse
 parser from them, so adding a subcommand touches only the module that implements it.
+
+Building the parser imports no transformers and no training code: each ``run`` function
+imports what it needs, so ``lorakit --help`` and ``lorakit train --help`` answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from collections.abc import Callable, Sequence
 
@@ -40,8 +44,36 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         )
         add_arguments(p)
-        p.set_defaults(run=run)
+        p.set_defaults(run=run, parser=p)
     return parser
+
+
+def _did_you_mean(word: str, choices: Sequence[str], command: str | None) -> str:
+    """`` (did you mean X?)`` for a mistyped flag or command, or ``""``."""
+    suggestion = None
+    if command == "train" and word.startswith("--"):
+        from ..train_config import config_fields, suggest_key
+
+        key = suggest_key(word[2:], [f.name for f in config_fields()])
+        suggestion = "--" + key.replace("_", "-") if key else None
+    if suggestion is None or suggestion not in choices:
+        close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+        suggestion = close[0] if close else None
+    return f" (did you mean {suggestion}?)" if suggestion else ""
+
+
+def _refuse_unknown(ns: argparse.Namespace, extras: list[str]) -> None:
+    """Exit with one line per unknown argument, each with its closest valid flag."""
+    parser: argparse.ArgumentParser = ns.parser
+    flags = sorted(o for action in parser._actions for o in action.option_strings)
+    problems = []
+    for extra in extras:
+        word = extra.split("=", 1)[0]
+        if word.startswith("-"):
+            problems.append(f"unknown flag {word}{_did_you_mean(word, flags, ns.command)}")
+        else:
+            problems.append(f"unexpected argument {extra!r}")
+    parser.error("; ".join(problems) + f". See lorakit {ns.command} --help.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -50,7 +82,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args:
         args = ["train"]  # the embedded default: fine-tune the bundled model on the demo task
     parser = build_parser()
-    ns = parser.parse_args(args)
+    commands = list(_commands())
+    if not args[0].startswith("-") and args[0] not in commands:
+        parser.error(
+            f"unknown command {args[0]!r}{_did_you_mean(args[0], commands, None)}; "
+            f"choose one of {', '.join(commands)}"
+        )
+    ns, extras = parser.parse_known_args(args)
+    if ns.command is None:
+        parser.print_help()
+        return 2
+    if extras:
+        _refuse_unknown(ns, extras)
     try:
         return ns.run(ns)
     except LoraError as err:

@@ -43,24 +43,25 @@ def add_combine_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_combine(args: argparse.Namespace) -> int:
     """Combine weighted adapters into one (cat: exact; svd: truncated to --rank; linear)."""
-    from .. import combine, load_adapter, save_adapter
+    from .. import combine, save_adapter
     from ..models import load_model
+    from .common import check_adapter_folder, check_model_spec, load_adapters, model_name, status
 
     adapters = parse_named_adapters(args.adapter)
-    if args.weights:
-        try:
-            weights = [float(w) for w in args.weights.split(",")]
-        except ValueError as err:
-            raise LoraError(f"--weights {args.weights!r} must be comma-separated numbers.") from err
-        if len(weights) != len(adapters):
-            raise LoraError(
-                f"--weights has {len(weights)} values for {len(adapters)} adapters; give one each."
-            )
-    else:
-        weights = [1.0 / len(adapters)] * len(adapters)
-    model, _ = load_model(args.model or next(iter(adapters.values())))
-    for name, folder in adapters.items():
-        load_adapter(model, folder, adapter_name=name)
+    for folder in adapters.values():
+        check_adapter_folder(folder)
+    weights = _weights(args.weights, len(adapters))
+    if args.method == "svd" and (args.rank is None or args.rank <= 0):
+        raise LoraError("--method svd needs --rank N (a positive integer): the rank to keep.")
+    spec = args.model or next(iter(adapters.values()))
+    check_model_spec(spec, "--model" if args.model else "the first adapter's base model")
+    model, _ = load_model(spec)
+    load_adapters(model, adapters, model_name(model, spec))
+    if args.method == "svd":
+        status(
+            f"combining with method svd: one SVD of the weighted sum of deltas per module, "
+            f"truncated to rank {args.rank}"
+        )
     errors = combine(
         model, dict(zip(adapters, weights, strict=True)), "combined", args.method, args.rank
     )
@@ -75,6 +76,19 @@ def run_combine(args: argparse.Namespace) -> int:
             f"relative error of the rank-{args.rank} truncation: mean {mean:.2e}, max {errors[worst]:.2e} ({worst})"
         )
     return 0
+
+
+def _weights(text: str | None, count: int) -> list[float]:
+    """``--weights`` as numbers, one per adapter; equal weights summing to 1 by default."""
+    if not text:
+        return [1.0 / count] * count
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError as err:
+        raise LoraError(f"--weights {text!r} must be comma-separated numbers.") from err
+    if len(weights) != count:
+        raise LoraError(f"--weights has {len(weights)} values for {count} adapters; give one each.")
+    return weights
 
 
 COMMANDS = {"combine": (add_combine_arguments, run_combine)}

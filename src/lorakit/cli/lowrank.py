@@ -10,23 +10,27 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-
-from torch import nn
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any
 
 from ..config import ALL_LINEAR
-from ..data import encode_examples, read_examples
-from ..factorize import factorize
-from ..inspect import inspect_adapter, plot_spectra
-from ..io import load_adapter, save_adapter
-from ..lowrank import extract_adapter, resize_adapter
-from ..models import load_model, save_model_folder
-from ..train import evaluate_loss
+from ..errors import LoraError
+from .common import (
+    check_adapter_folder,
+    check_data_file,
+    check_empty_output,
+    check_model_spec,
+    check_size,
+    explained_mismatch,
+    status,
+)
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def perplexity(
     model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
+    tokenizer: Any,
     path: str | Path,
     seq_len: int = 256,
     max_examples: int = 64,
@@ -37,10 +41,13 @@ def perplexity(
     Every token, not only the replies ``lorakit eval`` scores: factorising damages the whole
     language model, and the prompt tokens show it too.
     """
+    from ..data import encode_examples, read_examples
+    from ..train import evaluate_loss
+
     examples = read_examples(path)[:max_examples]
     data = encode_examples(examples, tokenizer, seq_len, train_on_prompt=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return math.exp(evaluate_loss(model, data, batch_size, pad))
+    return math.exp(evaluate_loss(model, data, batch_size, pad, "perplexity"))
 
 
 def _targets(values: list[str]) -> list[str] | str:
@@ -87,8 +94,16 @@ def run_extract(args: argparse.Namespace) -> int:
     Prints each module's rank and relative error, and the parameters that changed outside
     the targets. The adapter is written in PEFT's format.
     """
+    from ..io import save_adapter
+    from ..lowrank import extract_adapter
+    from ..models import load_model
+
+    check_size(args.rank, args.energy)
+    check_model_spec(args.base, "--base")
+    check_model_spec(args.tuned, "--tuned")
     base, _ = load_model(args.base)
     tuned, _ = load_model(args.tuned)
+    status("extracting: one SVD of W_tuned - W_base per targeted module (minutes for 100M+ models)")
     report = extract_adapter(
         base,
         tuned,
@@ -116,8 +131,18 @@ def run_resize(args: argparse.Namespace) -> int:
 
     Prints each module's old and new rank and the relative error of its delta.
     """
-    model, _ = load_model(args.base or args.adapter)
-    load_adapter(model, args.adapter)
+    from ..io import load_adapter, save_adapter
+    from ..lowrank import resize_adapter
+    from ..models import load_model
+
+    check_size(args.rank, args.energy)
+    check_adapter_folder(args.adapter, "adapter")
+    spec = args.base or args.adapter
+    check_model_spec(spec, "--base" if args.base else "the adapter's base model")
+    model, _ = load_model(spec)
+    with explained_mismatch(model, args.adapter, spec):
+        load_adapter(model, args.adapter)
+    status("resizing: one SVD of each module's delta B A")
     print(resize_adapter(model, args.rank, energy=args.energy))
     print(f"adapter written to {save_adapter(model, args.output)}")
     return 0
@@ -141,17 +166,26 @@ def run_factorize(args: argparse.Namespace) -> int:
     Prints parameters and relative error per module and, with --data, the perplexity before
     and after. The folder written loads with lorakit (the layout is in its config.json).
     """
+    from ..factorize import factorize
+    from ..models import load_model, save_model_folder
+
+    check_size(args.rank, args.energy)
+    check_model_spec(args.model)
+    if args.data:
+        check_data_file(args.data)
+    out = check_empty_output(args.output)
     model, tokenizer = load_model(args.model)
 
     def measure() -> float:
         return perplexity(model, tokenizer, args.data, args.seq_len, args.max_examples)
 
     before = measure() if args.data else None
+    status("factorizing: one SVD per targeted weight")
     report = factorize(model, _targets(args.targets), args.rank, args.energy)
     print(report)
     if args.data:
         print(f"perplexity on {args.data}: {before:.3f} before, {measure():.3f} after")
-    save_model_folder(model, tokenizer, Path(args.output))
+    save_model_folder(model, tokenizer, out)
     print(f"model written to {args.output}")
     return 0
 
@@ -170,10 +204,26 @@ def run_inspect(args: argparse.Namespace) -> int:
     With --base, also the LoRA paper's analysis: W projected onto dW's top directions and the
     amplification factor |dW| / |U^T W V|.
     """
+    from ..inspect import inspect_adapter, plot_spectra
+    from ..models import load_model
+
+    check_adapter_folder(args.adapter, "adapter")
+    if args.plot:
+        plot = Path(args.plot)
+        if plot.suffix.lower() != ".png" or not plot.parent.is_dir():
+            raise LoraError(f"--plot {plot}: give a .png file in an existing folder.")
+    if args.base:
+        check_model_spec(args.base, "--base")
     base = load_model(args.base)[0] if args.base else None
-    report = inspect_adapter(args.adapter, base)
+    status("inspecting: an SVD of each module's delta" + (" and of W" if base else ""))
+    if base is not None:
+        with explained_mismatch(base, args.adapter, args.base):
+            report = inspect_adapter(args.adapter, base)
+    else:
+        report = inspect_adapter(args.adapter, base)
     print(report)
     if args.plot:
+        status(f"plotting {len(report.modules)} spectra")
         print(f"spectra plotted to {plot_spectra(report, args.plot)}")
     return 0
 

@@ -13,6 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LoraError
+from .common import (
+    ADAPTER_CONFIG,
+    check_adapter_folder,
+    check_data_file,
+    check_empty_output,
+    check_model_spec,
+    load_adapters,
+    model_name,
+)
 
 # --- train ----------------------------------------------------------------------------------------
 
@@ -52,6 +61,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 def _set_threads() -> None:
     import torch
 
+    if os.environ.get("OMP_NUM_THREADS"):
+        return  # the user's choice (torch already follows it)
     # Every core, shared among the processes torchrun started on this machine: the run is
     # compute-bound and nothing else of ours needs the CPU.
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -93,16 +104,19 @@ def run_train(args: argparse.Namespace) -> int:
     """Fine-tune a LoRA adapter (no arguments: the bundled model on the bundled demo task).
 
     Under torchrun (or with --nproc N) it trains data-parallel: DDP, or FSDP2 with --fsdp.
+    --resume OUTPUT alone continues that run with its own settings.
 
     Prints the settings, a progress bar and, at the end, a before/after table; writes the
-    adapter, metrics.jsonl, loss.png, train_config.yaml and checkpoints to --output.
+    adapter, generation_settings.json (system prompt, chat template), metrics.jsonl, loss.png,
+    train_config.yaml and checkpoints to --output.
     """
-    from ..train import train
+    from ..train import check_inputs, train
     from ..train_config import config_fields, resolve_config
 
     overrides = {f.name: getattr(args, f.name) for f in config_fields() if hasattr(args, f.name)}
     config = resolve_config(args.config, overrides)  # bad settings fail here, before launching
     if args.nproc > 1:
+        check_inputs(config)  # every process would find the same problem, after a model load
         return _launch(args, overrides)
     _set_threads()
     result = train(config)
@@ -136,63 +150,129 @@ def _model_arguments(parser: argparse.ArgumentParser, adapter_required: bool = F
     )
 
 
-def _load(args: argparse.Namespace) -> tuple[Any, Any]:
-    """The base model (given, or the first adapter's) with the adapters, if any, loaded.
+def _prompt_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--system",
+        default=None,
+        help="system message for conversations without one (default: the one saved with the "
+        "adapter by lorakit train; '' for none)",
+    )
+    parser.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="Jinja chat template file (default: the one saved with the adapter, else the model's)",
+    )
 
-    ``--model`` may be a ``lorakit train`` output folder: its base model and its adapter load.
-    """
-    from ..adapters import set_adapter
-    from ..io import load_adapter
-    from ..models import DEFAULT_MODEL, load_model
+
+def _adapter_folders(args: argparse.Namespace) -> dict[str, str]:
+    """``--adapter`` values as name -> folder, each checked; ``--model`` may be a run folder."""
     from .adapters import parse_named_adapters
 
-    if args.adapter is None and args.model and (Path(args.model) / "adapter_config.json").is_file():
-        args.adapter = [args.model]
+    if args.adapter is None and args.model and (Path(args.model) / ADAPTER_CONFIG).is_file():
+        args.adapter = [args.model]  # a lorakit train output: its base model and its adapter
     adapters = parse_named_adapters(args.adapter or [])
     for folder in adapters.values():
-        if not (Path(folder) / "adapter_config.json").is_file():
+        check_adapter_folder(folder)
+    return adapters
+
+
+def _generation_settings(args: argparse.Namespace, adapters: dict[str, str]) -> Any:
+    """The system prompt and chat template to use: the flags, else those saved with the
+    adapters in use (or with the model folder), else none and the model's own template."""
+    from ..generate import GenerationSettings, read_generation_settings
+
+    names = [n.strip() for n in args.use.split(",")] if args.use else list(adapters)[-1:]
+    folders = [adapters[n] for n in names if n in adapters] or [args.model or ""]
+    saved = {f: read_generation_settings(f) for f in folders if f}
+    system = template = None
+    if args.system is not None:
+        system = args.system or None  # '' turns the saved one off
+    else:
+        systems = {s.system for s in saved.values()}
+        if len(systems) > 1:
             raise LoraError(
-                f"{folder} is not an adapter folder (no adapter_config.json). Pass the --output "
-                "folder of lorakit train, a checkpoint folder, or a PEFT adapter folder."
+                f"The adapters in use were trained with different system prompts "
+                f"({', '.join(map(str, saved))}); pass --system to choose one ('' for none)."
             )
+        system = systems.pop() if systems else None
+    if args.chat_template is None:
+        templates = {s.chat_template for s in saved.values()}
+        if len(templates) > 1:
+            raise LoraError(
+                "The adapters in use were trained with different chat templates; pass "
+                "--chat-template FILE to choose one."
+            )
+        template = templates.pop() if templates else None
+    else:
+        path = Path(args.chat_template)
+        if not path.is_file():
+            raise LoraError(f"--chat-template {path}: file not found; pass a Jinja file.")
+        template = path.read_text()
+    return GenerationSettings(system, template)
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """The base model (given, or the first adapter's) with the adapters, if any, loaded, its
+    tokenizer (with the chat template in use) and the generation settings.
+
+    ``--model`` may be a ``lorakit train`` output folder: its base model and its adapter load.
+    Everything cheap (folders, the model spec, settings files) is checked before the load.
+    """
+    from ..adapters import set_adapter
+    from ..models import DEFAULT_MODEL, load_model
+
+    adapters = _adapter_folders(args)
     spec = args.model or next(iter(adapters.values()), None) or DEFAULT_MODEL
+    check_model_spec(spec, "--model" if args.model else "the adapter's base model")
+    settings = _generation_settings(args, adapters)
     _set_threads()
     model, tokenizer = load_model(spec)
-    for name, folder in adapters.items():
-        load_adapter(model, folder, adapter_name=name)
+    load_adapters(model, adapters, model_name(model, spec))
     if args.use:
         set_adapter(model, [n.strip() for n in args.use.split(",")])
-    return model.eval(), tokenizer
+    settings.apply_template(tokenizer)
+    return model.eval(), tokenizer, settings
 
 
 # --- eval -----------------------------------------------------------------------------------------
 
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..data import FORMATS
+
     _model_arguments(parser)
+    _prompt_arguments(parser)
     parser.add_argument("--data", required=True, help="JSON/JSONL data file")
-    parser.add_argument("--format", default=None, help="alpaca, chat, sharegpt or text (auto)")
+    parser.add_argument("--format", default=None, choices=FORMATS, help="data format (auto)")
     parser.add_argument("--seq-len", type=int, default=512, help="cut sequences to this length")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per batch")
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """Loss and perplexity on a data file, plus exact match for chat/alpaca/sharegpt records."""
-    from ..data import encode_examples, read_examples
-    from ..generate import exact_match_score
+    """Loss and perplexity on a data file, plus exact match for chat/alpaca/sharegpt records.
+
+    Conversations without a system message get the adapter's saved one (or --system), as in
+    training.
+    """
+    from ..data import encode_examples
+    from ..generate import exact_match_score, split_references
     from ..train import evaluate_loss
 
-    if not Path(args.data).is_file():
-        raise LoraError(f"Data file {args.data} not found; pass an existing JSON/JSONL file.")
-    model, tokenizer = _load(args)
-    examples = read_examples(args.data, args.format)
+    examples = check_data_file(args.data, args.format)
+    chats = not isinstance(examples[0], str)
+    if chats:
+        split_references(examples)  # every record needs the reply to compare with
+    model, tokenizer, settings = _load(args)
+    examples = [settings.messages(e) if chats else e for e in examples]
     dataset = encode_examples(examples, tokenizer, args.seq_len)
-    loss = evaluate_loss(model, dataset, args.batch_size, tokenizer.pad_token_id)
+    loss = evaluate_loss(model, dataset, args.batch_size, tokenizer.pad_token_id, "loss")
     print(f"examples:    {len(examples)}")
     print(f"loss:        {loss:.4f}")
     print(f"perplexity:  {math.exp(min(loss, 50)):.3f}")
-    if not isinstance(examples[0], str):
-        score = exact_match_score(model, tokenizer, examples)
+    if chats:
+        label = f"exact match ({len(examples)} greedy replies)"
+        score = exact_match_score(model, tokenizer, examples, progress=label)
         print(f"exact match: {score:.1%}")
     return 0
 
@@ -204,19 +284,19 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     _model_arguments(parser)
     parser.add_argument("prompt", nargs="+", help="the user message (words are joined)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="longest reply")
-    parser.add_argument("--system", default=None, help="optional system message")
-
-
-def _messages(system: str | None) -> list[dict[str, str]]:
-    return [{"role": "system", "content": system}] if system else []
+    _prompt_arguments(parser)
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    """Reply to one prompt with the chat template, streaming tokens as they come."""
+    """Reply to one prompt with the chat template, streaming tokens as they come.
+
+    The system prompt and chat template saved with the adapter by lorakit train are used
+    unless --system / --chat-template say otherwise.
+    """
     from ..generate import stream_reply
 
-    model, tokenizer = _load(args)
-    messages = [*_messages(args.system), {"role": "user", "content": " ".join(args.prompt)}]
+    model, tokenizer, settings = _load(args)
+    messages = settings.messages([{"role": "user", "content": " ".join(args.prompt)}])
     stream_reply(model, tokenizer, messages, args.max_new_tokens)
     return 0
 
@@ -224,15 +304,18 @@ def run_generate(args: argparse.Namespace) -> int:
 def _chat_arguments(parser: argparse.ArgumentParser) -> None:
     _model_arguments(parser)
     parser.add_argument("--max-new-tokens", type=int, default=256, help="longest reply")
-    parser.add_argument("--system", default=None, help="optional system message")
+    _prompt_arguments(parser)
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    """Chat in the terminal (streamed replies); an empty line or Ctrl-D ends it."""
+    """Chat in the terminal (streamed replies); an empty line or Ctrl-D ends it.
+
+    The system prompt and chat template saved with the adapter are used unless overridden.
+    """
     from ..generate import stream_reply
 
-    model, tokenizer = _load(args)
-    messages = _messages(args.system)
+    model, tokenizer, settings = _load(args)
+    messages = settings.messages([])
     while True:
         try:
             text = input("> ").strip()
@@ -258,18 +341,21 @@ def run_merge(args: argparse.Namespace) -> int:
     """Fold an adapter into its base model and save a plain Hugging Face model folder.
 
     The folder (safetensors, config, tokenizer) loads with
-    transformers.AutoModelForCausalLM.from_pretrained, without lorakit.
+    transformers.AutoModelForCausalLM.from_pretrained, without lorakit. The adapter's chat
+    template goes into the tokenizer, and its generation_settings.json is copied along.
     """
+    from ..generate import save_generation_settings
     from ..merge import unload
     from ..models import save_model_folder
 
-    out = Path(args.output)
-    if out.exists() and any(out.iterdir()):  # before the slow part
-        raise LoraError(f"{out} exists and is not empty; pass a new --output folder.")
-    model, tokenizer = _load(args)
+    args.system = args.chat_template = None
+    out = check_empty_output(args.output)  # before the slow part
+    model, tokenizer, settings = _load(args)
     unload(model, merge=True)
     model.config.use_cache = True
     save_model_folder(model, tokenizer, out)
+    if settings.system or settings.chat_template:
+        save_generation_settings(settings, out)
     print(f"merged model written to {out}")
     return 0
 
