@@ -32,7 +32,7 @@ format: $(STAMP)
 	.venv/bin/ruff format .
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench.py
 
 clean:
 	rm -rf .venv runs build dist *.egg-info

@@ -1,0 +1,80 @@
+"""No stale references: every repository path named in the README, the docs, the Makefile or
+a ``--help`` text exists, and every ``make`` target the README names is in the Makefile."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from lorakit.cli import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+TOP = ("docs", "benchmarks", "scripts", "tests", "src")
+# A path under one of the top folders, and the character after it: a name followed by <, * or {
+# is a pattern (benchmarks/results/bench-<time>.json), not a file.
+PATH = re.compile(rf"(?<![\w./-])((?:{'|'.join(TOP)})/[\w./-]*)(.?)")
+FOREIGN = {"tests/test_custom_models.py"}  # PEFT's own test file, named in the README
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+DOCS = ["README.md", "Makefile", "benchmarks/README.md"]
+DOCS += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))
+
+
+def help_texts() -> dict[str, str]:
+    """``lorakit --help`` and every ``lorakit COMMAND --help``, by command."""
+    parser = build_parser()
+    texts = {"lorakit": parser.format_help()}
+    for action in parser._subparsers._group_actions:
+        for name, sub in action.choices.items():
+            texts[name] = sub.format_help()
+    return texts
+
+
+def missing_paths(text: str, base: Path) -> list[str]:
+    """Repository paths and relative Markdown links in ``text`` that do not exist."""
+    paths = [path.rstrip(".-") for path, after in PATH.findall(text) if after not in list("<*{")]
+    missing = [p for p in paths if p not in FOREIGN and not (ROOT / p).exists()]
+    for target in LINK.findall(text):
+        if "://" not in target and not (base / target).exists():
+            missing.append(target)
+    return missing
+
+
+@pytest.mark.parametrize("name", DOCS)
+def test_paths_in_docs_exist(name):
+    path = ROOT / name
+    assert missing_paths(path.read_text(), path.parent) == []
+
+
+def test_paths_in_help_texts_exist():
+    texts = help_texts()
+    assert "docs/distributed.md" in " ".join(texts["train"].split())  # the pattern finds them
+    missing = {cmd: missing_paths(" ".join(t.split()), ROOT) for cmd, t in texts.items()}
+    assert {cmd: paths for cmd, paths in missing.items() if paths} == {}
+
+
+def test_layout_lists_existing_modules():
+    block = ROOT.joinpath("README.md").read_text().split("## Layout", 1)[1].split("```")[1]
+    names = re.findall(r"^  (\S+)\s", block, flags=re.MULTILINE)
+    assert len(names) > 10
+    assert [n for n in names if not (ROOT / "src" / "lorakit" / n).exists()] == []
+
+
+def test_make_targets_named_in_the_readme_exist():
+    makefile = ROOT.joinpath("Makefile").read_text()
+    targets = set(re.findall(r"^([\w-]+):", makefile, flags=re.MULTILINE))
+    named = set(re.findall(r"`make (\w+)`", ROOT.joinpath("README.md").read_text()))
+    assert named and named <= targets
+
+
+def test_the_pattern_catches_a_stale_path():
+    assert missing_paths("run benchmarks/bench_train.py, see docs/nope.md", ROOT) == [
+        "benchmarks/bench_train.py",
+        "docs/nope.md",
+    ]
+    assert missing_paths("written to benchmarks/results/bench-<time>.json", ROOT) == []
+    assert missing_paths("[the doc](docs/missing.md)", ROOT) == [
+        "docs/missing.md",
+        "docs/missing.md",
+    ]
