@@ -370,13 +370,13 @@ def test_adapter_for_another_base_names_it_in_a_few_lines(trained, files, capsys
     argv = ["generate", "--model", str(files["other"]), "--adapter", str(out), "hi"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    error = err[err.index("lorakit generate: error: ") :]
-    assert len(error.strip().splitlines()) == 6, error  # not one line per weight
     model, other = files["model"].resolve(), files["other"].resolve()
-    assert f"was made for base model {model}, not for this model ({other})" in err
-    assert "14 of 14 adapted weights differ, e.g." in err
-    assert "  model.layers.0.self_attn.k_proj: adapter [16, 32], this model [24, 48]" in err
-    assert "  ... and 11 more" in err
+    # Before loading: the CLI says the adapter records another base.
+    assert f"note: adapter {out} records base model {model}; loading it onto {other}" in err
+    error = err[err.index("lorakit generate: error: ") :]
+    assert len(error.strip().splitlines()) <= 5, error  # not one line per weight
+    assert f"made for: {model}; this model: {other}" in error
+    assert "14 of 14 adapted weights differ" in error
     assert "Traceback" not in err
 
 

@@ -45,7 +45,7 @@ def run_combine(args: argparse.Namespace) -> int:
     """Combine weighted adapters into one (cat: exact; svd: truncated to --rank; linear)."""
     from .. import combine, save_adapter
     from ..models import load_model
-    from .common import check_adapter_folder, check_model_spec, load_adapters, model_name, status
+    from .common import check_adapter_folder, check_model_spec, load_adapters, model_name
 
     adapters = parse_named_adapters(args.adapter)
     for folder in adapters.values():
@@ -57,11 +57,6 @@ def run_combine(args: argparse.Namespace) -> int:
     check_model_spec(spec, "--model" if args.model else "the first adapter's base model")
     model, _ = load_model(spec)
     load_adapters(model, adapters, model_name(model, spec))
-    if args.method == "svd":
-        status(
-            f"combining with method svd: one SVD of the weighted sum of deltas per module, "
-            f"truncated to rank {args.rank}"
-        )
     errors = combine(
         model, dict(zip(adapters, weights, strict=True)), "combined", args.method, args.rank
     )

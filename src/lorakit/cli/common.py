@@ -8,20 +8,16 @@ from __future__ import annotations
 
 import json
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import LoraError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     from torch import nn
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-SHOWN_DIFFERENCES = 3  # a wrong-base error names this many differing weights
 
 
 def status(message: str) -> None:
@@ -85,94 +81,21 @@ def recorded_base(folder: str | Path) -> str | None:
     return base if isinstance(base, str) and base else None
 
 
-def _fingerprint(folder: Path) -> dict[str, list[int]]:
-    """Shapes of the base weights the adapter was made on, from the safetensors metadata."""
-    from safetensors import safe_open
-
-    weights = folder / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        return {}
-    with safe_open(weights, framework="pt") as f:
-        metadata = f.metadata() or {}
-    try:
-        return json.loads(metadata.get("lorakit.fingerprint", "{}"))
-    except json.JSONDecodeError:
-        return {}
-
-
-def _weight_shape(model: nn.Module, target: str) -> list[int] | None:
-    """Shape of the weight behind ``target`` (a module path, or ``path.parameter``), if any."""
-    try:
-        module = model.get_submodule(target)
-        while hasattr(module, "base_layer"):  # already wrapped by another adapter
-            module = module.base_layer
-        weight = getattr(module, "weight", None)
-        return list(weight.shape) if weight is not None else None
-    except AttributeError:
-        owner, _, name = target.rpartition(".")
-        try:
-            module = model.get_submodule(owner) if owner else model
-        except AttributeError:
-            return None
-        while hasattr(module, "base_layer") and not hasattr(module, name):
-            module = module.base_layer
-        value = getattr(module, name, None)
-        return list(value.shape) if hasattr(value, "shape") else None
-
-
-def base_mismatch(model: nn.Module, folder: str | Path, model_name: str) -> str | None:
-    """A short explanation when an adapter was made for another base model, else ``None``.
-
-    Compares the weight shapes the adapter file records with this model's: the message names
-    the recorded base, this model, the first few differences and how many there are.
-    """
-    folder = Path(folder)
-    recorded = _fingerprint(folder)
-    differences = []
-    for target, shape in recorded.items():
-        mine = _weight_shape(model, target)
-        if mine != list(shape):
-            have = f"this model {mine}" if mine else "this model has no such weight"
-            differences.append(f"  {target}: adapter {list(shape)}, {have}")
-    if not differences:
-        return None
-    base = recorded_base(folder) or "(not recorded)"
-    more = len(differences) - SHOWN_DIFFERENCES
-    lines = [
-        f"The adapter {folder} was made for base model {base}, not for this model "
-        f"({model_name}): {len(differences)} of {len(recorded)} adapted weights differ, e.g.",
-        *differences[:SHOWN_DIFFERENCES],
-    ]
-    if more > 0:
-        lines.append(f"  ... and {more} more")
-    lines.append("Drop --model to load the recorded base, or pass the model it was trained on.")
-    return "\n".join(lines)
-
-
-@contextmanager
-def explained_mismatch(model: nn.Module, folder: str | Path, model_name: str) -> Iterator[None]:
-    """Turn a failed adapter load on the wrong base model into :func:`base_mismatch`'s message."""
-    try:
-        yield
-    except LoraError as error:
-        explanation = base_mismatch(model, folder, model_name)
-        if explanation is None:
-            raise
-        raise LoraError(explanation) from error
-
-
 def load_adapters(model: nn.Module, adapters: dict[str, str], model_name: str) -> None:
-    """Load each ``name -> folder`` adapter onto ``model``, explaining a wrong base model."""
+    """Load each ``name -> folder`` adapter onto ``model``, saying so when ``model`` is not the
+    base it records (``load_adapter`` refuses, in a few lines, a base that does not fit)."""
     from ..io import load_adapter
 
     for name, folder in adapters.items():
-        base = recorded_base(folder)
-        if base and base != model_name:
-            status(
-                f"note: adapter {folder} records base model {base}; loading it onto {model_name}"
-            )
-        with explained_mismatch(model, folder, model_name):
-            load_adapter(model, folder, adapter_name=name)
+        note_other_base(folder, model_name)
+        load_adapter(model, folder, adapter_name=name)
+
+
+def note_other_base(folder: str | Path, model_name: str) -> None:
+    """A status line when an adapter records a base model other than ``model_name``."""
+    base = recorded_base(folder)
+    if base and base != model_name:
+        status(f"note: adapter {folder} records base model {base}; loading it onto {model_name}")
 
 
 def model_name(model: Any, spec: str) -> str:

@@ -20,7 +20,7 @@ from .common import (
     check_empty_output,
     check_model_spec,
     check_size,
-    explained_mismatch,
+    note_other_base,
     status,
 )
 
@@ -140,8 +140,8 @@ def run_resize(args: argparse.Namespace) -> int:
     spec = args.base or args.adapter
     check_model_spec(spec, "--base" if args.base else "the adapter's base model")
     model, _ = load_model(spec)
-    with explained_mismatch(model, args.adapter, spec):
-        load_adapter(model, args.adapter)
+    note_other_base(args.adapter, model.name_or_path)
+    load_adapter(model, args.adapter)
     status("resizing: one SVD of each module's delta B A")
     print(resize_adapter(model, args.rank, energy=args.energy))
     print(f"adapter written to {save_adapter(model, args.output)}")
@@ -217,10 +217,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     base = load_model(args.base)[0] if args.base else None
     status("inspecting: an SVD of each module's delta" + (" and of W" if base else ""))
     if base is not None:
-        with explained_mismatch(base, args.adapter, args.base):
-            report = inspect_adapter(args.adapter, base)
-    else:
-        report = inspect_adapter(args.adapter, base)
+        note_other_base(args.adapter, base.name_or_path)
+    report = inspect_adapter(args.adapter, base)
     print(report)
     if args.plot:
         status(f"plotting {len(report.modules)} spectra")
