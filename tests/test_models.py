@@ -187,7 +187,7 @@ def test_gguf_is_converted_once_then_loaded_from_cache(tmp_path, fake_loaders, c
     load_model(str(gguf))
     # The one slow step says what it does and where the result goes.
     said = capsys.readouterr().err
-    assert said.startswith("converting tiny.gguf to a float32 Hugging Face folder once")
+    assert said.startswith("converting tiny.gguf to a float32 Hugging Face folder, once (")
     assert f"cached at {tmp_path / 'cache'}" in said
     load_model(str(gguf))
     assert capsys.readouterr().err == ""  # from the cache: nothing to announce
