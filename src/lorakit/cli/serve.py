@@ -1,0 +1,99 @@
+"""``lorakit serve``: an OpenAI-compatible HTTP server for a base model and its adapters.
+
+Only this command imports the server (``lorakit.serve``: Starlette, uvicorn, pydantic), from
+the optional extra ``pip install 'lorakit[serve]'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+
+from ..errors import LoraError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="base model: HF folder, .gguf file or smollm2-135m; omitted: the first adapter's "
+        "base, else smollm2-135m",
+    )
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="an adapter to serve as model NAME; repeat for several",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free)")
+    parser.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the base model's name in requests; omitted: the --model value as given",
+    )
+    parser.add_argument(
+        "--max-batch-size", type=int, default=16, help="most requests decoding at once"
+    )
+    parser.add_argument(
+        "--max-queue", type=int, default=64, help="most requests waiting; past it: 429"
+    )
+    parser.add_argument(
+        "--max-tokens", type=int, default=1024, help="most tokens one request may ask for"
+    )
+    parser.add_argument(
+        "--allow-adapter-updates",
+        action="store_true",
+        help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)"
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn's log level (info: one line per request)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve the base model and adapters with OpenAI's API: one batch for all adapters.
+
+    POST /v1/chat/completions and /v1/completions take the adapter's name as "model" (or the
+    base model's name, or "BASE:ADAPTER"); GET /v1/models lists them; GET /health. Requests
+    for different adapters decode together in one forward pass. Ctrl-C lets running
+    requests finish, then exits.
+    """
+    from .adapters import parse_named_adapters
+
+    if importlib.util.find_spec("uvicorn") is None or importlib.util.find_spec("starlette") is None:
+        raise LoraError(
+            "lorakit serve needs the serve extra: pip install 'lorakit[serve]' "
+            "(Starlette, uvicorn and pydantic)."
+        )
+    from ..serve.server import ServeOptions, run_server
+
+    for flag in ("max_batch_size", "max_tokens", "threads"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise LoraError(f"--{flag.replace('_', '-')} must be at least 1.")
+    if args.max_queue < 0:
+        raise LoraError("--max-queue must be 0 or more.")
+    options = ServeOptions(
+        model=args.model,
+        adapters=parse_named_adapters(args.adapter),
+        host=args.host,
+        port=args.port,
+        served_model_name=args.served_model_name,
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        max_tokens=args.max_tokens,
+        allow_adapter_updates=args.allow_adapter_updates,
+        log_level=args.log_level,
+        threads=args.threads,
+    )
+    return run_server(options)
+
+
+COMMANDS = {"serve": (add_arguments, run)}
