@@ -350,7 +350,8 @@ def check_inputs(config: TrainConfig, check_model: bool = True) -> Inputs:
         _read(config.val_data, "--val-data", config.format)
     test = None
     if config.test_data:
-        test = [with_system(e, config.system) for e in _read(config.test_data, "--test-data", None)]
+        examples = _read(config.test_data, "--test-data", config.format)
+        test = [with_system(e, config.system) for e in examples]
         split_references(test)  # exact match needs a reference reply in every record
     resume_dir = latest_checkpoint(config.resume) if config.resume else None
     return Inputs(settings, test, resume_dir)
@@ -427,6 +428,7 @@ def _prepare(config: TrainConfig, model: nn.Module | None, tokenizer: Any, dist:
     inputs = check_inputs(config, check_model=model is None)
     if inputs.resume_dir is not None:
         check_resumable(inputs.resume_dir, config, dist.world_size)
+    _log(_describe(config), dist.is_main)
     if model is None:
         from .models import load_model
 
@@ -434,7 +436,6 @@ def _prepare(config: TrainConfig, model: nn.Module | None, tokenizer: Any, dist:
     if config.chat_template is not None:
         tokenizer = copy.deepcopy(tokenizer)  # the caller's tokenizer keeps its own template
         next(iter(inputs.settings.values())).apply_template(tokenizer)
-    _log(_describe(config), dist.is_main)
 
     # One adapter per task (``--task NAME=FILE``), or the adapter "default" on --data.
     train_sets: dict[str, EncodedDataset] = {}
