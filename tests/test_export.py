@@ -147,11 +147,12 @@ def test_rslora_and_patterns_are_exact_in_llama_cpp(tmp_path):
     torch.testing.assert_close(tensors["blk.0.attn_v.weight.lora_b"], B * 3.0 / 2 / (8 / 4))
 
 
-def test_embedding_lora_is_a_row_lookup(tmp_path):
-    model = adapted_llama(target_modules=["embed_tokens", "q_proj"])
+def test_embedding_and_head_lora(tmp_path):
+    model = adapted_llama(target_modules=["embed_tokens", "q_proj", "lm_head"])
     tensors = check_deltas(model, to_gguf(model, tmp_path / "a.gguf"))
     assert tuple(tensors["token_embd.weight.lora_a"].shape) == (64, 4)  # (vocab, rank)
     assert tuple(tensors["token_embd.weight.lora_b"].shape) == (32, 4)  # (dim, rank)
+    assert tuple(tensors["output.weight.lora_a"].shape) == (4, 32)  # the head: an ordinary pair
 
 
 def test_fused_slices_and_conv1d_of_gpt2(tmp_path):

@@ -76,7 +76,9 @@ def adapter_tensors(model: nn.Module, arch: ArchMap, found: Collected) -> list[t
     return tensors
 
 
-def _place(model: nn.Module, arch: ArchMap, pair: Pair, alpha: float) -> list | str:
+def _place(
+    model: nn.Module, arch: ArchMap, pair: Pair, alpha: float
+) -> list[tuple[str, Tensor]] | str:
     """The pair's two GGUF tensors, or why llama.cpp has no place for it."""
     hf_name = f"{pair.path}.weight"
     name = arch.gguf_name(hf_name)
@@ -92,10 +94,11 @@ def _place(model: nn.Module, arch: ArchMap, pair: Pair, alpha: float) -> list | 
         weight = weight[::-1]
     matrix = (pair.B.shape[0], pair.A.shape[1])  # (out, in) of B @ A
     B = pair.B * (pair.scale / llama_scale(alpha, pair.rank))  # fold the true scale into B
-    if weight == matrix:
+    if name == "token_embd.weight":  # llama.cpp looks rows of lora_a up (build_inp_embd)
+        if weight == matrix[::-1]:
+            return [(f"{name}.lora_a", pair.A.T), (f"{name}.lora_b", B)]
+    elif weight == matrix:
         return [(f"{name}.lora_a", pair.A), (f"{name}.lora_b", arch.permute_rows(hf_name, B))]
-    if weight == matrix[::-1] and name == "token_embd.weight":
-        return [(f"{name}.lora_a", pair.A.T), (f"{name}.lora_b", B)]  # rows looked up
     return f"{pair.path}: llama.cpp applies LoRA to {name} of shape {weight} as {matrix}"
 
 
