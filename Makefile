@@ -4,7 +4,7 @@ STAMP   := .venv/.installed
 # torch is pinned so pip takes the CPU wheel on disk instead of a multi-GB CUDA build.
 TORCH   := torch==2.13.0
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test interop lint format bench clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,29 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# llama.cpp itself, through llama-cpp-python (not part of `make test`): its wheel is built from
+# the PyPI sdist (which vendors llama.cpp) once, and cached: 43 minutes on 2 busy cores.
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CACHE := $(or $(LORAKIT_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/lorakit)/llama-cpp
+LLAMA_SDIST := $(LLAMA_CACHE)/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
+LLAMA_SRC   := $(LLAMA_CACHE)/llama_cpp_python-$(LLAMA_CPP_VERSION)
+LLAMA_WHEEL := $(LLAMA_CACHE)/wheels/.built-$(LLAMA_CPP_VERSION)
+
+$(LLAMA_SDIST):
+	mkdir -p $(LLAMA_CACHE)
+	$(PY) -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_VERSION) -d $(LLAMA_CACHE)
+
+$(LLAMA_WHEEL): $(LLAMA_SDIST)
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip wheel --no-deps $(LLAMA_SDIST) -w $(LLAMA_CACHE)/wheels
+	touch $@
+
+# OMP_WAIT_POLICY=PASSIVE: torch and ggml each run OpenMP threads; waiting ones must not spin.
+interop: $(STAMP) $(LLAMA_WHEEL)
+	$(PY) -m pip install -q --find-links $(LLAMA_CACHE)/wheels llama-cpp-python==$(LLAMA_CPP_VERSION)
+	test -d $(LLAMA_SRC) || tar -xzf $(LLAMA_SDIST) -C $(LLAMA_CACHE)
+	OMP_WAIT_POLICY=PASSIVE LORAKIT_INTEROP=1 LLAMA_CPP_CONVERTER=$(LLAMA_SRC)/vendor/llama.cpp/convert_lora_to_gguf.py \
+		$(PY) -m pytest -q -s tests/test_interop_llamacpp.py
 
 lint: $(STAMP)
 	.venv/bin/ruff check .
