@@ -469,6 +469,41 @@ def test_export_adapter_from_a_folder(tmp_path, tiny_folder):
     assert (tmp_path / "v" / "adapter_model.safetensors").is_file()
 
 
+def test_whole_embedding_weights_refused_as_adapter_exported_merged(tmp_path, tiny_folder):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    adapter = saved_adapter(tmp_path, tiny_folder, target_modules=["embed_tokens", "q_proj"])
+    weights = adapter / "adapter_model.safetensors"
+    with safe_open(weights, "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
+    rows = torch.randn(64, 32)  # PEFT saves a resized / retrained embedding in full
+    tensors["base_model.model.model.embed_tokens.base_layer.weight"] = rows
+    save_file(tensors, weights, metadata=metadata)
+    for target, out in (("gguf", tmp_path / "a.gguf"), ("vllm", tmp_path / "v")):
+        with pytest.raises(LoraError, match=r"whole weights \(model\.embed_tokens\.base_layer"):
+            export_adapter(adapter, target, out)
+        assert not out.exists()
+    source = tiny_source(tmp_path / "src.gguf", tiny.llama().config)
+    out = export_adapter(
+        adapter, "gguf", tmp_path / "m.gguf", merged=True, outtype="f32", gguf_metadata=source
+    )
+    model = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_folder), adapter)
+    delta = dict(lora_layers(model))["model.embed_tokens"].delta_weight("default")
+    _, merged, _ = read_gguf(out)
+    torch.testing.assert_close(merged["token_embd.weight"], rows + delta)
+
+
+def test_output_paths_of_the_wrong_kind(tmp_path):
+    model = adapted_llama()
+    with pytest.raises(LoraError, match="Could not write"):
+        to_gguf(model, tmp_path)  # a folder
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(LoraError, match="is a file"):
+        to_vllm(model, tmp_path / "file")
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
 def test_cli_export_gguf_and_vllm(tmp_path, tiny_folder, capsys):
     adapter = saved_adapter(tmp_path, tiny_folder)
     assert main(["export", str(adapter), "--to", "gguf", "--output", str(tmp_path / "a.gguf")]) == 0

@@ -227,6 +227,8 @@ def to_vllm(
         LoraError: a rule fails; the message lists each with what to change, and nothing
             is written.
     """
+    if Path(directory).exists() and not Path(directory).is_dir():
+        raise LoraError(f"{directory} is a file; give a folder for the vLLM adapter.")
     report = check_vllm(model, adapter_name, max_lora_rank)
     if not report.ok:
         lines = [f"{c.rule}: {c.detail}" for c in report.failures()]
