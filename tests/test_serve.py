@@ -292,6 +292,32 @@ def test_sixteen_concurrent_mixed_requests_share_forward_passes(client, server, 
     assert after["largest_batch"] >= 8
 
 
+def test_requests_join_and_leave_a_running_batch_unchanged(client, server, expected):
+    long = {"max_tokens": 300, "extra_body": {"ignore_eos": True}}
+    alone = _chat(client, "b", **long).choices[0].message.content
+    chunks = iter(_chat(client, "b", stream=True, **long))
+    pieces = [next(chunks).choices[0].delta.content or "" for _ in range(5)]
+
+    async def burst() -> list[str]:
+        aclient = openai.AsyncOpenAI(base_url=str(client.base_url), api_key="none", max_retries=0)
+        calls = [
+            aclient.chat.completions.create(
+                model=m,
+                messages=[{"role": "user", "content": PROMPT}],
+                temperature=0,
+                max_tokens=TOKENS,
+            )
+            for m in ("a", "base", "a")
+        ]
+        return [r.choices[0].message.content for r in await asyncio.gather(*calls)]
+
+    # They join the running request (another cache width: padding) and leave before it ends.
+    assert asyncio.run(burst()) == [expected["a"], expected["base"], expected["a"]]
+    assert _engine(server.port)["running"] == 1
+    pieces += [c.choices[0].delta.content or "" for c in chunks]
+    assert "".join(pieces) == alone
+
+
 def test_models_lists_the_base_and_each_adapter(client, folders):
     models = {m.id: m for m in client.models.list()}
     assert set(models) == {"base", "a", "b"}

@@ -52,7 +52,9 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         """``{"error": {...}}`` as OpenAI sends it."""
-        kind = self.TYPES.get(self.status, "server_error")
+        kind = self.TYPES.get(
+            self.status, "invalid_request_error" if self.status < 500 else "server_error"
+        )
         return {
             "error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}
         }
