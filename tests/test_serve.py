@@ -293,7 +293,7 @@ def test_sixteen_concurrent_mixed_requests_share_forward_passes(client, server, 
 
 
 def test_requests_join_and_leave_a_running_batch_unchanged(client, server, expected):
-    long = {"max_tokens": 300, "extra_body": {"ignore_eos": True}}
+    long = {"max_tokens": 150, "extra_body": {"ignore_eos": True}}
     alone = _chat(client, "b", **long).choices[0].message.content
     chunks = iter(_chat(client, "b", stream=True, **long))
     pieces = [next(chunks).choices[0].delta.content or "" for _ in range(5)]
