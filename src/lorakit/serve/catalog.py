@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,7 +53,8 @@ class Catalog:
         self._served: dict[str, Served] = {base.name: base}
         self._keys = (f"lora{i}" for i in itertools.count(1))
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Served]:
+        """The served models, the base first (a copy: safe while adapters change)."""
         return iter(list(self._served.values()))
 
     def resolve(self, requested: str) -> Served:
