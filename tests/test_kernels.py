@@ -237,3 +237,23 @@ def test_autocast_takes_the_generic_path_and_trains() -> None:
         model[0].lora_A["default"].grad is not None
         and model[0].lora_B["default"].grad.abs().sum() > 0
     )
+
+
+def test_routing_without_grad_reuses_its_stacks_within_a_route_only() -> None:
+    model = tiny.llama()
+    for n, r in (("a", 4), ("b", 2)):
+        add_lora(model, LoraConfig(r=r, alpha=2 * r, target_modules=["q_proj"]), n)
+    layer = model.model.layers[0].self_attn.q_proj
+    for n in ("a", "b"):
+        with torch.no_grad():
+            layer.lora_B[n].normal_()
+    x = torch.randn(3, 5, 32)
+    for names in (["a", "b", None], ["b", None, "a"]):
+        with torch.no_grad(), route(model, names):
+            first, second = layer(x), layer(x)  # the second forward uses the cached stacks
+        expected = torch.cat(
+            [plain(layer, x[i : i + 1], [n] if n else []) for i, n in enumerate(names)]
+        )
+        torch.testing.assert_close(first, expected, **TOL)
+        torch.testing.assert_close(second, expected, **TOL)
+    assert layer._route_stack is None  # dropped with the route

@@ -171,6 +171,7 @@ class LoraLayer(Wrapper):
         self._merge_norms: dict[str, Tensor] = {}  # DoRA: ‖W + ΔW‖ used when merging
         self._route: list[tuple[str, Tensor]] | None = None
         self._route_batch = 0
+        self._route_stack: tuple[Tensor, ...] | None = None  # routed kinds' per-route cache
 
     @property
     def base_weight(self) -> nn.Parameter:
@@ -292,10 +293,12 @@ class LoraLayer(Wrapper):
             if name is not None and name in self.lora_A
         ]
         self._route_batch = batch
+        self._route_stack = None
 
     def clear_route(self) -> None:
         """Back to the active adapters for every row."""
         self._route = None
+        self._route_stack = None
 
     def pending(self) -> list[str]:
         """Active adapters whose delta is not in the weight: forward adds these."""

@@ -214,6 +214,21 @@ class LoraLinear(LoraLayer):
         if len(groups) < 2 or special or dropout or x.shape[0] != self._route_batch:
             return super().forward(x)
         result = self.base_layer(x)
+        rows, A, B = self._route_stacks()
+        xr = x[rows]
+        h = torch.bmm(xr.reshape(len(rows), -1, x.shape[-1]).to(A.dtype), A.mT)
+        delta = torch.bmm(h, B.mT).view(*xr.shape[:-1], -1)
+        return result.index_add_(0, rows, delta.to(result.dtype))
+
+    def _route_stacks(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(rows (m,), A per row (m, r, in), scaled B per row (m, out, r)) for the route.
+
+        Without autograd (serving, decoding step after step) they are built once per
+        ``route`` block, not once per forward; with it, each forward builds its own graph.
+        """
+        if self._route_stack is not None and not torch.is_grad_enabled():
+            return self._route_stack
+        groups = self._route
         r = max(self.r[n] for n, _ in groups)
         A = torch.stack([F.pad(self.lora_A[n], (0, 0, 0, r - self.r[n])) for n, _ in groups])
         B = torch.stack(
@@ -221,7 +236,7 @@ class LoraLinear(LoraLayer):
         )  # (k, r, in), (k, out, r)
         rows = torch.cat([idx for _, idx in groups])  # (m,)
         which = torch.cat([torch.full_like(idx, i) for i, (_, idx) in enumerate(groups)])
-        xr = x[rows]
-        h = torch.bmm(xr.reshape(len(rows), -1, x.shape[-1]).to(A.dtype), A[which].mT)
-        delta = torch.bmm(h, B[which].mT).view(*xr.shape[:-1], -1)
-        return result.index_add_(0, rows, delta.to(result.dtype))
+        stacks = rows, A[which], B[which]
+        if not torch.is_grad_enabled():
+            self._route_stack = stacks
+        return stacks
