@@ -20,10 +20,10 @@ Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Na
 
 
 def _commands() -> dict[str, Command]:
-    from . import adapters, lowrank, tune
+    from . import adapters, export, lowrank, serve, tune
 
     commands: dict[str, Command] = {}
-    for module in (tune, lowrank, adapters):
+    for module in (tune, lowrank, adapters, serve, export):
         commands.update(module.COMMANDS)
     return commands
 
