@@ -177,8 +177,13 @@ def test_chat_keeps_the_conversation_and_streams_replies(trained, capsys, monkey
     with mock.patch.object(lorakit.generate, "stream_reply", spy):
         assert main(["chat", "--adapter", str(trained), "--max-new-tokens", "4"]) == 0
     first, second = seen
-    assert first == [{"role": "user", "content": "one small coke"}]
+    # The demo records' system prompt, saved with the adapter, opens the conversation.
+    system = json.loads((trained / "generation_settings.json").read_text())["system"]
+    assert system and first == [
+        {"role": "system", "content": system},
+        {"role": "user", "content": "one small coke"},
+    ]
     # The second turn sees the first question, the model's streamed answer, and the new one.
-    assert [m["role"] for m in second] == ["user", "assistant", "user"]
-    assert second[2]["content"] == "make it two"
-    assert second[1]["content"] and second[1]["content"] in capsys.readouterr().out
+    assert [m["role"] for m in second] == ["system", "user", "assistant", "user"]
+    assert second[3]["content"] == "make it two"
+    assert second[2]["content"] and second[2]["content"] in capsys.readouterr().out

@@ -197,6 +197,28 @@ def test_chat_and_eval_use_the_saved_system_prompt(trained, files, tmp_path, mon
     assert [e[0] for e in scored[0]] == [{"role": "system", "content": SYSTEM}] * 2
 
 
+def test_adapters_in_use_must_agree_on_their_system_prompt(trained, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    out, _ = trained
+    other, bare = tmp_path / "other", tmp_path / "bare"
+    shutil.copytree(out, other)
+    (other / GENERATION_FILE).write_text(json.dumps({"system": "Reply in words."}))
+    shutil.copytree(out, bare)
+    (bare / GENERATION_FILE).unlink()  # e.g. a PEFT adapter: no settings, no say
+    argv = ["generate", "--adapter", f"a={out}", "--adapter", f"b={other}", "--use", "a,b"]
+    assert main([*argv, "--max-new-tokens", "1", "hi"]) == 2
+    assert (
+        f"The adapters in use were trained with different system prompts ({out}, {other}); "
+        "pass --system to choose one ('' for none)."
+    ) in capsys.readouterr().err
+    seen = _spy_replies(monkeypatch)
+    assert main([*argv, "--system", "Be brief.", "--max-new-tokens", "1", "hi"]) == 0
+    argv = ["generate", "--adapter", f"a={out}", "--adapter", f"b={bare}", "--use", "a,b"]
+    assert main([*argv, "--max-new-tokens", "1", "hi"]) == 0
+    assert [m[0]["content"] for m in seen] == ["Be brief.", SYSTEM]
+
+
 def test_merged_folder_keeps_the_settings(trained, tmp_path, monkeypatch):
     out, _ = trained
     merged = tmp_path / "merged"

@@ -180,11 +180,16 @@ def _adapter_folders(args: argparse.Namespace) -> dict[str, str]:
 def _generation_settings(args: argparse.Namespace, adapters: dict[str, str]) -> Any:
     """The system prompt and chat template to use: the flags, else those saved with the
     adapters in use (or with the model folder), else none and the model's own template."""
-    from ..generate import GenerationSettings, read_generation_settings
+    from ..generate import GENERATION_FILE, GenerationSettings, read_generation_settings
 
     names = [n.strip() for n in args.use.split(",")] if args.use else list(adapters)[-1:]
     folders = [adapters[n] for n in names if n in adapters] or [args.model or ""]
-    saved = {f: read_generation_settings(f) for f in folders if f}
+    # A folder without the file (a PEFT adapter, an old run) has no say.
+    saved = {
+        f: read_generation_settings(f)
+        for f in folders
+        if f and (Path(f) / GENERATION_FILE).is_file()
+    }
     system = template = None
     if args.system is not None:
         system = args.system or None  # '' turns the saved one off
