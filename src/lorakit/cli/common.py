@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from torch import nn
 
 ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def status(message: str) -> None:
