@@ -49,6 +49,12 @@ class LoraFused(LoraLayer):
         return []
 
     @classmethod
+    def to_matrix(cls, module: nn.Module, weight: Tensor, **options: Any) -> Tensor:
+        return LoraLinear.to_matrix(module, weight)  # (in, out) of a GPT-2 Conv1D -> (out, in)
+
+    from_matrix = to_matrix  # a transpose is its own inverse
+
+    @classmethod
     def matrix_problem(cls, module: nn.Module, **options: Any) -> str | None:
         return "fused slices (one matrix per enabled slice)"
 
