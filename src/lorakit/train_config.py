@@ -55,6 +55,9 @@ class TrainConfig:
     seq_len: int = _opt(512, "cut sequences to this many tokens")
     train_on_prompt: bool = _opt(False, "put loss on prompt tokens too")
     packing: bool = _opt(False, "pack several examples into each sequence")
+    skip_bad_records: bool = _opt(
+        False, "skip malformed data records (counted and reported) instead of stopping at one"
+    )
     output: str = _opt("runs/lorakit", "output folder: adapter, metrics, plot, checkpoints")
     # --- LoRA
     rank: int = _opt(16, "LoRA rank r")
