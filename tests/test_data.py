@@ -16,6 +16,7 @@ from lorakit.data import (
     collate,
     encode_examples,
     load_datasets,
+    read_data,
     read_examples,
     split_examples,
 )
@@ -125,7 +126,8 @@ def test_malformed_jsonl_record_names_file_line_and_field(tmp_path):
         read_examples(path)
     assert str(error.value) == (
         f"{path}, line 4: field 'messages[1].role' is 'bot'; expected one of "
-        "system, user, assistant."
+        "system, user, assistant. Fix or remove the record (or skip bad records: "
+        "--skip-bad-records)."
     )
 
 
@@ -176,6 +178,148 @@ def test_invalid_json_names_the_line(tmp_path):
     path.write_text('{"text": "ok"}\n{"text": \n')
     with pytest.raises(LoraError, match=r"d\.jsonl, line 2: not valid JSON"):
         read_examples(path)
+
+
+# --- bad records: named by file and line, or skipped and counted -----------------------------------
+
+HI = {"role": "user", "content": "Hi"}
+YO = {"role": "assistant", "content": "Yo"}
+SYSTEM = {"role": "system", "content": "S"}
+GOOD = {  # one good record of each format, by the key that gives the format away
+    "messages": {"messages": [HI, YO]},
+    "conversations": {
+        "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]
+    },
+    "instruction": {"instruction": "Add", "output": "3"},
+    "text": {"text": "fine"},
+}
+SKIP_HINT = "Fix or remove the record (or skip bad records: --skip-bad-records)."
+
+
+@pytest.mark.parametrize(
+    ("record", "problem"),
+    [
+        (
+            {"messages": [HI, {"role": "assistant", "content": " \n"}]},
+            "field 'messages[1].content' (the assistant's reply) is empty.",
+        ),
+        (
+            {"instruction": "Add", "output": ""},
+            "field 'output' (the assistant's reply) is empty.",
+        ),
+        (
+            {"messages": [YO, HI, YO]},
+            "field 'messages[0]' is the assistant's, before any user turn: add the user's turn "
+            "it answers.",
+        ),
+        (
+            {"messages": [SYSTEM, YO]},
+            "field 'messages[1]' is the assistant's, before any user turn: add the user's turn "
+            "it answers.",
+        ),
+        (
+            {"messages": [SYSTEM]},
+            "field 'messages' holds only system turns: add the user's turn and the assistant's "
+            "reply.",
+        ),
+        (
+            {"messages": [SYSTEM, HI, SYSTEM, YO]},
+            "field 'messages[2]' is a system turn after the first turn; a conversation has one "
+            "system turn, first: merge it into the first.",
+        ),
+        (
+            {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": ""}]},
+            "field 'conversations[1].value' (the assistant's reply) is empty.",
+        ),
+        ({}, "the record is empty ({})."),
+        ({"text": "  "}, "field 'text' is empty."),
+        (
+            {"messages": [{"role": "user", "content": "\ud800"}, YO]},
+            "field 'messages[0].content' holds '\\ud800' at character 0, half of a surrogate "
+            "pair: not text a tokenizer can read.",
+        ),
+        (
+            {"messages": [HI, {"role": "assistant", "content": ["Yo"]}]},
+            "field 'messages[1].content' must be a string, got [\"Yo\"].",
+        ),
+    ],
+)
+def test_bad_record_is_named_by_file_and_line_with_the_fix(tmp_path, record, problem):
+    # A good first record gives the format away (an empty record would not).
+    key = next((k for k in GOOD if k in record), "text")
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD[key], record])
+    with pytest.raises(LoraError) as error:
+        read_examples(path)
+    assert str(error.value) == f"{path}, line 2: {problem} {SKIP_HINT}"
+
+
+def test_skipped_records_are_counted_by_reason(tmp_path):
+    good = {"messages": [HI, YO]}
+    bad = [
+        {"messages": [HI, {"role": "assistant", "content": ""}]},
+        {"messages": [YO]},
+        {"messages": [HI, {"role": "assistant", "content": ""}]},
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", [good, bad[0], good, bad[1], bad[2]])
+    with path.open("a") as file:
+        file.write('{"messages": [\n')  # line 6: not JSON
+    data = read_data(path, skip_bad_records=True)
+    assert data.examples == [[HI, YO], [HI, YO]]
+    assert data.sources == [f"{path}, line 1", f"{path}, line 3"]
+    assert (data.records, dict(data.skipped)) == (
+        6,
+        {"empty assistant text": 2, "assistant-first": 1, "invalid JSON": 1},
+    )
+    assert data.skip_report() == (
+        f"skipped 4 bad records of 6 in {path}: 2 empty assistant text, 1 assistant-first, "
+        "1 invalid JSON"
+    )
+    assert read_data(write_jsonl(tmp_path / "ok.jsonl", [good])).skip_report() == ""
+
+
+def test_skipping_detects_the_format_past_bad_first_records(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('not json\n{}\n{"text": "body"}\n')
+    with pytest.raises(LoraError, match=r"d\.jsonl, line 1: not valid JSON"):
+        read_examples(path)
+    data = read_data(path, skip_bad_records=True)
+    assert (data.examples, dict(data.skipped)) == (["body"], {"invalid JSON": 1, "empty record": 1})
+
+
+def test_a_file_of_bad_records_only_is_refused_even_when_skipping(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": [YO]}, {"messages": [SYSTEM]}])
+    with pytest.raises(LoraError) as error:
+        read_data(path, skip_bad_records=True)
+    assert str(error.value) == (
+        f"{path}: no usable record (skipped 2 bad records of 2 in {path}: 1 assistant-first, "
+        "1 system-only). Fix the records."
+    )
+
+
+def test_byte_order_mark_is_read_and_non_utf8_named(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "caf\u00e9"}).encode())
+    assert read_examples(path) == ["caf\u00e9"]
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')  # Latin-1
+    with pytest.raises(LoraError) as error:
+        read_examples(latin)
+    assert str(error.value) == (
+        f"{latin}, line 2: not UTF-8 text (byte 29 of the file: invalid continuation byte). "
+        "Save the file as UTF-8."
+    )
+
+
+def test_unreadable_path_and_deep_nesting_are_named(tmp_path):
+    with pytest.raises(LoraError) as error:
+        read_examples(tmp_path)
+    assert str(error.value) == (
+        f"Cannot read data file {tmp_path}: Is a directory. Pass a readable JSON/JSONL file."
+    )
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(LoraError, match=r"deep\.json: JSON nested too deeply to read\."):
+        read_examples(deep)
 
 
 # --- encoding and masking -------------------------------------------------------------------------
@@ -272,6 +416,60 @@ def test_tokenizer_without_chat_template_is_refused_for_conversations(smollm2_to
     assert len(encode_examples(["Hello"], tokenizer, seq_len=64)) == 1
 
 
+# Llama-2 style: roles must alternate, starting with the user (a system turn first aside).
+ALTERNATING_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] != 'system' and (m['role'] == 'user') != "
+    "(loop.index0 % 2 == (1 if messages[0]['role'] == 'system' else 0)) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}"
+    "{% endif %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def test_chat_template_refusal_names_the_record_and_can_be_skipped(smollm2_tokenizer):
+    tokenizer = copy.deepcopy(smollm2_tokenizer)
+    tokenizer.chat_template = ALTERNATING_TEMPLATE
+    twice = [HI, HI, YO]  # read_examples accepts it; this template does not
+    with pytest.raises(LoraError) as error:
+        encode_examples(
+            [[HI, YO], twice], tokenizer, 64, sources=["d.jsonl, line 1", "d.jsonl, line 2"]
+        )
+    assert str(error.value) == (
+        "d.jsonl, line 2: the chat template refuses it: Conversation roles must alternate "
+        f"user/assistant/user/assistant. {SKIP_HINT}"
+    )
+    with pytest.raises(LoraError, match="^example 2: the chat template refuses it"):
+        encode_examples([[HI, YO], twice], tokenizer, 64)
+    data = encode_examples([[HI, YO], twice, [HI, YO]], tokenizer, 64, skip_bad_records=True)
+    plain = encode_examples([[HI, YO]], tokenizer, 64)
+    assert (data.input_ids, data.labels) == (plain.input_ids * 2, plain.labels * 2)
+    assert (data.examples, data.skipped) == (2, {"refused by the chat template": 1})
+    assert data.summary().endswith(
+        "; skipped 1 bad records of 3 in the data: 1 refused by the chat template"
+    )
+
+
+def test_template_that_does_not_compile_is_named_not_skipped(smollm2_tokenizer):
+    tokenizer = copy.deepcopy(smollm2_tokenizer)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }"
+    with pytest.raises(LoraError) as error:
+        encode_examples([TINY_CHAT], tokenizer, 64, skip_bad_records=True)
+    assert str(error.value) == (
+        "The chat template does not compile (template line 1: unexpected '}'). Fix the "
+        "template file given with --chat-template, or leave it out."
+    )
+
+
+def test_tokenizer_failure_names_the_example(smollm2_tokenizer):
+    # Built in Python, not read from a file: nothing checked it before the template.
+    with pytest.raises(LoraError) as error:
+        encode_examples([[]], smollm2_tokenizer, 64)
+    assert str(error.value).startswith(
+        "example 1: the chat template or tokenizer fails on it: ValueError('Cannot apply chat "
+        "template to an empty conversation"
+    )
+
+
 def test_encoded_dataset_rejects_mismatched_sequences():
     with pytest.raises(LoraError, match="Sequence 0: 2 tokens and 1 labels"):
         EncodedDataset(input_ids=[[1, 2]], labels=[[1]], seq_len=8, examples=1)
@@ -309,6 +507,29 @@ def test_load_datasets_with_fraction_and_with_file(tmp_path, smollm2_tokenizer):
     assert load_datasets(train_path, smollm2_tokenizer, 32)[1] is None
     with pytest.raises(LoraError, match="not both"):
         load_datasets(train_path, smollm2_tokenizer, 32, val_path=val_path, val_fraction=0.2)
+
+
+def test_load_datasets_skips_and_reports_bad_records(tmp_path, smollm2_tokenizer):
+    good = [{"messages": [{"role": "user", "content": f"Q{i}"}, YO]} for i in range(8)]
+    bad = [{"messages": [YO]}, {"messages": [HI, {"role": "assistant", "content": ""}]}]
+    train_path = write_jsonl(tmp_path / "train.jsonl", [*good[:4], bad[0], *good[4:], bad[1]])
+    val_path = write_jsonl(tmp_path / "val.jsonl", [bad[0], *good[:2]])
+    with pytest.raises(LoraError, match=r"train\.jsonl, line 5: field 'messages\[0\]' is the"):
+        load_datasets(train_path, smollm2_tokenizer, 64)
+    train, val = load_datasets(
+        train_path, smollm2_tokenizer, 64, val_path=val_path, skip_bad_records=True
+    )
+    assert (train.examples, len(train), val.examples) == (8, 8, 2)
+    assert train.summary().endswith(
+        f"; skipped 2 bad records of 10 in {train_path}: 1 assistant-first, 1 empty assistant text"
+    )
+    assert val.summary().endswith(f"; skipped 1 bad records of 3 in {val_path}: 1 assistant-first")
+    # Held out of the training file: the file's skips are reported once, with the training set.
+    train, val = load_datasets(
+        train_path, smollm2_tokenizer, 64, val_fraction=0.25, skip_bad_records=True
+    )
+    assert (train.examples, val.examples, val.skipped) == (6, 2, {})
+    assert "skipped 2 bad records of 10 in" in train.summary()
 
 
 def test_collate_pads_right():

@@ -16,6 +16,10 @@ instruction after a blank line. Loss falls on the assistant's tokens only, each 
 end-of-turn token included so the model learns to stop (``train_on_prompt=True``: on every
 token). A ``text`` record is trained on every token, with eos appended.
 
+Each record is checked as it is read (a user turn before the first reply, a reply with text,
+one system turn at most, and first), so a bad one is named by file and line before any model
+loads; ``skip_bad_records`` skips and counts bad records instead of stopping at the first.
+
 Labels follow Hugging Face's convention: ``labels`` is aligned with ``input_ids``, -100 marks
 no loss, and the model shifts by one to predict each token from those before it.
 """
@@ -24,10 +28,11 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -38,6 +43,7 @@ if TYPE_CHECKING:  # reading and checking data files needs no transformers
 
 Conversation = list[dict[str, str]]
 Example = Conversation | str  # a conversation, or the text of a ``text`` record
+T = TypeVar("T")
 IGNORE_INDEX = -100  # the label that carries no loss (PyTorch's cross_entropy default)
 FORMATS = ("alpaca", "chat", "sharegpt", "text")
 _ROLES = ("system", "user", "assistant")
@@ -62,9 +68,12 @@ class EncodedDataset:
         input_ids: one list of token ids per sequence.
         labels: aligned with ``input_ids``; ``IGNORE_INDEX`` where there is no loss.
         seq_len: the most tokens a sequence holds.
-        examples: examples read, dropped ones included.
+        examples: examples encoded, dropped ones included (skipped ones not).
         truncated: examples cut to ``seq_len`` tokens (and kept).
         dropped: examples left with no token to learn from once cut.
+        skipped: bad records skipped, by reason (``skip_bad_records``).
+        source: the data file, for :meth:`summary`.
+        records: records in ``source``, skipped ones included; 0: ``examples`` + skipped.
     """
 
     input_ids: list[list[int]]
@@ -73,6 +82,9 @@ class EncodedDataset:
     examples: int
     truncated: int = 0
     dropped: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    source: str = "the data"
+    records: int = 0
 
     def __post_init__(self) -> None:
         if len(self.input_ids) != len(self.labels):
@@ -85,7 +97,7 @@ class EncodedDataset:
                     f"Sequence {i}: {len(ids)} tokens and {len(labels)} labels; both must be "
                     f"equal and at most seq_len={self.seq_len}."
                 )
-        if min(self.examples, self.truncated, self.dropped) < 0:
+        if min(self.examples, self.truncated, self.dropped, *self.skipped.values()) < 0:
             raise LoraError("Example counts must not be negative.")
 
     def __len__(self) -> int:
@@ -106,26 +118,82 @@ class EncodedDataset:
 
     def summary(self) -> str:
         """One line for logs, e.g. ``500 examples -> 500 sequences (<= 256 tokens): ...``."""
+        records = self.records or self.examples + sum(self.skipped.values())
+        skipped = skip_report(self.skipped, records, self.source)
         return (
             f"{self.examples} examples -> {len(self)} sequences (<= {self.seq_len} tokens): "
             f"{self.tokens:,} tokens, {self.target_tokens:,} with loss; "
             f"{self.truncated} truncated, {self.dropped} dropped"
+            + (f"; {skipped}" if skipped else "")
         )
 
 
+class _BadRecord(LoraError):
+    """One record that cannot be used; ``reason`` is how ``skip_bad_records`` counts it."""
+
+    def __init__(self, where: str, reason: str, problem: str) -> None:
+        super().__init__(
+            f"{where}: {problem} Fix or remove the record (or skip bad records: "
+            "--skip-bad-records)."
+        )
+        self.reason = reason
+
+
+@dataclass
+class DataFile:
+    """A data file read by :func:`read_data`.
+
+    Attributes:
+        path: the file.
+        examples: one per usable record, in file order.
+        sources: where each example came from (``"data.jsonl, line 3"``), for messages.
+        records: records in the file, skipped ones included.
+        skipped: bad records skipped, by reason (``{"empty assistant text": 2}``).
+    """
+
+    path: Path
+    examples: list[Example]
+    sources: list[str]
+    records: int
+    skipped: Counter[str]
+
+    def skip_report(self) -> str:
+        """``"skipped 3 bad records of 120 in data.jsonl: 2 ..., 1 ..."``, or ``""``."""
+        return skip_report(self.skipped, self.records, str(self.path))
+
+
+def skip_report(skipped: Mapping[str, int], records: int, source: str) -> str:
+    """How many records were skipped and why, or ``""`` when none was."""
+    total = sum(skipped.values())
+    if not total:
+        return ""
+    reasons = ", ".join(f"{count} {reason}" for reason, count in Counter(skipped).most_common())
+    return f"skipped {total} bad records of {records} in {source}: {reasons}"
+
+
 def read_examples(path: str | Path, data_format: str | None = None) -> list[Example]:
+    """The examples of a data file (see :func:`read_data`); any bad record raises."""
+    return read_data(path, data_format).examples
+
+
+def read_data(
+    path: str | Path, data_format: str | None = None, *, skip_bad_records: bool = False
+) -> DataFile:
     """Read a JSON or JSONL data file into conversations (or texts, for the ``text`` format).
+
+    Every record is checked here, so a bad one is named by file and line before it can reach
+    a chat template: a conversation needs a user turn before the first reply, a non-empty
+    reply, at most one system turn (the first), and strings of valid Unicode.
 
     Args:
         path: the file; JSON when its first character is ``[``, JSONL otherwise.
-        data_format: one of :data:`FORMATS`; ``None`` detects it from the first record.
-
-    Returns:
-        One example per record, in file order.
+        data_format: one of :data:`FORMATS`; ``None`` detects it from the first record (with
+            ``skip_bad_records``, from the first record that gives it away).
+        skip_bad_records: skip bad records (counted in ``skipped``) instead of raising.
 
     Raises:
-        LoraError: unreadable or empty file, unknown format, or a malformed record (the
-            message names the file, the line or list index, and the field).
+        LoraError: unreadable or empty file, unknown format, a bad record (the message names
+            the file, the line or list index, the field and the fix), or no usable record.
     """
     path = Path(path)
     if data_format is not None and data_format not in FORMATS:
@@ -135,23 +203,42 @@ def read_examples(path: str | Path, data_format: str | None = None) -> list[Exam
         raise LoraError(
             f"{path} holds no examples: write one JSON object a line (JSONL) or a JSON list."
         )
-    where, first = records[0]
-    fmt = data_format or _detect_format(first, f"{path}, {where}")
-    parse = {
-        "alpaca": _parse_alpaca,
-        "chat": _parse_chat,
-        "sharegpt": _parse_sharegpt,
-        "text": _parse_text,
-    }[fmt]
-    return [parse(record, f"{path}, {where}") for where, record in records]
+    parse = _PARSERS[data_format or _detect_format(records, skip_bad_records)]
+    data = DataFile(path, [], [], len(records), Counter())
+    for where, record in records:
+        try:
+            if isinstance(record, _BadRecord):
+                raise record
+            data.examples.append(parse(record, where))
+            data.sources.append(where)
+        except _BadRecord as bad:
+            if not skip_bad_records:
+                raise
+            data.skipped[bad.reason] += 1
+    if not data.examples:
+        raise LoraError(f"{path}: no usable record ({data.skip_report()}). Fix the records.")
+    return data
 
 
 def _read_records(path: Path) -> list[tuple[str, Any]]:
-    """``(where, record)`` pairs, ``where`` being "line N" (JSONL) or "index N" (JSON)."""
+    """``(where, record)`` pairs, ``where`` being "FILE, line N" (JSONL) or "FILE, index N"
+    (JSON); a JSONL line that is not JSON gives a :class:`_BadRecord` as its record."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise LoraError(f"Cannot read data file {path}: {error}") from error
+        raw = path.read_bytes()
+    except OSError as error:
+        raise LoraError(
+            f"Cannot read data file {path}: {error.strerror or error}. Pass a readable "
+            "JSON/JSONL file."
+        ) from error
+    try:
+        # utf-8-sig: a byte-order mark, as some editors write, is not part of the JSON.
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise LoraError(
+            f"{path}, line {line}: not UTF-8 text (byte {error.start + 1} of the file: "
+            f"{error.reason}). Save the file as UTF-8."
+        ) from error
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)
@@ -159,27 +246,39 @@ def _read_records(path: Path) -> list[tuple[str, Any]]:
             raise LoraError(
                 f"{path}, line {error.lineno}: not valid JSON ({error.msg})."
             ) from error
-        return [(f"index {i}", record) for i, record in enumerate(records)]
-    pairs = []
+        except RecursionError as error:
+            raise LoraError(f"{path}: JSON nested too deeply to read.") from error
+        return [(f"{path}, index {i}", record) for i, record in enumerate(records)]
+    pairs: list[tuple[str, Any]] = []
     for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            pairs.append((f"line {number}", json.loads(line)))
-        except json.JSONDecodeError as error:
-            raise LoraError(
-                f"{path}, line {number}: not valid JSON ({error.msg}); JSONL wants one object "
-                "a line."
-            ) from error
+        if line.strip():
+            where = f"{path}, line {number}"
+            pairs.append((where, _json_line(line, where)))
     return pairs
 
 
-def _detect_format(record: Any, where: str) -> str:
-    if isinstance(record, dict):
-        for key, fmt in _FORMAT_KEYS.items():
-            if key in record:
-                return fmt
-    keys = ", ".join(map(repr, record)) if isinstance(record, dict) else _show(record)
+def _json_line(line: str, where: str) -> Any:
+    """One JSONL record, or a :class:`_BadRecord` saying why the line is not one."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as error:
+        problem = f"not valid JSON ({error.msg}); JSONL wants one object a line."
+    except RecursionError:
+        problem = "JSON nested too deeply to read."
+    return _BadRecord(where, "invalid JSON", problem)
+
+
+def _detect_format(records: list[tuple[str, Any]], skip_bad_records: bool) -> str:
+    """The format the first record gives away (any record, when bad ones are skipped)."""
+    for _, record in records if skip_bad_records else records[:1]:
+        if isinstance(record, dict):
+            for key, fmt in _FORMAT_KEYS.items():
+                if key in record:
+                    return fmt
+    where, first = records[0]
+    if isinstance(first, _BadRecord):
+        raise first
+    keys = ", ".join(map(repr, first)) if isinstance(first, dict) else _show(first)
     raise LoraError(
         f"{where}: cannot tell the data format from the first record ({keys}). Expected keys: "
         "alpaca (instruction, input, output), chat (messages), sharegpt (conversations) or "
@@ -195,8 +294,17 @@ def _show(value: Any) -> str:
 
 def _object(value: Any, where: str, name: str) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise LoraError(f"{where}: {name} must be a JSON object, got {_show(value)}.")
+        raise _BadRecord(
+            where, "not an object", f"{name} must be a JSON object, got {_show(value)}."
+        )
     return value
+
+
+def _record(value: Any, where: str) -> dict[str, Any]:
+    """A record: a JSON object with something in it."""
+    if value == {}:
+        raise _BadRecord(where, "empty record", "the record is empty ({}).")
+    return _object(value, where, "the record")
 
 
 def _field(record: dict[str, Any], name: str, where: str, optional: bool = False) -> str:
@@ -207,44 +315,104 @@ def _field(record: dict[str, Any], name: str, where: str, optional: bool = False
     if value is None and optional:
         return ""
     if key not in record:
-        raise LoraError(f"{where}: field {name!r} is missing.")
+        raise _BadRecord(where, "missing field", f"field {name!r} is missing.")
     if not isinstance(value, str):
-        raise LoraError(f"{where}: field {name!r} must be a string, got {_show(value)}.")
+        raise _BadRecord(
+            where, "not a string", f"field {name!r} must be a string, got {_show(value)}."
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise _BadRecord(
+            where,
+            "invalid Unicode",
+            f"field {name!r} holds {value[error.start]!r} at character {error.start}, half of a "
+            "surrogate pair: not text a tokenizer can read.",
+        ) from None
     return value
 
 
+def _reply(record: dict[str, Any], name: str, where: str) -> str:
+    """The assistant's text at ``name``: a reply with no text teaches nothing."""
+    text = _field(record, name, where)
+    if not text.strip():
+        raise _BadRecord(
+            where, "empty assistant text", f"field {name!r} (the assistant's reply) is empty."
+        )
+    return text
+
+
 def _parse_alpaca(record: Any, where: str) -> Conversation:
-    record = _object(record, where, "the record")
+    record = _record(record, where)
     instruction = _field(record, "instruction", where)
     extra = _field(record, "input", where, optional=True)
     prompt = f"{instruction}\n\n{extra}" if extra else instruction
     return [
         {"role": "user", "content": prompt},
-        {"role": "assistant", "content": _field(record, "output", where)},
+        {"role": "assistant", "content": _reply(record, "output", where)},
     ]
 
 
 def _parse_turns(
     record: Any, where: str, key: str, role_key: str, text_key: str, roles: Mapping[str, str]
 ) -> Conversation:
-    """Shared by chat and sharegpt: a non-empty list of turns, one assistant turn at least."""
-    turns = _object(record, where, "the record").get(key)
+    """Shared by chat and sharegpt: a non-empty list of turns, checked by :func:`_check_order`."""
+    turns = _record(record, where).get(key)
     if not isinstance(turns, list) or not turns:
-        raise LoraError(f"{where}: field {key!r} must be a non-empty list of turns.")
+        raise _BadRecord(
+            where,
+            "no turns",
+            f"field {key!r} must be a non-empty list of turns, got {_show(turns)}.",
+        )
     messages = []
     for i, turn in enumerate(turns):
         turn = _object(turn, where, f"field '{key}[{i}]'")
         role = _field(turn, f"{key}[{i}].{role_key}", where)
         if role not in roles:
-            raise LoraError(
-                f"{where}: field '{key}[{i}].{role_key}' is {role!r}; expected one of "
-                f"{', '.join(roles)}."
+            raise _BadRecord(
+                where,
+                "unknown role",
+                f"field '{key}[{i}].{role_key}' is {role!r}; expected one of {', '.join(roles)}.",
             )
-        content = _field(turn, f"{key}[{i}].{text_key}", where)
+        name = f"{key}[{i}].{text_key}"
+        if roles[role] == "assistant":
+            content = _reply(turn, name, where)
+        else:
+            content = _field(turn, name, where)
         messages.append({"role": roles[role], "content": content})
-    if not any(message["role"] == "assistant" for message in messages):
-        raise LoraError(f"{where}: field {key!r} has no assistant turn, so nothing to learn.")
+    _check_order([m["role"] for m in messages], where, key)
     return messages
+
+
+def _check_order(roles: list[str], where: str, key: str) -> None:
+    """A system turn only first, then a user turn before the first reply, and a reply."""
+    if all(role == "system" for role in roles):
+        raise _BadRecord(
+            where,
+            "system-only",
+            f"field {key!r} holds only system turns: add the user's turn "
+            "and the assistant's reply.",
+        )
+    for i, role in enumerate(roles[1:], start=1):
+        if role == "system":
+            raise _BadRecord(
+                where,
+                "system turn not first",
+                f"field '{key}[{i}]' is a system turn after the first turn; a conversation "
+                "has one system turn, first: merge it into the first.",
+            )
+    first = 1 if roles[0] == "system" else 0
+    if roles[first] == "assistant":
+        raise _BadRecord(
+            where,
+            "assistant-first",
+            f"field '{key}[{first}]' is the assistant's, before any user turn: add the user's "
+            "turn it answers.",
+        )
+    if "assistant" not in roles:
+        raise _BadRecord(
+            where, "no assistant turn", f"field {key!r} has no assistant turn, so nothing to learn."
+        )
 
 
 def _parse_chat(record: Any, where: str) -> Conversation:
@@ -256,7 +424,18 @@ def _parse_sharegpt(record: Any, where: str) -> Conversation:
 
 
 def _parse_text(record: Any, where: str) -> str:
-    return _field(_object(record, where, "the record"), "text", where)
+    text = _field(_record(record, where), "text", where)
+    if not text.strip():
+        raise _BadRecord(where, "empty text", "field 'text' is empty.")
+    return text
+
+
+_PARSERS = {
+    "alpaca": _parse_alpaca,
+    "chat": _parse_chat,
+    "sharegpt": _parse_sharegpt,
+    "text": _parse_text,
+}
 
 
 def encode_examples(
@@ -266,6 +445,8 @@ def encode_examples(
     *,
     train_on_prompt: bool = False,
     pack: bool = False,
+    sources: Sequence[str] | None = None,
+    skip_bad_records: bool = False,
 ) -> EncodedDataset:
     """Tokenise examples, mask the prompts, cut to ``seq_len`` and optionally pack.
 
@@ -285,21 +466,30 @@ def encode_examples(
         seq_len: the most tokens a sequence may hold.
         train_on_prompt: put loss on every token of conversations, not only the assistant's.
         pack: pack several examples into each sequence.
+        sources: where each example came from (:attr:`DataFile.sources`), for messages;
+            default "example N".
+        skip_bad_records: skip (and count) examples the chat template or the tokenizer
+            refuses, instead of raising.
 
     Raises:
-        LoraError: bad ``seq_len``, no chat template, a template that renders a conversation
-            inconsistently with its beginning, or every example dropped.
+        LoraError: bad ``seq_len``, no chat template, a template that does not compile or
+            renders a conversation inconsistently with its beginning, an example the template
+            or tokenizer refuses (named), or every example dropped.
     """
     if seq_len < 2:
         raise LoraError(f"seq_len must be at least 2, got {seq_len}.")
     sequences = []
     truncated = dropped = 0
-    for example in examples:
-        if isinstance(example, str):
-            ids, labels = _encode_text(example, tokenizer)
-        else:
-            ids, labels = _encode_conversation(example, tokenizer, train_on_prompt)
-        labels[0] = IGNORE_INDEX
+    skipped: Counter[str] = Counter()
+    for i, example in enumerate(examples):
+        where = sources[i] if sources is not None else f"example {i + 1}"
+        try:
+            ids, labels = _encode(example, tokenizer, train_on_prompt, where)
+        except _BadRecord as bad:
+            if not skip_bad_records:
+                raise
+            skipped[bad.reason] += 1
+            continue
         if len(ids) > seq_len:
             truncated += 1
             ids, labels = ids[:seq_len], labels[:seq_len]
@@ -308,6 +498,10 @@ def encode_examples(
             continue
         sequences.append((ids, labels))
     if not sequences:
+        if skipped:
+            raise LoraError(
+                f"No example could be encoded: {skip_report(skipped, len(examples), 'the data')}."
+            )
         raise LoraError(
             f"All {len(examples)} examples were dropped: none has a target token within the "
             f"first {seq_len} tokens. Raise --seq-len."
@@ -318,10 +512,45 @@ def encode_examples(
         input_ids=[ids for ids, _ in sequences],
         labels=[labels for _, labels in sequences],
         seq_len=seq_len,
-        examples=len(examples),
+        examples=len(examples) - sum(skipped.values()),
         truncated=truncated,
         dropped=dropped,
+        skipped=dict(skipped),
     )
+
+
+def _encode(
+    example: Example, tokenizer: PreTrainedTokenizerBase, train_on_prompt: bool, where: str
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one example, the first token without loss; what the chat
+    template or the tokenizer refuses in it becomes a :class:`_BadRecord` naming ``where``."""
+    from jinja2 import TemplateError, TemplateSyntaxError  # comes with transformers
+
+    try:
+        if isinstance(example, str):
+            ids, labels = _encode_text(example, tokenizer)
+        else:
+            ids, labels = _encode_conversation(example, tokenizer, train_on_prompt)
+    except TemplateSyntaxError as error:  # the template itself, not this example
+        raise LoraError(
+            f"The chat template does not compile (template line {error.lineno}: {error}). "
+            "Fix the template file given with --chat-template, or leave it out."
+        ) from error
+    except TemplateError as error:
+        raise _BadRecord(
+            where, "refused by the chat template", f"the chat template refuses it: {error}."
+        ) from error
+    except (ValueError, TypeError, KeyError, IndexError) as error:
+        if isinstance(error, LoraError):
+            raise
+        raise _BadRecord(
+            where,
+            "refused by the tokenizer",
+            f"the chat template or tokenizer fails on it: {error!r}.",
+        ) from error
+    if ids:
+        labels[0] = IGNORE_INDEX
+    return ids, labels
 
 
 def _encode_text(text: str, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
@@ -414,8 +643,8 @@ def common_system(examples: Sequence[Example]) -> str | None:
 
 
 def split_examples(
-    examples: Sequence[Example], val_fraction: float, seed: int = 0
-) -> tuple[list[Example], list[Example]]:
+    examples: Sequence[T], val_fraction: float, seed: int = 0
+) -> tuple[list[T], list[T]]:
     """Hold out a random ``val_fraction`` of the examples (at least one), the same every run.
 
     Returns:
@@ -452,6 +681,7 @@ def load_datasets(
     pack: bool = False,
     seed: int = 0,
     system: str | None = None,
+    skip_bad_records: bool = False,
 ) -> tuple[EncodedDataset, EncodedDataset | None]:
     """Read, split and encode the training data and the validation data, if any.
 
@@ -459,6 +689,8 @@ def load_datasets(
     (see :func:`split_examples`). It is never packed, so its loss does not depend on
     ``pack``. ``data_format`` applies to both files; without it each file is detected alone.
     ``system`` goes first in every conversation that has no system message (:func:`with_system`).
+    With ``skip_bad_records``, bad records are skipped and counted in each data set's
+    ``skipped`` (those of the training file, read before the split, in the training set's).
 
     Returns:
         ``(train, val)``; ``val`` is ``None`` without ``val_path`` or ``val_fraction``.
@@ -469,16 +701,39 @@ def load_datasets(
     """
     if val_path is not None and val_fraction:
         raise LoraError("Give a validation file or a validation fraction, not both.")
-    train = [with_system(e, system) for e in read_examples(train_path, data_format)]
-    val = None
+    train_file = read_data(train_path, data_format, skip_bad_records=skip_bad_records)
+    train = _with_sources(train_file, system)
+    val, val_file = None, train_file
     if val_path is not None:
-        val = [with_system(e, system) for e in read_examples(val_path, data_format)]
+        val_file = read_data(val_path, data_format, skip_bad_records=skip_bad_records)
+        val = _with_sources(val_file, system)
     if val_fraction:
         train, val = split_examples(train, val_fraction, seed)
-    encoded = encode_examples(train, tokenizer, seq_len, train_on_prompt=train_on_prompt, pack=pack)
-    if val is None:
-        return encoded, None
-    return encoded, encode_examples(val, tokenizer, seq_len, train_on_prompt=train_on_prompt)
+
+    def encode(pairs: list[tuple[Example, str]], data: DataFile, pack: bool) -> EncodedDataset:
+        encoded = encode_examples(
+            [e for e, _ in pairs],
+            tokenizer,
+            seq_len,
+            train_on_prompt=train_on_prompt,
+            pack=pack,
+            sources=[s for _, s in pairs],
+            skip_bad_records=skip_bad_records,
+        )
+        if data is not train_file or pairs is train:
+            # The records skipped while reading count once: with the file's first data set.
+            encoded.skipped = dict(Counter(encoded.skipped) + data.skipped)
+            encoded.records = data.records
+        encoded.source = str(data.path)
+        return encoded
+
+    encoded = encode(train, train_file, pack)
+    return encoded, None if val is None else encode(val, val_file, False)
+
+
+def _with_sources(data: DataFile, system: str | None) -> list[tuple[Example, str]]:
+    """``(example, where it came from)`` pairs, ``system`` added (:func:`with_system`)."""
+    return [(with_system(e, system), s) for e, s in zip(data.examples, data.sources, strict=True)]
 
 
 def collate(batch: Sequence[Mapping[str, Sequence[int]]], pad_id: int) -> dict[str, torch.Tensor]:
