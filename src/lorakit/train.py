@@ -48,7 +48,7 @@ from .data import (
     collate,
     common_system,
     load_datasets,
-    read_examples,
+    read_data,
     with_system,
 )
 from .distributed import Dist
@@ -313,10 +313,10 @@ class Inputs:
     resume_dir: Path | None
 
 
-def _read(path: str, flag: str, data_format: str | None) -> list[Example]:
+def _read(path: str, flag: str, config: TrainConfig) -> list[Example]:
     if not Path(path).is_file():
         raise LoraError(f"{flag} {path}: file not found; pass an existing JSON/JSONL file.")
-    return read_examples(path, data_format)
+    return read_data(path, config.format, skip_bad_records=config.skip_bad_records).examples
 
 
 def check_inputs(config: TrainConfig, check_model: bool = True) -> Inputs:
@@ -343,14 +343,14 @@ def check_inputs(config: TrainConfig, check_model: bool = True) -> Inputs:
         template = Path(config.chat_template).read_text()
     settings = {}
     for name, path in (config.task_files() or {DEFAULT: config.data}).items():
-        examples = _read(path, "--task" if config.tasks else "--data", config.format)
+        examples = _read(path, "--task" if config.tasks else "--data", config)
         system = config.system if config.system is not None else common_system(examples)
         settings[name] = GenerationSettings(system or None, template)
     if config.val_data:
-        _read(config.val_data, "--val-data", config.format)
+        _read(config.val_data, "--val-data", config)
     test = None
     if config.test_data:
-        examples = _read(config.test_data, "--test-data", config.format)
+        examples = _read(config.test_data, "--test-data", config)
         test = [with_system(e, config.system) for e in examples]
         split_references(test)  # exact match needs a reference reply in every record
     resume_dir = latest_checkpoint(config.resume) if config.resume else None
@@ -451,6 +451,7 @@ def _prepare(config: TrainConfig, model: nn.Module | None, tokenizer: Any, dist:
             pack=config.packing,
             seed=config.seed,
             system=config.system,
+            skip_bad_records=config.skip_bad_records,
         )
         label = "" if name == DEFAULT else " " + name
         _log(f"train{label}: {train_sets[name].summary()}", dist.is_main)
