@@ -86,3 +86,22 @@ def test_parse_named_adapters():
     assert parse_named_adapters(["runs/demo"]) == {"default": "runs/demo"}
     with pytest.raises(Exception, match="give each adapter once"):
         parse_named_adapters(["a=x", "a=y"])
+
+
+def test_an_existing_path_wins_over_name_equals_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "lr=0.01").mkdir(parents=True)
+    (tmp_path / "lr=0.02").mkdir()
+    assert parse_named_adapters(["runs/lr=0.01"]) == {"default": "runs/lr=0.01"}
+    assert parse_named_adapters(["lr=0.02"]) == {"default": "lr=0.02"}  # exists: a path
+    assert parse_named_adapters(["lr=0.03"]) == {"lr": "0.03"}  # does not: NAME=DIR
+    assert parse_named_adapters(["a=runs/lr=0.01"]) == {"a": "runs/lr=0.01"}
+    # A '/' before the '=' is a path's, never a name's: a missing folder is named whole.
+    assert parse_named_adapters(["runs/lr=0.5"]) == {"default": "runs/lr=0.5"}
+
+
+def test_missing_folder_with_equals_is_named_whole(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["merge", "--adapter", "runs/lr=0.5", "--output", "out"]) == 2
+    err = capsys.readouterr().err
+    assert "--adapter runs/lr=0.5: not an adapter folder (no adapter_config.json)" in err

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 from ..errors import LoraError
 
+_SEPARATORS = {"/", os.sep}  # in a path, never in an adapter name
+
 
 def parse_named_adapters(values: list[str]) -> dict[str, str]:
-    """``["a=DIR1", "b=DIR2"]`` -> ``{"a": "DIR1", "b": "DIR2"}``; a bare DIR is named "default"."""
+    """``["a=DIR1", "b=DIR2"]`` -> ``{"a": "DIR1", "b": "DIR2"}``; a bare DIR is named "default".
+
+    An existing path wins over NAME=DIR, so ``runs/lr=0.01`` is a folder when it exists; so is
+    a value whose part before ``=`` holds a path separator (no adapter name does).
+    """
     named: dict[str, str] = {}
     for value in values:
         name, sep, folder = value.partition("=")
-        name, folder = (name, folder) if sep else ("default", value)
+        if not sep or Path(value).exists() or any(s in name for s in _SEPARATORS):
+            name, folder = "default", value
         if not name or not folder or name in named:
             raise LoraError(
                 f"--adapter {value!r}: give each adapter once as NAME=DIR (e.g. --adapter a=runs/a)."
