@@ -74,6 +74,7 @@ class EncodedDataset:
         skipped: bad records skipped, by reason (``skip_bad_records``).
         source: the data file, for :meth:`summary`.
         records: records in ``source``, skipped ones included; 0: ``examples`` + skipped.
+        refused: indices (in the examples given) of those the template or tokenizer refused.
     """
 
     input_ids: list[list[int]]
@@ -85,6 +86,7 @@ class EncodedDataset:
     skipped: dict[str, int] = field(default_factory=dict)
     source: str = "the data"
     records: int = 0
+    refused: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if len(self.input_ids) != len(self.labels):
@@ -438,6 +440,47 @@ _PARSERS = {
 }
 
 
+def read_chat_template(path: str | Path, flag: str = "--chat-template") -> str:
+    """The Jinja chat template in file ``path``, checked to compile (before any model loads).
+
+    Raises:
+        LoraError: a missing, unreadable or non-UTF-8 file, or a template that does not
+            compile (see :func:`check_chat_template`), naming ``flag`` and the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LoraError(f"{flag} {path}: file not found; pass a Jinja file.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise LoraError(
+            f"{flag} {path}: not UTF-8 text (byte {error.start + 1}: {error.reason}). Save the "
+            "template as UTF-8."
+        ) from error
+    except OSError as error:
+        raise LoraError(f"{flag} {path}: cannot read it ({error.strerror}).") from error
+    check_chat_template(text, f"{flag} {path}")
+    return text
+
+
+def check_chat_template(template: str, source: str) -> None:
+    """Refuse a chat template that does not compile, naming ``source`` and the template line.
+
+    Compiled as transformers compiles it (its Jinja environment and extensions), so what
+    passes here renders later.
+    """
+    from jinja2 import TemplateSyntaxError
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(template)
+    except TemplateSyntaxError as error:
+        raise LoraError(
+            f"{source}: the chat template does not compile (template line {error.lineno}: "
+            f"{error.message}). Fix the template."
+        ) from error
+
+
 def encode_examples(
     examples: Sequence[Example],
     tokenizer: PreTrainedTokenizerBase,
@@ -481,6 +524,7 @@ def encode_examples(
     sequences = []
     truncated = dropped = 0
     skipped: Counter[str] = Counter()
+    refused: list[int] = []
     for i, example in enumerate(examples):
         where = sources[i] if sources is not None else f"example {i + 1}"
         try:
@@ -489,6 +533,7 @@ def encode_examples(
             if not skip_bad_records:
                 raise
             skipped[bad.reason] += 1
+            refused.append(i)
             continue
         if len(ids) > seq_len:
             truncated += 1
@@ -516,6 +561,7 @@ def encode_examples(
         truncated=truncated,
         dropped=dropped,
         skipped=dict(skipped),
+        refused=refused,
     )
 
 

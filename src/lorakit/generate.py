@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import Conversation, Example, with_system
+from .data import Conversation, Example, check_chat_template, with_system
 from .demo import exact_match
 from .errors import LoraError
 
@@ -64,13 +64,20 @@ def read_generation_settings(folder: str | Path) -> GenerationSettings:
     if not path.is_file():
         return GenerationSettings()
     try:
-        values = json.loads(path.read_text())
-        return GenerationSettings(**{k: values.get(k) for k in ("system", "chat_template")})
-    except (json.JSONDecodeError, AttributeError, TypeError) as error:
+        values = json.loads(path.read_text(encoding="utf-8"))
+        system, template = (values.get(k) for k in ("system", "chat_template"))
+    except (ValueError, AttributeError) as error:  # not UTF-8, not JSON, not an object
         raise LoraError(
             f"{path} is not a JSON object with keys system and chat_template ({error}); fix or "
             "delete it and pass --system / --chat-template instead."
         ) from error
+    if not all(isinstance(value, str | None) for value in (system, template)):
+        raise LoraError(
+            f"{path}: system and chat_template must be strings or null; fix or delete it."
+        )
+    if template is not None:
+        check_chat_template(template, str(path))
+    return GenerationSettings(system, template)
 
 
 def _bar(total: int, desc: str | None, unit: str) -> Any:

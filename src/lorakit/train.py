@@ -48,6 +48,7 @@ from .data import (
     collate,
     common_system,
     load_datasets,
+    read_chat_template,
     read_data,
     with_system,
 )
@@ -336,11 +337,7 @@ def check_inputs(config: TrainConfig, check_model: bool = True) -> Inputs:
             raise LoraError(f"--model {config.model}: {error}") from None
     template = None
     if config.chat_template is not None:
-        if not Path(config.chat_template).is_file():
-            raise LoraError(
-                f"--chat-template {config.chat_template}: file not found; pass a Jinja file."
-            )
-        template = Path(config.chat_template).read_text()
+        template = read_chat_template(config.chat_template)
     settings = {}
     for name, path in (config.task_files() or {DEFAULT: config.data}).items():
         examples = _read(path, "--task" if config.tasks else "--data", config)

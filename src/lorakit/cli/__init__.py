@@ -5,13 +5,19 @@ parser from them, so adding a subcommand touches only the module that implements
 
 Building the parser imports no transformers and no training code: each ``run`` function
 imports what it needs, so ``lorakit --help`` and ``lorakit train --help`` answer at once.
+
+Bad input never shows a traceback: a ``LoraError``, or an ``OSError`` on a path (missing,
+unreadable, a folder, a full disk), prints one line and exits with 2; Ctrl-C exits with 130.
+``--debug`` (before or after the command) shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
 from ..errors import LoraError
@@ -34,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lorakit",
         description="LoRA fine-tuning and low-rank tools. Run a command with --help for details.",
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (add_arguments, run) in _commands().items():
         doc = (run.__doc__ or "").strip().splitlines()
@@ -44,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         )
         add_arguments(p)
+        # SUPPRESS: given before the command, --debug is not reset by the subcommand's default.
+        p.add_argument(
+            "--debug",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show the traceback of an error",
+        )
         p.set_defaults(run=run, parser=p)
     return parser
 
@@ -96,6 +110,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         _refuse_unknown(ns, extras)
     try:
         return ns.run(ns)
-    except LoraError as err:
+    except (LoraError, OSError, KeyboardInterrupt) as err:
+        if ns.debug:
+            traceback.print_exc()
+        if isinstance(err, KeyboardInterrupt):
+            print(f"\nlorakit {ns.command}: interrupted", file=sys.stderr)
+            return 130
+        if isinstance(err, OSError) and not isinstance(err, LoraError):
+            err = _os_error(err)  # a path the user gave, not a bug: no traceback either
         print(f"lorakit {ns.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+def _os_error(error: OSError) -> str:
+    """What an ``OSError`` that reached the CLI means for the user, and the fix."""
+    where = f"{error.filename}: " if error.filename else ""
+    reason = error.strerror or str(error)
+    if error.errno == errno.ENOSPC:
+        return f"{where}{reason}: the disk is full. Free some space (or write elsewhere) and rerun."
+    if isinstance(error, PermissionError):
+        return f"{where}{reason}. Check the path's permissions, or pass another path."
+    return f"{where}{reason}. Check the path and pass a readable file or writable folder."

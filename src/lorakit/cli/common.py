@@ -16,6 +16,8 @@ from ..errors import LoraError
 if TYPE_CHECKING:
     from torch import nn
 
+    from ..data import DataFile
+
 ADAPTER_CONFIG = "adapter_config.json"
 
 
@@ -45,13 +47,18 @@ def check_model_spec(spec: str, flag: str = "--model") -> str:
         raise LoraError(f"{flag} {spec}: {error}") from None
 
 
-def check_data_file(path: str | Path, data_format: str | None = None, flag: str = "--data") -> list:
-    """The examples of a data file, read and checked before any model loads."""
-    from ..data import read_examples
+def check_data_file(
+    path: str | Path,
+    data_format: str | None = None,
+    flag: str = "--data",
+    skip_bad_records: bool = False,
+) -> DataFile:
+    """A data file, read and checked before any model loads (see ``lorakit.data.read_data``)."""
+    from ..data import read_data
 
     if not Path(path).is_file():
         raise LoraError(f"{flag} {path}: file not found; pass an existing JSON/JSONL file.")
-    return read_examples(path, data_format)
+    return read_data(path, data_format, skip_bad_records=skip_bad_records)
 
 
 def check_empty_output(path: str | Path, flag: str = "--output") -> Path:

@@ -21,6 +21,7 @@ from .common import (
     check_model_spec,
     load_adapters,
     model_name,
+    status,
 )
 
 # --- train ----------------------------------------------------------------------------------------
@@ -180,6 +181,7 @@ def _adapter_folders(args: argparse.Namespace) -> dict[str, str]:
 def _generation_settings(args: argparse.Namespace, adapters: dict[str, str]) -> Any:
     """The system prompt and chat template to use: the flags, else those saved with the
     adapters in use (or with the model folder), else none and the model's own template."""
+    from ..data import read_chat_template
     from ..generate import GENERATION_FILE, GenerationSettings, read_generation_settings
 
     names = [n.strip() for n in args.use.split(",")] if args.use else list(adapters)[-1:]
@@ -210,10 +212,7 @@ def _generation_settings(args: argparse.Namespace, adapters: dict[str, str]) -> 
             )
         template = templates.pop() if templates else None
     else:
-        path = Path(args.chat_template)
-        if not path.is_file():
-            raise LoraError(f"--chat-template {path}: file not found; pass a Jinja file.")
-        template = path.read_text()
+        template = read_chat_template(args.chat_template)
     return GenerationSettings(system, template)
 
 
@@ -252,6 +251,11 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", default=None, choices=FORMATS, help="data format (auto)")
     parser.add_argument("--seq-len", type=int, default=512, help="cut sequences to this length")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per batch")
+    parser.add_argument(
+        "--skip-bad-records",
+        action="store_true",
+        help="skip malformed records (counted and reported) instead of stopping at one",
+    )
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -260,17 +264,31 @@ def run_eval(args: argparse.Namespace) -> int:
     Conversations without a system message get the adapter's saved one (or --system), as in
     training.
     """
-    from ..data import encode_examples
+    from collections import Counter
+
+    from ..data import encode_examples, skip_report
     from ..generate import exact_match_score, split_references
     from ..train import evaluate_loss
 
-    examples = check_data_file(args.data, args.format)
+    data = check_data_file(args.data, args.format, skip_bad_records=args.skip_bad_records)
+    examples = data.examples
     chats = not isinstance(examples[0], str)
     if chats:
         split_references(examples)  # every record needs the reply to compare with
     model, tokenizer, settings = _load(args)
     examples = [settings.messages(e) if chats else e for e in examples]
-    dataset = encode_examples(examples, tokenizer, args.seq_len)
+    dataset = encode_examples(
+        examples,
+        tokenizer,
+        args.seq_len,
+        sources=data.sources,
+        skip_bad_records=args.skip_bad_records,
+    )
+    refused = set(dataset.refused)  # by the chat template: no reply to generate from either
+    examples = [e for i, e in enumerate(examples) if i not in refused]
+    skipped = skip_report(data.skipped + Counter(dataset.skipped), data.records, args.data)
+    if skipped:
+        status(skipped)
     loss = evaluate_loss(model, dataset, args.batch_size, tokenizer.pad_token_id, "loss")
     print(f"examples:    {len(examples)}")
     print(f"loss:        {loss:.4f}")
