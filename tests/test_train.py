@@ -166,7 +166,7 @@ def test_nan_loss_stops_naming_the_step(tokenizer, data_file, tmp_path, monkeypa
     monkeypatch.setattr(train_module, "summed_loss", poisoned)
     with pytest.raises(LoraError, match=r"not finite at step 3.*step-2"):
         run(tokenizer, data_file, tmp_path, save_every=2)
-    assert (tmp_path / "checkpoints" / "step-2" / "state.pt").is_file()
+    assert (tmp_path / "checkpoints" / "step-2" / "state.safetensors").is_file()
     assert not (tmp_path / "adapter_model.safetensors").exists()
 
 

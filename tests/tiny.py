@@ -6,13 +6,13 @@ import torch
 from torch import nn
 
 
-def llama(tie: bool = False, seed: int = 0) -> nn.Module:
+def llama(tie: bool = False, seed: int = 0, vocab: int = 64) -> nn.Module:
     """A 2-layer Llama-style causal LM (q/k/v/o, gate/up/down, rotary)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=64,
+        vocab_size=vocab,
         hidden_size=32,
         intermediate_size=48,
         num_hidden_layers=2,

@@ -1,9 +1,11 @@
 """Training checkpoints: everything needed to continue a run as if it never stopped.
 
 ``OUTPUT/checkpoints/step-N/`` holds the adapter (PEFT format, usable on its own), the
-resolved ``train_config.yaml`` and ``state.pt``: optimizer, scheduler, RNG states and the data
-position. A checkpoint is written under a temporary name and renamed, so a crash never leaves a
-folder that looks complete; only the last K are kept.
+resolved ``train_config.yaml`` and ``state.safetensors``: optimizer, scheduler, RNG states, the
+data position and the base model's fingerprint (no pickle: see ``lorakit.treefile``). Each
+checkpoint folder is written as one unit (``lorakit.atomic``), so a kill -9 or a full disk at
+any moment leaves it complete-old or complete-new; only the last K are kept, and a pruned one
+is renamed away before it is deleted, so no half-deleted checkpoint ever looks complete.
 
 In a distributed run every rank calls :func:`save_checkpoint` (under FSDP2 the shards are
 gathered, which needs all ranks) and rank 0 writes. The file holds whole tensors, as one process
@@ -14,8 +16,9 @@ processes x batch size stays the same.
 from __future__ import annotations
 
 import random
+import re
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,9 +27,10 @@ import yaml
 from torch import nn
 
 from . import distributed
+from .atomic import atomic_folder, clean_leftovers
 from .distributed import Dist
 from .errors import LoraError
-from .io import save_adapter
+from .io import write_adapter_files
 from .train_config import (
     CONFIG_FILE,
     RESUMABLE_CHANGES,
@@ -34,22 +38,73 @@ from .train_config import (
     iter_config_help,
     write_config,
 )
+from .treefile import load_tree, save_tree
 
 if TYPE_CHECKING:
     from .generate import GenerationSettings
     from .train import BatchStream
 
-STATE_FILE = "state.pt"
+STATE_FILE = "state.safetensors"
+LEGACY_STATE_FILE = "state.pt"  # lorakit 0.1: torch.save, read with weights_only=True
 CHECKPOINTS = "checkpoints"
+# What killed writes leave in OUTPUT/checkpoints: atomic_folder's .step-N.new-*/.old-*, a
+# pruned .step-N.pruned-*, and lorakit 0.1's temporary .step-N-*.
+_LEFTOVER = re.compile(r"\.step-(\d+)(\.new-|\.old-|\.pruned-|-).*")
+
+
+def _has_state(folder: Path) -> bool:
+    return (folder / STATE_FILE).is_file() or (folder / LEGACY_STATE_FILE).is_file()
 
 
 def _steps(folder: Path) -> list[tuple[int, Path]]:
     found = []
     for path in folder.glob("step-*"):
         suffix = path.name.removeprefix("step-")
-        if path.is_dir() and suffix.isdigit() and (path / STATE_FILE).is_file():
+        if path.is_dir() and suffix.isdigit() and _has_state(path):
             found.append((int(suffix), path))
     return sorted(found)
+
+
+def clean_checkpoints(output: str | Path) -> list[Path]:
+    """Remove what killed runs left in ``output/checkpoints``; return what was removed.
+
+    A checkpoint cut between the two renames of a non-atomic swap is put back first
+    (``atomic.clean_leftovers``); every other hidden leftover is deleted.
+    """
+    root = Path(output) / CHECKPOINTS
+    removed: list[Path] = []
+    if not root.is_dir():
+        return removed
+    for step in sorted({m.group(1) for p in root.iterdir() if (m := _LEFTOVER.fullmatch(p.name))}):
+        removed += clean_leftovers(root / f"step-{step}")
+    for path in root.iterdir():
+        if _LEFTOVER.fullmatch(path.name):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    """A checkpoint's training state; never unpickles code.
+
+    Raises:
+        LoraError: the state file is missing, corrupt, or (legacy ``state.pt``) holds more
+            than plain tensors and containers.
+    """
+    if (folder / STATE_FILE).is_file() or not (folder / LEGACY_STATE_FILE).is_file():
+        state = load_tree(folder / STATE_FILE)
+    else:
+        try:
+            state = torch.load(folder / LEGACY_STATE_FILE, map_location="cpu", weights_only=True)
+        except Exception as err:  # pickle errors vary by torch version
+            raise LoraError(
+                f"Refusing to read {folder / LEGACY_STATE_FILE}: it is corrupt or holds more "
+                f"than plain tensors ({type(err).__name__}), and lorakit never unpickles code. "
+                "Resume from another checkpoint, or start the run again."
+            ) from None
+    if not isinstance(state, dict) or not {"step", "trainable", "optimizer"} <= set(state):
+        raise LoraError(f"{folder} does not hold a lorakit training state; resume from another.")
+    return state
 
 
 def latest_checkpoint(path: str | Path) -> Path:
@@ -59,7 +114,7 @@ def latest_checkpoint(path: str | Path) -> Path:
         LoraError: if ``path`` holds no checkpoint.
     """
     path = Path(path)
-    if (path / STATE_FILE).is_file():
+    if _has_state(path):
         return path
     for folder in (path / CHECKPOINTS, path):
         steps = _steps(folder) if folder.is_dir() else []
@@ -123,38 +178,47 @@ def save_checkpoint(
                 "python_rng": rng[0]["python"],
                 "rank_rng": rng,
                 "world_size": dist.world_size,
+                "base": base_fingerprint(model),
                 **extra,
             }
-            _write(root, target, model, state, config, settings)
+            _write(target, model, state, config, settings)
             for _, old in _steps(root)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                # Renamed away first: a kill mid-delete must not leave a partial step-N.
+                pruned = old.with_name(f".{old.name}.pruned-{uuid.uuid4().hex[:12]}")
+                old.rename(pruned)
+                shutil.rmtree(pruned, ignore_errors=True)
     return target
 
 
+def base_fingerprint(model: nn.Module) -> dict[str, list[int]]:
+    """Frozen parameter name -> shape: which base model a run trains (not where it lives)."""
+    return {n: list(p.shape) for n, p in model.named_parameters() if not p.requires_grad}
+
+
 def _write(
-    root: Path,
     target: Path,
     model: nn.Module,
     state: dict,
     config: TrainConfig,
     settings: GenerationSettings | None,
 ) -> None:
-    """Adapter, state and config into a temporary folder, then renamed to ``target``."""
+    """Adapter, state and config written as one unit to ``target``."""
     from .generate import save_generation_settings
 
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
     try:
-        save_adapter(model, tmp)
-        if settings is not None:
-            save_generation_settings(settings, tmp)
-        torch.save(state, tmp / STATE_FILE)
-        write_config(config, tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_folder(target) as new:
+            write_adapter_files(model, new)
+            if settings is not None:
+                save_generation_settings(settings, new)
+            save_tree(state, new / STATE_FILE)
+            write_config(config, new)
+    except OSError as err:  # a full disk, a read-only or vanished folder
+        previous = [path for _, path in _steps(target.parent) if path != target]
+        kept = f"; the last good checkpoint is {previous[-1]}" if previous else ""
+        raise LoraError(
+            f"Could not write the checkpoint {target} ({err.strerror or err}){kept}. Free "
+            f"space, then continue with --resume {target.parent.parent}."
+        ) from err
 
 
 def check_resumable(
@@ -170,9 +234,15 @@ def check_resumable(
         LoraError: naming every setting that differs.
     """
     if saved_world is None:
-        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-        saved_world = int(state.get("world_size", 1))
-    saved = yaml.safe_load((folder / CONFIG_FILE).read_text()) or {}
+        saved_world = int(read_state(folder).get("world_size", 1))
+    try:
+        saved = yaml.safe_load((folder / CONFIG_FILE).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise LoraError(
+            f"Cannot read {folder / CONFIG_FILE} ({err}); resume from another checkpoint."
+        ) from None
+    if not isinstance(saved, dict):
+        raise LoraError(f"{folder / CONFIG_FILE} must hold a mapping; resume from another.")
     mine = config.to_dict()
     # A key the checkpoint lacks is a setting added since: it ran with that setting's default.
     defaults = {name: default for name, default, _ in iter_config_help()}
@@ -221,9 +291,15 @@ def load_checkpoint(
     """
 
     dist = dist or Dist()
-    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    state = read_state(folder)
     check_resumable(folder, config, dist.world_size, int(state.get("world_size", 1)))
     params = dict(model.named_parameters())
+    _check_base(folder, state.get("base"), base_fingerprint(model))
+    _check_base(
+        folder,
+        {n: list(t.shape) for n, t in state["trainable"].items()},
+        {n: list(p.shape) for n, p in params.items() if p.requires_grad},
+    )
     with torch.no_grad():
         for name, value in state["trainable"].items():
             params[name].copy_(distributed.shard_like(value, params[name]))
@@ -234,3 +310,20 @@ def load_checkpoint(
         _set_rng_state(ranks[dist.rank] if len(ranks) == dist.world_size else ranks[0])
     stream.load_state_dict(state["stream"])
     return int(state["step"])
+
+
+def _check_base(folder: Path, saved: dict | None, mine: dict[str, list[int]]) -> None:
+    """Refuse a checkpoint whose parameters (names and shapes) differ from this model's."""
+    if saved is None:
+        return  # a lorakit 0.1 checkpoint: it recorded no fingerprint
+    differ = [
+        f"{name}: checkpoint {saved.get(name, 'absent')}, this model {mine.get(name, 'absent')}"
+        for name in sorted(set(saved) | set(mine))
+        if saved.get(name) != mine.get(name)
+    ]
+    if differ:
+        raise LoraError(
+            f"Cannot resume from {folder}: it was trained on a different base model "
+            f"({len(differ)} parameter(s) differ; first: {'; '.join(differ[:3])}). Point "
+            "--model at the base the run was trained on, or start a new run without --resume."
+        )

@@ -188,6 +188,13 @@ def lost_rank_message(dist: Dist) -> Iterator[None]:
 
 
 # --- whole tensors for saving, shards for loading -------------------------------------------
+def local_tensor(tensor: Tensor) -> Tensor:
+    """This rank's part: an FSDP2 shard's local tensor (no communication); else ``tensor``."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def full_tensor(tensor: Tensor) -> Tensor:
     """A whole tensor: an FSDP2 shard (DTensor) is all-gathered; anything else is returned.
 

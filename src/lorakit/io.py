@@ -190,6 +190,21 @@ def save_adapter(
     is written as a plain rank-2r LoRA (see ``LoraLinear.plain_pair``): it loads, in PEFT or lorakit,
     onto the unchanged base model, not onto the residual this model now holds.
     """
+    out = Path(directory)
+    try:
+        with atomic_folder(out) as new:
+            write_adapter_files(model, new, adapter_name)
+    except OSError as err:  # a full disk, a read-only or missing mount
+        raise LoraError(
+            f"Could not write the adapter to {out} ({err.strerror or err}); what was there "
+            "before is unchanged. Free space or choose another folder."
+        ) from err
+    return out
+
+
+def write_adapter_files(model: nn.Module, folder: Path, adapter_name: str = "default") -> None:
+    """The two files of :func:`save_adapter` written straight into ``folder``, for a writer
+    that makes a whole folder atomic itself (a training checkpoint)."""
     tensors = adapter_state_dict(model, adapter_name)
     config = _plain_config(adapter_configs(model)[adapter_name])
     peft = config.to_peft_dict()
@@ -205,17 +220,8 @@ def save_adapter(
         "lorakit.peft_config": json.dumps(peft),  # what the JSON must still say when read
         "lorakit.fingerprint": json.dumps(_fingerprint(model, adapter_name)),
     }
-    out = Path(directory)
-    try:
-        with atomic_folder(out) as new:
-            save_file(tensors, new / WEIGHTS_NAME, metadata=metadata)
-            (new / CONFIG_NAME).write_text(json.dumps(peft, indent=2) + "\n")
-    except OSError as err:  # a full disk, a read-only or missing mount
-        raise LoraError(
-            f"Could not write the adapter to {out} ({err.strerror or err}); what was there "
-            "before is unchanged. Free space or choose another folder."
-        ) from err
-    return out
+    save_file(tensors, folder / WEIGHTS_NAME, metadata=metadata)
+    (folder / CONFIG_NAME).write_text(json.dumps(peft, indent=2) + "\n")
 
 
 # --- loading -------------------------------------------------------------------------------

@@ -40,7 +40,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .checkpoint import check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint
+from .atomic import atomic_folder, clean_leftovers
+from .checkpoint import (
+    check_resumable,
+    clean_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .data import (
     IGNORE_INDEX,
     EncodedDataset,
@@ -64,7 +71,7 @@ from .generate import (
     split_references,
 )
 from .inject import add_lora, trainable_parameters
-from .io import save_adapter
+from .io import write_adapter_files
 from .metrics import PLOT_FILE, Metrics
 from .models import resolve_model_spec
 from .train_config import TrainConfig, write_config
@@ -569,6 +576,11 @@ def _start_loop(run: _Run) -> _Loop:
     loop.metrics = Metrics(output, loop.step, config.tensorboard, run.is_main)
     if run.is_main:
         output.mkdir(parents=True, exist_ok=True)
+        # What a killed run left: hidden halves of checkpoints and of adapter folders.
+        for path in clean_checkpoints(output) + [
+            p for name in run.train_sets for p in clean_leftovers(run.folder(name))
+        ]:
+            run.log(f"removed {path}, left by an interrupted run")
         write_config(config, output)
     return loop
 
@@ -594,6 +606,7 @@ def _run_steps(run: _Run, wrapped: nn.Module, loop: _Loop) -> None:
         loop.optimizer.zero_grad(set_to_none=True)
         loop.step += 1
         step = loop.step
+        _check_finite(run, loop)
 
         loss = sum(losses.values())
         tok_per_s = tokens / (time.perf_counter() - t0)
@@ -620,6 +633,32 @@ def _run_steps(run: _Run, wrapped: nn.Module, loop: _Loop) -> None:
                 settings=run.inputs.settings[DEFAULT],
             )
     bar.close()
+
+
+def _check_finite(run: _Run, loop: _Loop) -> None:
+    """Stop before a non-finite adapter can be saved (an lr or a loss scale far too large).
+
+    One sum per parameter and one sync: a NaN or inf anywhere makes the total non-finite.
+    """
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        local = float(
+            torch.stack([distributed.local_tensor(p).float().sum() for p in params]).sum()
+        )
+    (total,) = distributed.all_reduce_sum([local], run.dist)
+    if math.isfinite(total):
+        return
+    kept = (
+        f"the last good checkpoint, {loop.last_saved}, is kept"
+        if loop.last_saved
+        else "no checkpoint had been saved"
+    )
+    raise LoraError(
+        f"The adapter's weights stopped being finite at step {loop.step} (lr "
+        f"{run.config.lr * loop.schedule(loop.step - 1):.3g}); the adapter was not written, and "
+        f"{kept}. Lower --lr (or keep --max-grad-norm on), then resume from the checkpoint or "
+        "start again."
+    )
 
 
 def _val_loss(run: _Run) -> float:
@@ -692,8 +731,7 @@ def _finish(run: _Run, metrics: Metrics, step: int) -> TrainResult:
     with distributed.whole_trainable_params(model, dist):
         if run.is_main:
             for name in run.train_sets:
-                save_adapter(model, run.folder(name), name)
-                save_generation_settings(run.inputs.settings[name], run.folder(name))
+                _save_adapter(run, name)
     if run.is_main:
         metrics.plot(Path(config.output) / PLOT_FILE)
         if run.before or after:
@@ -714,6 +752,21 @@ def _finish(run: _Run, metrics: Metrics, step: int) -> TrainResult:
         run.before,
         after,
     )
+
+
+def _save_adapter(run: _Run, name: str) -> None:
+    """Adapter ``name`` and its generation settings, swapped into its folder as one unit."""
+    folder = run.folder(name)
+    try:
+        with atomic_folder(folder) as new:
+            write_adapter_files(run.model, new, name)
+            save_generation_settings(run.inputs.settings[name], new)
+    except OSError as err:  # a full disk, a read-only or vanished folder
+        raise LoraError(
+            f"Could not write the adapter to {folder} ({err.strerror or err}); what was there "
+            "before is unchanged. Free space, then run again (with --resume OUTPUT if the run "
+            "saved checkpoints)."
+        ) from err
 
 
 def _short(text: str, width: int = 60) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,38 +96,9 @@ class TrainConfig:
     dist_timeout: int = _opt(600, "under torchrun: seconds to wait for another rank, then stop")
 
     def __post_init__(self) -> None:
-        if isinstance(self.targets, str):
-            self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
-        if isinstance(self.tasks, str):
-            self.tasks = [self.tasks]
-        self.tasks = [t.strip() for entry in self.tasks for t in entry.split(",") if t.strip()]
-        problems = _task_problems(self)
-        positive = ("seq_len", "rank", "batch_size", "grad_accum", "keep_checkpoints")
-        positive += ("dist_timeout",)
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                problems.append(f"{name} must be a positive integer, got {value!r}")
-        for name in ("max_steps", "warmup_steps", "eval_every", "save_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                problems.append(f"{name} must be a non-negative integer, got {value!r}")
-        if not self.lr > 0:
-            problems.append(f"lr must be positive, got {self.lr!r}")
-        if not self.max_steps and not self.epochs > 0:
-            problems.append("give --max-steps or a positive --epochs")
-        if not 0 <= self.dropout < 1:
-            problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if not self.loraplus_ratio > 0:
-            problems.append(f"loraplus_ratio must be positive, got {self.loraplus_ratio!r}")
-        if self.schedule not in SCHEDULES:
-            problems.append(
-                f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
-            )
-        if not self.targets:
-            problems.append("targets is empty: name modules to adapt, e.g. q_proj,v_proj")
-        if not 0 <= self.val_fraction < 1:
-            problems.append(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        problems = _coerce_types(self)
+        if not problems:  # the ranges are only worth checking on values of the right type
+            problems = _task_problems(self) + _range_problems(self)
         if problems:
             raise LoraError("Invalid training config:\n  - " + "\n  - ".join(problems))
 
@@ -147,6 +119,111 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _coerce_types(config: TrainConfig) -> list[str]:
+    """Bring each field to its annotated type in place; what cannot be, as problems.
+
+    YAML reads ``1e-3`` (no dot) as a string and a CLI or API caller may pass ``"8"``: numeric
+    strings are converted; anything else of the wrong type is refused by name. Floats must be
+    finite (``inf`` epochs or lr would train forever or write NaNs).
+    """
+    problems = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        kind, optional = str(f.type).removesuffix(" | None"), str(f.type).endswith("| None")
+        if value is None and optional:
+            continue
+        try:
+            setattr(config, f.name, _COERCE[kind](value))
+        except (TypeError, ValueError, OverflowError) as err:
+            problems.append(f"{f.name} {err}, got {value!r}")
+    return problems
+
+
+def _parse_number(value: Any) -> Any:
+    """A numeric string as a float (``"1e-3"``, ``" 8 "``); anything else unchanged."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def _as_int(value: Any) -> int:
+    value = _parse_number(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError("must be an integer")
+    return value
+
+
+def _as_float(value: Any) -> float:
+    value = _parse_number(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError("must be a number")
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return float(value)
+
+
+def _as_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError("must be true or false")
+    return value
+
+
+def _as_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError("must be text")
+    return value
+
+
+def _as_list(value: Any) -> list[str]:
+    """A list of names; ``"a,b"`` (a flag or a YAML string) splits at commas."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise TypeError("must be a list of names (or one comma-separated string)")
+    return [item.strip() for entry in items for item in entry.split(",") if item.strip()]
+
+
+_COERCE = {"int": _as_int, "float": _as_float, "bool": _as_bool, "str": _as_str}
+_COERCE["list[str]"] = _as_list
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _range_problems(config: TrainConfig) -> list[str]:
+    """Values of the right type that are still out of range."""
+    problems = []
+    positive = ("seq_len", "rank", "batch_size", "grad_accum", "keep_checkpoints")
+    for name in (*positive, "dist_timeout"):
+        if getattr(config, name) <= 0:
+            problems.append(f"{name} must be a positive integer, got {getattr(config, name)}")
+    for name in ("max_steps", "warmup_steps", "eval_every", "save_every"):
+        if getattr(config, name) < 0:
+            problems.append(f"{name} must be 0 or more, got {getattr(config, name)}")
+    for name in ("lr", "alpha", "loraplus_ratio", "epochs"):
+        if getattr(config, name) <= 0:
+            problems.append(f"{name} must be positive, got {getattr(config, name)}")
+    if config.lr > _FLOAT32_MAX:  # AdamW keeps its step size in float32
+        problems.append(f"lr must be at most {_FLOAT32_MAX:.4g}, got {config.lr:g}")
+    for name in ("weight_decay", "max_grad_norm"):
+        if getattr(config, name) < 0:
+            problems.append(f"{name} must be 0 or more, got {getattr(config, name)}")
+    for name in ("dropout", "val_fraction"):
+        if not 0 <= getattr(config, name) < 1:
+            problems.append(f"{name} must be in [0, 1), got {getattr(config, name)}")
+    if not 0 <= config.seed < 2**63:
+        problems.append(f"seed must be in [0, 2**63), got {config.seed}")
+    if config.schedule not in SCHEDULES:
+        problems.append(f"schedule must be one of {', '.join(SCHEDULES)}, got {config.schedule!r}")
+    if not config.targets:
+        problems.append("targets is empty: name modules to adapt, e.g. q_proj,v_proj")
+    return problems
 
 
 # Settings whose files or state are per adapter; multi-task runs do not support them yet.
@@ -190,6 +267,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
 # Settings a resumed run may change without breaking equality with an uninterrupted one.
 RESUMABLE_CHANGES = {
     "resume",
+    "model",  # a moved model folder: resume checks the base's fingerprint instead of its path
     "output",
     "eval_every",
     "save_every",

@@ -1,0 +1,228 @@
+"""Checkpoints: whole or absent at any kill -9 or full disk, no pickle, leftovers cleaned,
+and a resume that checks which base model it continues on."""
+
+from __future__ import annotations
+
+import copy
+import multiprocessing
+import os
+import pickle
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import tiny
+import torch
+from peft import PeftConfig
+from peft.utils import load_peft_weights
+
+from lorakit import LoraError
+from lorakit.checkpoint import STATE_FILE, clean_checkpoints, latest_checkpoint, read_state
+from lorakit.io import read_adapter
+from lorakit.train import train
+from lorakit.train_config import TrainConfig
+
+TRIALS = 20
+STEPS = 12  # the killed run's length; kills come within its first few steps
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_tokenizer):
+    return copy.deepcopy(smollm2_tokenizer)
+
+
+def run(tokenizer, data_file: Path, output: Path, base=None, **changes):
+    settings = dict(data=str(data_file), output=str(output), max_steps=4, batch_size=4)
+    settings.update(seq_len=64, lr=1e-2, warmup_steps=1, rank=4, alpha=8, dropout=0.0)
+    settings.update(changes)
+    base = base if base is not None else tiny.llama(vocab=len(tokenizer))
+    return train(TrainConfig(**settings), base, tokenizer)
+
+
+def _trainable(folder: Path) -> dict[str, torch.Tensor]:
+    return read_state(folder)["trainable"]
+
+
+def test_checkpoint_state_is_safetensors_and_resume_needs_no_pickle(tokenizer, data_file, tmp_path):
+    run(tokenizer, data_file, tmp_path, save_every=2)
+    step = tmp_path / "checkpoints" / "step-4"
+    assert sorted(p.name for p in step.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "generation_settings.json",
+        STATE_FILE,
+        "train_config.yaml",
+    ]
+    assert STATE_FILE.endswith(".safetensors")
+    assert read_state(step)["step"] == 4
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-2", "step-4"]
+
+
+class _Payload:
+    """What an attacker pickles: unpickling it would create the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_legacy_state_file_carrying_a_pickle_is_refused_and_never_run(tmp_path):
+    folder = tmp_path / "step-1"
+    folder.mkdir()
+    marker = tmp_path / "pwned"
+    with open(folder / "state.pt", "wb") as handle:
+        pickle.dump({"step": 1, "x": _Payload(marker)}, handle)
+    assert latest_checkpoint(tmp_path) == folder  # a lorakit 0.1 checkpoint is still found
+    with pytest.raises(LoraError, match="never unpickles code"):
+        read_state(folder)
+    assert not marker.exists()
+
+
+def test_a_corrupt_state_file_is_a_lora_error(tokenizer, data_file, tmp_path):
+    run(tokenizer, data_file, tmp_path / "run", max_steps=2, save_every=2)
+    state = tmp_path / "run" / "checkpoints" / "step-2" / STATE_FILE
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(LoraError, match=r"step-2/state.safetensors is not a readable lorakit"):
+        run(
+            tokenizer,
+            data_file,
+            tmp_path / "b",
+            max_steps=4,
+            save_every=2,
+            resume=str(state.parent),
+        )
+
+
+def test_full_disk_during_a_checkpoint_keeps_the_last_good_one(
+    tokenizer, data_file, tmp_path, monkeypatch
+):
+    import lorakit.checkpoint as checkpoint
+
+    real, calls = checkpoint.save_tree, {"n": 0}
+
+    def fill_up(tree, path):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint: its adapter is written, then the disk fills
+            raise OSError(28, "No space left on device")
+        real(tree, path)
+
+    monkeypatch.setattr(checkpoint, "save_tree", fill_up)
+    with pytest.raises(LoraError, match=r"No space left on device\); the last good checkpoint"):
+        run(tokenizer, data_file, tmp_path, save_every=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-2"]
+    assert read_state(tmp_path / "checkpoints" / "step-2")["step"] == 2
+    assert not (tmp_path / "adapter_model.safetensors").exists()
+
+
+def test_leftovers_of_killed_runs_are_cleaned_at_the_next_start(tokenizer, data_file, tmp_path):
+    root = tmp_path / "checkpoints"
+    root.mkdir(parents=True)
+    for name in (".step-3.new-abc", ".step-5-x1y2", ".step-2.pruned-def"):
+        (root / name).mkdir()
+        (root / name / STATE_FILE).write_bytes(b"half")
+    with pytest.raises(LoraError, match="No checkpoint found"):
+        latest_checkpoint(tmp_path)  # none of them looks like a checkpoint
+    run(tokenizer, data_file, tmp_path, max_steps=1)
+    assert sorted(p.name for p in root.iterdir()) == []
+    assert clean_checkpoints(tmp_path) == []
+
+
+def test_a_checkpoint_cut_between_two_renames_is_put_back(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / ".step-4.old-abc").mkdir(parents=True)  # the fallback swap, cut after rename one
+    (root / ".step-4.new-def").mkdir()
+    removed = clean_checkpoints(tmp_path)
+    assert [p.name for p in removed] == [".step-4.new-def"]
+    assert sorted(p.name for p in root.iterdir()) == ["step-4"]
+
+
+def test_a_non_finite_adapter_is_never_written(tokenizer, data_file, tmp_path, monkeypatch):
+    import lorakit.train as train_module
+
+    real = train_module.build_optimizer
+
+    def nan_gradient_at_step_3(model, config):
+        # The loss stays finite; one NaN gradient spreads to every weight through clipping.
+        calls = {"n": 0}
+
+        def hook(grad):
+            calls["n"] += 1
+            return grad * float("nan") if calls["n"] == 3 else grad
+
+        next(p for p in model.parameters() if p.requires_grad).register_hook(hook)
+        return real(model, config)
+
+    monkeypatch.setattr(train_module, "build_optimizer", nan_gradient_at_step_3)
+    with pytest.raises(LoraError, match=r"stopped being finite at step 3 .*step-2, is kept"):
+        run(tokenizer, data_file, tmp_path, save_every=2)
+    assert not (tmp_path / "adapter_model.safetensors").exists()
+    saved = _trainable(tmp_path / "checkpoints" / "step-2")
+    assert all(torch.isfinite(t).all() for t in saved.values())
+
+
+def test_resume_refuses_another_base_and_accepts_a_moved_one(tokenizer, data_file, tmp_path):
+    whole = run(tokenizer, data_file, tmp_path / "a", save_every=2)
+    step = str(tmp_path / "a" / "checkpoints" / "step-2")
+    other = tiny.llama(vocab=len(tokenizer) + 8)  # the model folder now holds another model
+    with pytest.raises(LoraError, match=r"different base model \(2 parameter\(s\) differ; first: "):
+        run(tokenizer, data_file, tmp_path / "b", base=other, resume=step)
+    # The same model found under another path resumes: the path is not the model's identity.
+    moved = run(tokenizer, data_file, tmp_path / "c", model="/elsewhere/smollm2", resume=step)
+    for n in (3, 4):
+        assert moved.train_losses[n] == pytest.approx(whole.train_losses[n], abs=1e-5)
+
+
+# --- kill -9 at random moments of a run that checkpoints every step ----------------------------
+def _train_until_killed(tokenizer, data_file: Path, output: Path, ready) -> None:
+    torch.set_num_threads(1)
+    ready.set()
+    run(tokenizer, data_file, output, max_steps=STEPS, save_every=1, keep_checkpoints=2)
+
+
+def _check_complete(step: Path) -> None:
+    """Both lorakit and PEFT read the checkpoint's adapter, and it is the state's adapter."""
+    state = read_state(step)
+    assert state["step"] == int(step.name.removeprefix("step-"))
+    _, ours, _ = read_adapter(step)
+    theirs = load_peft_weights(str(step), device="cpu")
+    assert PeftConfig.from_pretrained(str(step)).r == 4
+    assert sorted(ours) == sorted(theirs) and len(ours) == len(state["trainable"])
+    for name, value in ours.items():
+        torch.testing.assert_close(theirs[name], value, rtol=0, atol=0)
+
+
+def test_kill_9_during_training_leaves_whole_checkpoints_that_resume_exactly(
+    tokenizer, data_file, tmp_path
+):
+    rng = random.Random(0)
+    context = multiprocessing.get_context("fork")
+    output = tmp_path / "run"
+    for _ in range(TRIALS):
+        ready = context.Event()
+        child = context.Process(
+            target=_train_until_killed, args=(tokenizer, data_file, output, ready)
+        )
+        child.start()
+        assert ready.wait(60)
+        time.sleep(rng.uniform(0.2, 2.5))
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        clean_checkpoints(output)  # what the next start does first
+        root = output / "checkpoints"
+        steps = sorted(root.iterdir()) if root.is_dir() else []
+        assert all(not p.name.startswith(".") for p in steps), steps
+        for step in steps:
+            _check_complete(step)
+    # The newest surviving checkpoint resumes as if the run had never stopped.
+    last = latest_checkpoint(output)
+    reached = read_state(last)["step"]
+    assert 0 < reached < STEPS
+    resumed = run(tokenizer, data_file, tmp_path / "r", max_steps=STEPS, resume=str(last))
+    whole = run(tokenizer, data_file, tmp_path / "w", max_steps=STEPS)
+    assert sorted(resumed.train_losses) == list(range(reached + 1, STEPS + 1))
+    for n in resumed.train_losses:
+        assert resumed.train_losses[n] == pytest.approx(whole.train_losses[n], abs=1e-5)
