@@ -105,3 +105,45 @@ def test_missing_folder_with_equals_is_named_whole(tmp_path, capsys, monkeypatch
     assert main(["merge", "--adapter", "runs/lr=0.5", "--output", "out"]) == 2
     err = capsys.readouterr().err
     assert "--adapter runs/lr=0.5: not an adapter folder (no adapter_config.json)" in err
+
+
+def test_combine_refuses_a_file_as_output(tiny_folder, capsys):
+    data = tiny_folder / "data.jsonl"
+    data.write_text("precious\n")
+    argv = ["combine", "--adapter", str(tiny_folder / "a"), "--output", str(data)]
+    assert main(argv) == 2
+    assert f"--output {data} is a file; pass a folder for the adapter." in capsys.readouterr().err
+    assert data.read_text() == "precious\n"
+    assert sorted(p.name for p in tiny_folder.iterdir()) == ["a", "b", "data.jsonl", "tiny"]
+
+
+def test_full_disk_during_merge_is_one_line_and_leaves_nothing(tiny_folder, capsys, monkeypatch):
+    import errno
+
+    from transformers import PreTrainedModel
+
+    def full(self, folder, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder) + "/model.safetensors")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+    out = tiny_folder / "merged"
+    argv = ["merge", "--model", str(tiny_folder / "tiny"), "--adapter", str(tiny_folder / "a")]
+    assert main([*argv, "--output", str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("lorakit merge: error: ")
+    assert err.endswith(
+        "/model.safetensors: No space left on device: the disk is full. Free some space (or "
+        "write elsewhere) and rerun."
+    )
+    assert sorted(p.name for p in tiny_folder.iterdir()) == ["a", "b", "tiny"]
+
+
+def test_ctrl_c_exits_130_without_a_traceback(tiny_folder, capsys, monkeypatch):
+    from lorakit.cli import adapters
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(adapters, "_weights", interrupted)
+    assert main(["combine", "--adapter", str(tiny_folder / "a"), "--output", "x"]) == 130
+    assert capsys.readouterr().err == "\nlorakit combine: interrupted\n"

@@ -59,6 +59,8 @@ def run_combine(args: argparse.Namespace) -> int:
     adapters = parse_named_adapters(args.adapter)
     for folder in adapters.values():
         check_adapter_folder(folder)
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise LoraError(f"--output {args.output} is a file; pass a folder for the adapter.")
     weights = _weights(args.weights, len(adapters))
     if args.method == "svd" and (args.rank is None or args.rank <= 0):
         raise LoraError("--method svd needs --rank N (a positive integer): the rank to keep.")
