@@ -248,7 +248,7 @@ def test_routing_without_grad_reuses_its_stacks_within_a_route_only() -> None:
         with torch.no_grad():
             layer.lora_B[n].normal_()
     x = torch.randn(3, 5, 32)
-    for names in (["a", "b", None], ["b", None, "a"]):
+    for names in (["a", "b", None], ["b", None, "a"], [None, "b", None]):
         with torch.no_grad(), route(model, names):
             first, second = layer(x), layer(x)  # the second forward uses the cached stacks
         expected = torch.cat(

@@ -202,26 +202,32 @@ class LoraLinear(LoraLayer):
     def _routed(self, x: Tensor) -> Tensor:
         """Routed rows of several plain adapters in two batched products, not a loop.
 
-        Row b with adapter n: y_b += s_n x_b A_nᵀ B_nᵀ. The k adapters are stacked (ranks
-        zero-padded to the largest, which adds nothing; B pre-scaled) and gathered per row:
-        (m, T, in) @ (m, in, r) -> (m, T, r) @ (m, r, out) -> (m, T, out) for the m routed
-        rows. One adapter, DoRA, lora_bias, dropout in training or a wrong batch: the
-        generic path.
+        Row b with adapter n: y_b += s_n x_b A_nᵀ B_nᵀ. Each row gets its adapter's factors,
+        ranks zero-padded to the largest and B pre-scaled (a base-model row: zeros), so the
+        whole batch takes two batched products and no rows are gathered or scattered::
+
+            (b, T, in) @ (b, in, r) -> (b, T, r) @ (b, r, out) -> (b, T, out), added to y
+
+        DoRA, lora_bias, dropout in training or a wrong batch: the generic path.
         """
         groups = self._route
         special = any(self.is_dora(n) or n in self.lora_bias for n, _ in groups)
         dropout = self.training and any(self.dropout[n] > 0 for n, _ in groups)
-        if len(groups) < 2 or special or dropout or x.shape[0] != self._route_batch:
+        if not groups or special or dropout or x.shape[0] != self._route_batch:
             return super().forward(x)
-        result = self.base_layer(x)
-        rows, A, B = self._route_stacks()
-        xr = x[rows]
-        h = torch.bmm(xr.reshape(len(rows), -1, x.shape[-1]).to(A.dtype), A.mT)
-        delta = torch.bmm(h, B.mT).view(*xr.shape[:-1], -1)
-        return result.index_add_(0, rows, delta.to(result.dtype))
+        result = self.base_layer(x)  # (b, ..., out)
+        A, B = self._route_stacks()
+        rows = x.reshape(x.shape[0], -1, x.shape[-1])  # (b, T, in)
+        h = torch.bmm(rows if rows.dtype == A.dtype else rows.to(A.dtype), A)  # (b, T, r)
+        out = result.view(x.shape[0], -1, result.shape[-1])  # (b, T, out), result's storage
+        if out.dtype == h.dtype:
+            out.baddbmm_(h, B)  # y += (b, T, r) @ (b, r, out), in place
+        else:  # fp32 adapters on a half-precision base: add in the base dtype
+            out.add_(torch.bmm(h, B).to(out.dtype))
+        return result
 
-    def _route_stacks(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(rows (m,), A per row (m, r, in), scaled B per row (m, out, r)) for the route.
+    def _route_stacks(self) -> tuple[Tensor, Tensor]:
+        """(Aᵀ per row (b, in, r), scaled Bᵀ per row (b, r, out)) for the route.
 
         Without autograd (serving, decoding step after step) they are built once per
         ``route`` block, not once per forward; with it, each forward builds its own graph.
@@ -229,14 +235,18 @@ class LoraLinear(LoraLayer):
         if self._route_stack is not None and not torch.is_grad_enabled():
             return self._route_stack
         groups = self._route
-        r = max(self.r[n] for n, _ in groups)
-        A = torch.stack([F.pad(self.lora_A[n], (0, 0, 0, r - self.r[n])) for n, _ in groups])
-        B = torch.stack(
-            [F.pad(self.lora_B[n] * self.scale[n], (0, r - self.r[n])) for n, _ in groups]
-        )  # (k, r, in), (k, out, r)
-        rows = torch.cat([idx for _, idx in groups])  # (m,)
-        which = torch.cat([torch.full_like(idx, i) for i, (_, idx) in enumerate(groups)])
-        stacks = rows, A[which], B[which]
+        r = max(self.lora_A[n].shape[0] for n, _ in groups)
+        A0, B0 = self.lora_A[groups[0][0]], self.lora_B[groups[0][0]]
+        # Entry 0: zeros, for base-model rows; entry i: adapter i's factors, rank padded to r.
+        As, Bs = [A0.new_zeros(r, A0.shape[1])], [B0.new_zeros(B0.shape[0], r)]
+        which = torch.zeros(self._route_batch, dtype=torch.long, device=A0.device)
+        for i, (n, rows) in enumerate(groups, start=1):
+            pad = r - self.lora_A[n].shape[0]
+            As.append(F.pad(self.lora_A[n], (0, 0, 0, pad)))  # (r, in)
+            Bs.append(F.pad(self.lora_B[n] * self.scale[n], (0, pad)))  # (out, r)
+            which[rows] = i
+        # (k + 1, r, in)[which] -> (b, r, in) -> (b, in, r); likewise B -> (b, r, out)
+        stacks = torch.stack(As)[which].mT.contiguous(), torch.stack(Bs)[which].mT.contiguous()
         if not torch.is_grad_enabled():
             self._route_stack = stacks
         return stacks
