@@ -395,3 +395,61 @@ def test_task_type_is_none_for_plain_torch_modules(tmp_path):
     add_lora(cnn, LoraConfig(r=2, target_modules=["conv1"]))
     save_adapter(cnn, tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["task_type"] is None
+
+
+# The base an adapter of the bundled model records, loaded by transformers and PEFT alone, in a
+# process where the Hub is off: their logits on TOKENS are written to the file argv[2].
+_OFFLINE_LOADERS = """
+import sys
+import torch
+from peft import AutoPeftModelForCausalLM
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+ids = torch.tensor(%s)
+logits = {}
+with torch.no_grad():
+    plain = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()  # adapter auto-detection
+    logits["transformers"] = plain(input_ids=ids).logits
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+    logits["peft"] = peft_model(input_ids=ids).logits
+save_file(logits, sys.argv[2])
+"""
+
+
+def test_bundled_base_is_recorded_as_a_folder_transformers_and_peft_load_offline(smollm2, tmp_path):
+    import copy
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lorakit.models import DEFAULT_MODEL, cache_dir, resolve_model_spec
+
+    model = copy.deepcopy(smollm2[0])  # the fixture is shared
+    config = LoraConfig(r=4, target_modules=["q_proj", "down_proj"])
+    add_lora(model, config.replace(base_model_name_or_path=model.name_or_path))
+    tiny.randomize_adapters(model, std=0.02)
+    save_adapter(model, tmp_path / "adapter")
+    recorded = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    base = Path(recorded["base_model_name_or_path"])  # the converted folder, not the alias
+    assert base.parent == cache_dir() and (base / "config.json").is_file()
+    assert resolve_model_spec(str(base)) == DEFAULT_MODEL  # lorakit still reads the alias
+    assert resolve_model_spec(str(tmp_path / "adapter")) == DEFAULT_MODEL  # --adapter alone
+    ids = [[1, 504, 3458, 314, 253, 1345, 30], [2, 66, 7, 900, 12, 4, 31]]
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor(ids)).logits
+        without = smollm2[0](input_ids=torch.tensor(ids)).logits
+    assert (expected - without).abs().max() > 1e-2  # the adapter shows in the logits
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    script = _OFFLINE_LOADERS % ids
+    out = tmp_path / "logits.safetensors"
+    subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "adapter"), str(out)],
+        env=env,
+        check=True,
+        timeout=300,
+    )
+    logits = load_file(out)
+    for loader in ("transformers", "peft"):
+        torch.testing.assert_close(logits[loader], expected, rtol=0, atol=1e-5)

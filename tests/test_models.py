@@ -194,7 +194,11 @@ def test_gguf_is_converted_once_then_loaded_from_cache(tmp_path, fake_loaders, c
     assert fake_loaders.conversions == 1
     (entry,) = (tmp_path / "cache").iterdir()  # no temporary folder left behind
     assert entry.name.startswith("tiny-")
-    assert sorted(p.name for p in entry.iterdir()) == ["model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in entry.iterdir()) == [
+        "lorakit_gguf_source.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
 
 
 def test_changed_gguf_is_converted_again(tmp_path, fake_loaders):
@@ -224,6 +228,35 @@ def test_gguf_model_records_its_spec_and_pads_right(tmp_path, fake_loaders):
     model, tokenizer = load_model(str(gguf))
     assert model == "model"  # what eval() returned
     assert (tokenizer.pad_token, tokenizer.padding_side) == ("</s>", "right")
+
+
+def test_a_gguf_is_recorded_as_its_converted_folder_and_read_back(tmp_path, fake_loaders):
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert lk_models.transformers_path(str(gguf)) == str(gguf)  # not converted yet: as given
+    load_model(str(gguf))
+    (folder,) = (tmp_path / "cache").iterdir()
+    # What an adapter records (transformers loads a folder, not a GGUF) ...
+    assert lk_models.transformers_path(str(gguf)) == str(folder)
+    # ... and what lorakit reads it as: the GGUF, the spec the model was loaded with.
+    assert resolve_model_spec(str(folder)) == str(gguf)
+    assert lk_models.gguf_source(str(folder)) == lk_models.gguf_source(str(gguf)) == gguf
+    gguf.unlink()
+    assert lk_models.gguf_source(str(folder)) is None
+
+
+def test_the_bundled_models_folder_reads_as_the_alias_wherever_it_was_made(tmp_path):
+    # Converted on another machine or by another transformers: absent here, same model.
+    elsewhere = tmp_path / "SmolLM2-135M-Instruct.Q4_1-0123456789abcdef"
+    assert resolve_model_spec(str(elsewhere)) == DEFAULT_MODEL
+    assert resolve_model_spec(str(_write_adapter(tmp_path / "run", str(elsewhere)))) == (
+        DEFAULT_MODEL
+    )
+    bundled = lk_models.bundled_gguf()
+    assert lk_models.gguf_source(str(elsewhere)) == lk_models.gguf_source(DEFAULT_MODEL) == bundled
+    plain = _write_model_folder(tmp_path / "plain")
+    assert lk_models.gguf_source(str(plain)) is None
+    assert lk_models.transformers_path(str(plain)) == str(plain)
 
 
 # --- real models ------------------------------------------------------------------------------

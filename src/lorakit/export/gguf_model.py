@@ -34,20 +34,9 @@ SKIPPED_KEYS = ("general.architecture", "general.file_type", "general.alignment"
 
 def source_gguf(model: nn.Module) -> Path | None:
     """The GGUF file ``model`` was loaded from (``lorakit.models.load_model``), if any."""
-    from .. import models
+    from ..models import gguf_source
 
-    spec = str(getattr(model, "name_or_path", "") or "")
-    if spec.endswith(".gguf") and Path(spec).is_file():
-        return Path(spec)
-    try:
-        bundled = models.bundled_gguf()
-    except LoraError:
-        return None
-    if spec == models.DEFAULT_MODEL:
-        return bundled
-    # The folder the bundled GGUF is converted to, which an adapter may record as its base.
-    converted = models.cache_dir() / models._cache_key(bundled)
-    return bundled if spec and Path(spec).resolve() == converted.resolve() else None
+    return gguf_source(str(getattr(model, "name_or_path", "") or ""))
 
 
 def merged_copy(model: nn.Module, adapter_name: str | None, in_place: bool = False) -> nn.Module:
