@@ -581,3 +581,17 @@ def test_demo_data_is_what_the_generator_writes(tmp_path, monkeypatch):
     generator.main()
     for split in DEMO_SPLITS:
         assert (tmp_path / f"{split}.jsonl").read_text() == demo_path(split).read_text()
+
+
+def test_permission_denied_names_the_file_and_the_fix(tmp_path, monkeypatch):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "x"}])
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(LoraError) as error:
+        read_examples(path)
+    assert str(error.value) == (
+        f"Cannot read data file {path}: Permission denied. Pass a readable JSON/JSONL file."
+    )
