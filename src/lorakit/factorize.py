@@ -144,7 +144,9 @@ def load_factorized(folder: str | os.PathLike, dtype: torch.dtype = torch.float3
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    # models.load_model has refused a folder with its own code unless the user trusted it;
+    # the architecture here is always one transformers ships.
+    config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     layout = getattr(config, FACTORIZED_KEY, None)
     if not layout:
         raise LoraError(

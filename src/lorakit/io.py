@@ -174,7 +174,7 @@ def _fingerprint(model: nn.Module, adapter_name: str) -> dict[str, list[int]]:
     prints = {}
     for path, module in top_level(model, adapter_name):
         if not isinstance(module, ModulesToSave):
-            prints[_target(module, path)] = list(module.base_weight.shape)
+            prints[_target(module, path)] = list(module.base_shape())
     return prints
 
 

@@ -123,6 +123,8 @@ def dequantize_merge(
     Each quantized layer becomes a float ``nn.Linear`` of ``dtype``: with adapters,
     dequant(W) + ΔW, or W + ΔW where ``base_weights`` ({"<module path>.weight": original float
     W}) gives the weights before quantization; without, dequant(W). Nothing is re-quantized.
+    A transformers model also drops its ``quantization_config``, so ``save_pretrained`` writes
+    a float folder that plain ``from_pretrained`` loads.
     """
     base_weights = base_weights or {}
     for path, module in list(iter_adapter_modules(model)):
@@ -134,6 +136,9 @@ def dequantize_merge(
             replace_module(
                 model, path, float_linear(module, dtype, base_weights.get(f"{path}.weight"))
             )
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
     return unload(model, merge=True)
 
 

@@ -8,10 +8,11 @@ A model spec is one of:
 - a Hugging Face model folder (``config.json`` and safetensors weights);
 - a lorakit output folder (it holds ``adapter_config.json``): its base model is loaded.
 
-Nothing is ever downloaded and no remote code is run (``local_files_only=True``, never
-``trust_remote_code``). A GGUF file is dequantised to a dense float32 model, which takes tens
-of seconds, so the result is saved once as a Hugging Face folder under :func:`cache_dir` and
-loaded from there afterwards.
+Nothing is ever downloaded, and a folder's own code (``auto_map``) runs only when the caller
+passes ``trust_remote_code=True`` (``--trust-remote-code``): see :func:`check_remote_code`.
+A GGUF file is dequantised to a dense float32 model, which takes tens of seconds, so the
+result is saved once as a Hugging Face folder under :func:`cache_dir` and loaded from there
+afterwards. ``--dtype`` and ``--quantize`` are in :mod:`lorakit.precision`.
 """
 
 from __future__ import annotations
@@ -198,7 +199,11 @@ def _adapter_base(folder: Path) -> str:
 
 
 def load_model(
-    spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32
+    spec: str = DEFAULT_MODEL,
+    dtype: str | torch.dtype = torch.float32,
+    quantize: str | None = None,
+    device: torch.device | str = "cpu",
+    trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal language model and its tokenizer, ready for training.
 
@@ -213,31 +218,100 @@ def load_model(
 
     Args:
         spec: see :func:`resolve_model_spec`.
-        dtype: dtype of the model's weights.
+        dtype: dtype of the model's weights, or a ``--dtype`` name (``auto``: see
+            :func:`lorakit.precision.resolve_dtype`).
+        quantize: ``nf4`` or ``int8`` to load the linear layers quantized by bitsandbytes
+            (their compute dtype is ``dtype``); ``None`` for float weights.
+        device: where the model will run; a quantized model is loaded straight onto it
+            (bitsandbytes' 8-bit layers cannot move afterwards), a float one stays on the CPU.
+        trust_remote_code: let a model folder's own Python (``auto_map``) run; refused
+            otherwise, before transformers could ask on stdin.
 
     Returns:
-        ``(model, tokenizer)``, the model in eval mode on the CPU.
+        ``(model, tokenizer)``, the model in eval mode.
 
     Raises:
-        LoraError: see :func:`resolve_model_spec`.
+        LoraError: see :func:`resolve_model_spec`; a folder with its own code (unless
+            ``trust_remote_code``); see :func:`lorakit.precision.quantization_config`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .precision import quantization_config, resolve_dtype
+
     resolved = resolve_model_spec(spec)
     source = bundled_gguf() if resolved == DEFAULT_MODEL else Path(resolved)
+    if source.suffix != ".gguf":
+        check_remote_code(source, trust_remote_code)
+    dtype = resolve_dtype(dtype, device)
     folder = _cached_conversion(source) if source.suffix == ".gguf" else source
+    quant = quantization_config(quantize, dtype, folder) if quantize else None
     if _is_factorized(folder):
+        if quant is not None:
+            raise LoraError(
+                f"{folder} is a factorised model (lorakit factorize): --quantize is not "
+                "implemented for its low-rank layers; drop --quantize."
+            )
         from .factorize import load_factorized
 
         model = load_factorized(folder, dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        placement = {"quantization_config": quant, "device_map": {"": device}} if quant else {}
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            dtype=dtype,
+            local_files_only=True,
+            trust_remote_code=trust_remote_code,
+            **placement,
+        )
+    tokenizer = AutoTokenizer.from_pretrained(
+        folder, local_files_only=True, trust_remote_code=trust_remote_code
+    )
     model.name_or_path = model.config.name_or_path = resolved
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return model.eval(), tokenizer
+
+
+# Files whose ``auto_map`` makes transformers import Python from the model folder.
+_CODE_CONFIGS = ("config.json", "tokenizer_config.json", "processor_config.json")
+
+
+def check_remote_code(folder: Path, trust_remote_code: bool = False) -> None:
+    """Refuse a model folder that ships its own Python (``auto_map``) unless it is trusted.
+
+    transformers would otherwise ask "Do you wish to run the custom code? [y/N]" on stdin
+    (or fail with a traceback without one); we decide before it can.
+
+    Raises:
+        LoraError: an ``auto_map`` in the folder's configs and ``trust_remote_code`` off.
+    """
+    if trust_remote_code:
+        return
+    found = []
+    for name in _CODE_CONFIGS:
+        try:
+            config = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue  # absent, or not JSON: transformers reports that when it loads
+        if isinstance(config, dict) and config.get("auto_map"):
+            modules = {str(v).split(".")[0] for v in _flatten(config["auto_map"])}
+            found.append(f"{name} (auto_map -> {', '.join(sorted(modules))})")
+    if found:
+        raise LoraError(
+            f"{folder} ships its own Python code, named in {'; '.join(found)}. lorakit does not "
+            "run code from a model folder unless you ask: read the code, then pass "
+            "--trust-remote-code (trust_remote_code=True in Python) to run it."
+        )
+
+
+def _flatten(value: object) -> list[object]:
+    """The leaves of an ``auto_map`` (a class path, or a list of them for tokenizers)."""
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in _flatten(v)]
+    if isinstance(value, (list, tuple)):
+        return [leaf for v in value if v is not None for leaf in _flatten(v)]
+    return [value]
 
 
 def _is_factorized(folder: Path) -> bool:
@@ -285,10 +359,11 @@ def _cached_conversion(gguf: Path) -> Path:
             dtype=torch.float32,
             quantization_config=GgufConfig(dequantize=True),
             local_files_only=True,
+            trust_remote_code=False,  # a GGUF file holds weights, never code
         )
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, local_files_only=True
+            gguf.parent, gguf_file=gguf.name, local_files_only=True, trust_remote_code=False
         ).save_pretrained(tmp)
         (tmp / _GGUF_SOURCE).write_text(json.dumps({"gguf": str(gguf)}) + "\n")
         try:

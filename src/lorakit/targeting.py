@@ -126,7 +126,8 @@ def selector(
             return None  # PEFT never adapts inside a modules_to_save module
         spec = config.target_modules
         if spec == ALL_LINEAR:
-            linear = layer_class_for(base) is LoraLinear
+            kind = layer_class_for(base)  # LoraLinear or a subclass (quantized Linear4bit/8bit)
+            linear = kind is not None and issubclass(kind, LoraLinear)
             return ALL_LINEAR if linear and base is not head else None
         if isinstance(spec, str):
             return spec if re.fullmatch(spec, path) else None

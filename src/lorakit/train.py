@@ -436,7 +436,9 @@ def _prepare(config: TrainConfig, model: nn.Module | None, tokenizer: Any, dist:
     if model is None:
         from .models import load_model
 
-        model, tokenizer = load_model(config.model)
+        model, tokenizer = load_model(
+            config.model, config.dtype, config.quantize, dist.device, config.trust_remote_code
+        )
     if config.chat_template is not None:
         tokenizer = copy.deepcopy(tokenizer)  # the caller's tokenizer keeps its own template
         next(iter(inputs.settings.values())).apply_template(tokenizer)

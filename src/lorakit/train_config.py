@@ -36,6 +36,17 @@ class TrainConfig:
 
     # --- model and data
     model: str = _opt(DEFAULT_MODEL, "base model: HF folder, .gguf file or smollm2-135m")
+    dtype: str = _opt(
+        "auto",
+        "base weights: auto (bfloat16 on a CUDA GPU that has it, else float32), float32, "
+        "bfloat16 or float16; adapters stay float32",
+    )
+    quantize: str | None = _opt(
+        None, "load the base quantized by bitsandbytes: nf4 (4-bit, QLoRA) or int8"
+    )
+    trust_remote_code: bool = _opt(
+        False, "run the Python code a model folder ships (auto_map); without it it is refused"
+    )
     data: str | None = _opt(None, "training data (JSON/JSONL); none = the bundled demo task")
     tasks: list[str] = field(
         default_factory=list,
@@ -98,7 +109,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         problems = _coerce_types(self)
         if not problems:  # the ranges are only worth checking on values of the right type
-            problems = _task_problems(self) + _range_problems(self)
+            problems = _task_problems(self) + _range_problems(self) + _precision_problems(self)
         if problems:
             raise LoraError("Invalid training config:\n  - " + "\n  - ".join(problems))
 
@@ -226,6 +237,22 @@ def _range_problems(config: TrainConfig) -> list[str]:
     return problems
 
 
+def _precision_problems(config: TrainConfig) -> list[str]:
+    """``dtype`` and ``quantize`` names, and what they cannot be combined with."""
+    from .precision import DTYPE_CHOICES, QUANTIZATIONS
+
+    problems = []
+    if config.dtype not in DTYPE_CHOICES:
+        problems.append(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {config.dtype!r}")
+    if config.quantize is not None and config.quantize not in QUANTIZATIONS:
+        problems.append(
+            f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {config.quantize!r}"
+        )
+    if config.quantize and config.fsdp:
+        problems.append("--fsdp with --quantize is not implemented: drop --fsdp to train with DDP")
+    return problems
+
+
 # Settings whose files or state are per adapter; multi-task runs do not support them yet.
 _SINGLE_TASK_ONLY = ("data", "val_data", "test_data", "resume")
 
@@ -275,6 +302,7 @@ RESUMABLE_CHANGES = {
     "tensorboard",
     "fsdp",
     "dist_timeout",
+    "trust_remote_code",
 }
 
 

@@ -52,11 +52,22 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(*flags, **kwargs)
     parser.add_argument(
         "--nproc",
-        type=int,
+        type=_process_count,
         default=1,
         help="processes (GPUs) on this machine: launches torchrun --nproc-per-node N for you; "
         "for several machines run torchrun -m lorakit train yourself (see docs/distributed.md)",
     )
+
+
+def _process_count(text: str) -> int:
+    """``--nproc``: a whole number of processes, at least 1."""
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of processes, 1 or more: {text}")
+    return count
 
 
 def _set_threads() -> None:
@@ -89,8 +100,6 @@ def _launch(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     import subprocess
     import sys
 
-    if args.nproc < 1:
-        raise LoraError(f"--nproc must be at least 1, got {args.nproc}.")
     if "WORLD_SIZE" in os.environ:
         raise LoraError(
             "--nproc given inside a torchrun launch; drop --nproc (torchrun sets the processes)."
@@ -148,6 +157,30 @@ def _model_arguments(parser: argparse.ArgumentParser, adapter_required: bool = F
         "--use",
         default=None,
         help="comma-separated adapter names to activate (several add up; default: the last loaded)",
+    )
+    _precision_arguments(parser)
+
+
+def _precision_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--dtype``, ``--quantize`` and ``--trust-remote-code``: how the base model loads."""
+    from ..precision import DTYPE_CHOICES, QUANTIZATIONS
+
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="base weights' dtype (default: auto, float32 on the CPU); adapters stay float32",
+    )
+    parser.add_argument(
+        "--quantize",
+        default=None,
+        choices=QUANTIZATIONS,
+        help="load the base quantized by bitsandbytes: nf4 (4-bit) or int8",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the Python code a model folder ships (auto_map); without it it is refused",
     )
 
 
@@ -231,7 +264,9 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     check_model_spec(spec, "--model" if args.model else "the adapter's base model")
     settings = _generation_settings(args, adapters)
     _set_threads()
-    model, tokenizer = load_model(spec)
+    model, tokenizer = load_model(
+        spec, args.dtype, args.quantize, trust_remote_code=args.trust_remote_code
+    )
     load_adapters(model, adapters, model_name(model, spec))
     if args.use:
         set_adapter(model, [n.strip() for n in args.use.split(",")])
@@ -358,6 +393,30 @@ def run_chat(args: argparse.Namespace) -> int:
 def _merge_arguments(parser: argparse.ArgumentParser) -> None:
     _model_arguments(parser, adapter_required=True)
     parser.add_argument("--output", required=True, help="folder for the merged model")
+    parser.add_argument(
+        "--base-weights",
+        default=None,
+        metavar="MODEL",
+        help="after a quantized run: merge into MODEL's float weights (W + dW) instead of the "
+        "dequantized base (dequant(W) + dW)",
+    )
+
+
+def _recorded_quantization(adapters: dict[str, str]) -> str | None:
+    """The ``quantize`` a ``lorakit train`` run recorded beside its adapter, if any."""
+    import yaml
+
+    from ..train_config import CONFIG_FILE
+
+    for folder in adapters.values():
+        for config in (Path(folder) / CONFIG_FILE, Path(folder).parent / CONFIG_FILE):
+            try:
+                recorded = yaml.safe_load(config.read_text())
+            except (OSError, yaml.YAMLError):
+                continue  # no run settings here (a PEFT adapter): nothing recorded
+            if isinstance(recorded, dict) and recorded.get("quantize"):
+                return str(recorded["quantize"])
+    return None
 
 
 def run_merge(args: argparse.Namespace) -> int:
@@ -366,19 +425,41 @@ def run_merge(args: argparse.Namespace) -> int:
     The folder (safetensors, config, tokenizer) loads with
     transformers.AutoModelForCausalLM.from_pretrained, without lorakit. The adapter's chat
     template goes into the tokenizer, and its generation_settings.json is copied along.
+
+    After a quantized run (--quantize recorded in its train_config.yaml, or a quantized base
+    folder) the base loads quantized as in training and the folder holds float weights
+    dequant(W) + dW, never re-quantized; --base-weights MODEL merges into MODEL's float
+    weights instead (W + dW).
     """
     from ..generate import save_generation_settings
-    from ..merge import unload
+    from ..layers.quantized import is_quantized
+    from ..merge import dequantize_merge
     from ..models import save_model_folder
+    from ..precision import resolve_dtype
 
     args.system = args.chat_template = None
     out = check_empty_output(args.output)  # before the slow part
+    if args.base_weights and args.quantize:
+        raise LoraError("--base-weights merges into float weights; drop --quantize.")
+    if args.base_weights:
+        args.model = args.base_weights
+    else:
+        args.quantize = args.quantize or _recorded_quantization(_adapter_folders(args))
     model, tokenizer, settings = _load(args)
-    unload(model, merge=True)
+    quantized = is_quantized(model)
+    dequantize_merge(model, resolve_dtype(args.dtype))  # a float base: a plain merge
     model.config.use_cache = True
     save_model_folder(model, tokenizer, out)
     if settings.system or settings.chat_template:
         save_generation_settings(settings, out)
+    if quantized:
+        status(
+            "note: the base was quantized, so the merged weights are the dequantized base "
+            "plus the adapter (dequant(W) + dW), not the original float weights; pass "
+            "--base-weights MODEL to merge into those instead."
+        )
+    elif args.base_weights:
+        status(f"merged into the float weights of {args.base_weights} (W + dW)")
     print(f"merged model written to {out}")
     return 0
 

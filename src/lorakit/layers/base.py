@@ -178,6 +178,10 @@ class LoraLayer(Wrapper):
         """The base parameter that ``delta_weight`` is added to when merging."""
         return self.base_layer.weight
 
+    def base_shape(self) -> tuple[int, ...]:
+        """The base weight's logical shape, as an adapter's fingerprint records it."""
+        return tuple(self.base_weight.shape)
+
     @property
     def fan_in(self) -> int:
         """Inputs feeding one output of A: sets the scale of A's initialisation."""

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .linear import LoraLinear
-from .registry import register
+from .registry import layer_class_for, register
 
 
 def dequantize(module: nn.Module) -> Tensor:
@@ -50,6 +50,11 @@ def float_linear(
     return linear.requires_grad_(False).train(module.training)
 
 
+def is_quantized(model: nn.Module) -> bool:
+    """Whether ``model`` holds a bitsandbytes 4-bit or 8-bit linear layer (wrapped or not)."""
+    return any(layer_class_for(module) is LoraQuantizedLinear for module in model.modules())
+
+
 class _Dequantized:
     """A function dtype -> W for ``LoraLinearFunction``: dequantized on each call."""
 
@@ -73,6 +78,9 @@ class LoraQuantizedLinear(LoraLinear):
     @classmethod
     def weight_shape(cls, module: nn.Module, **options: Any) -> tuple[int, ...]:
         return cls.matrix_shape(module)
+
+    def base_shape(self) -> tuple[int, ...]:
+        return self.matrix_shape(self.base_layer)  # not the packed storage's shape
 
     def _plain_base(self) -> bool:
         return True  # bitsandbytes' forward is x · dequant(W)ᵀ + b, which the fused node does
