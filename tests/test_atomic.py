@@ -44,6 +44,16 @@ def test_an_error_leaves_the_old_version_and_no_leftovers(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
 
 
+def test_a_file_at_the_target_is_refused_not_replaced(tmp_path):
+    target = tmp_path / "data.jsonl"
+    target.write_text("precious")
+    with pytest.raises(LoraError) as error, atomic_folder(target) as new:
+        (new / "a.txt").write_text("new")
+    assert str(error.value) == f"{target} is a file, not a folder; pass a folder path instead."
+    assert target.read_text() == "precious"
+    assert [p.name for p in tmp_path.iterdir()] == ["data.jsonl"]
+
+
 def test_leftovers_of_a_killed_write_are_cleaned_and_an_old_version_restored(tmp_path):
     target = tmp_path / "run"
     (tmp_path / ".run.new-abc").mkdir()  # killed while writing

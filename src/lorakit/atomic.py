@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import LoraError
+
 _RENAME_EXCHANGE = 2  # linux/fs.h
 _AT_FDCWD = -100
 
@@ -90,9 +92,13 @@ def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty folder to write into; on a clean exit it becomes ``target`` at once.
 
     Files already in ``target`` that the new version does not write are kept. On an
-    exception (a full disk, say) ``target`` is untouched and the new folder removed.
+    exception (a full disk, say) ``target`` is untouched and the new folder removed. A file
+    at ``target`` is refused (``LoraError``), never replaced.
     """
     target = Path(target)
+    if target.exists() and not target.is_dir():
+        # The swap would exchange a folder with the user's file, hiding it under a temp name.
+        raise LoraError(f"{target} is a file, not a folder; pass a folder path instead.")
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(target)
     new = target.parent / f".{target.name}.new-{uuid.uuid4().hex[:12]}"
