@@ -586,8 +586,8 @@ def _encode(
         raise _BadRecord(
             where, "refused by the chat template", f"the chat template refuses it: {error}."
         ) from error
-    except (ValueError, TypeError, KeyError, IndexError) as error:
-        if isinstance(error, LoraError):
+    except (ValueError, TypeError) as error:
+        if isinstance(error, LoraError):  # ours, about the tokenizer or template: as it is
             raise
         raise _BadRecord(
             where,
