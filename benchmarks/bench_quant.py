@@ -5,12 +5,14 @@ Run by hand (see benchmarks/README.md)::
 
     .venv/bin/python benchmarks/bench_quant.py                  # all variants
     .venv/bin/python benchmarks/bench_quant.py --only nf4 --steps 2
+    python benchmarks/bench_quant.py --device cuda --batch 4 --seq 512   # the CUDA rows
 
 The model (TinyLlama-1.1B's shape) is written once to ``benchmarks/results/llama-1b`` in
 bfloat16. Each variant runs in its own process: load, add LoRA (r=16 on the seven
 projections), forget the loading peak (``/proc/self/clear_refs``), then ``--warmup`` + ``--steps``
-training steps; it reports the median step and the peak RSS of the training run. A markdown
-table goes to stdout and the numbers to ``benchmarks/results/quant-<time>.json``.
+training steps; it reports the median step and the peak RSS of the training run (on CUDA:
+tokens/s and the peak GPU memory allocated). A markdown table goes to stdout and the numbers
+to ``benchmarks/results/quant-<time>.json``.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def prepare() -> None:
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(MODEL)
 
 
-def load(precision: str) -> torch.nn.Module:
+def load(precision: str, device: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quant = {
@@ -66,7 +68,7 @@ def load(precision: str) -> torch.nn.Module:
     }.get(precision)
     dtype = torch.float32 if precision == "float32" else torch.bfloat16
     return AutoModelForCausalLM.from_pretrained(
-        MODEL, dtype=dtype, quantization_config=quant, device_map="cpu"
+        MODEL, dtype=dtype, quantization_config=quant, device_map={"": device}
     )
 
 
@@ -81,14 +83,18 @@ def adapt(model: torch.nn.Module, library: str) -> torch.nn.Module:
 
 
 def child(library: str, precision: str, args: argparse.Namespace) -> dict:
-    """One variant, in its own process: median step seconds and training peak RSS."""
+    """One variant, in its own process: median step seconds, training peak RSS (CUDA: peak
+    GPU memory allocated)."""
+    cuda = args.device == "cuda"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = adapt(load(precision), library).train()
+        model = adapt(load(precision, args.device), library).train()
     Path("/proc/self/clear_refs").write_text("5")  # forget the loading peak
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     ids = torch.randint(
         0, 32000, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)
-    )
+    ).to(args.device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     times = []
     for i in range(args.warmup + args.steps):
@@ -96,28 +102,35 @@ def child(library: str, precision: str, args: argparse.Namespace) -> dict:
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()  # the step's kernels finish before the clock stops
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
-    return {"step_s": statistics.median(times), "peak_rss_mib": peak}
+    step = statistics.median(times)
+    result = {"step_s": step, "peak_rss_mib": peak, "tokens_s": args.batch * args.seq / step}
+    if cuda:
+        result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
 
 
-def table(results: dict) -> str:
-    lines = ["| precision | library | step | peak RSS | vs float32 (same library) | vs PEFT |"]
-    lines.append("|---|---|---|---|---|---|")
+def table(results: dict, device: str) -> str:
+    """Markdown rows; memory is the peak RSS on the CPU, the peak GPU allocation on CUDA."""
+    key, what = ("peak_gpu_mib", "peak GPU mem") if device == "cuda" else ("peak_rss_mib", "RSS")
+    lines = [f"| precision | library | step | tokens/s | peak {what} | vs float32 | vs PEFT |"]
+    lines.append("|---|---|---|---|---|---|---|")
     for (precision, library), r in results.items():
         fp32 = results.get(("float32", library))
         peer = results.get((precision, "peft"))
-        mem = f"{r['peak_rss_mib'] / fp32['peak_rss_mib']:.2f}x RSS" if fp32 else ""
+        mem = f"{r[key] / fp32[key]:.2f}x {what}" if fp32 else ""
         vs = (
-            f"{r['step_s'] / peer['step_s']:.2f}x step, "
-            f"{r['peak_rss_mib'] / peer['peak_rss_mib']:.2f}x RSS"
+            f"{r['step_s'] / peer['step_s']:.2f}x step, {r[key] / peer[key]:.2f}x {what}"
             if peer and library == "lorakit"
             else ""
         )
         lines.append(
-            f"| {precision} | {library} | {r['step_s']:.1f} s | {r['peak_rss_mib']:.0f} MiB "
-            f"| {mem} | {vs} |"
+            f"| {precision} | {library} | {r['step_s']:.2f} s | {r['tokens_s']:.0f} "
+            f"| {r[key]:.0f} MiB | {mem} | {vs} |"
         )
     return "\n".join(lines)
 
@@ -131,6 +144,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -145,10 +159,14 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child", library, precision]
             cmd += ["--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
             cmd += ["--warmup", str(args.warmup), "--threads", str(args.threads)]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            cmd += ["--device", args.device]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode:  # one failed variant (out of memory, say) keeps the others
+                print(f"[{precision} {library} failed]\n{done.stderr[-2000:]}", file=sys.stderr)
+                continue
             results[(precision, library)] = json.loads(done.stdout.strip().splitlines()[-1])
             print(f"[{precision} {library}: {results[(precision, library)]}]", file=sys.stderr)
-    report = table(results)
+    report = table(results, args.device)
     print(report)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     payload = {"args": vars(args), "results": {" ".join(k): v for k, v in results.items()}}

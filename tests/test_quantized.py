@@ -1,5 +1,6 @@
 """LoRA on 4-bit (NF4) and 8-bit bitsandbytes bases (QLoRA), on the CPU backend."""
 
+import json
 import warnings
 
 import pytest
@@ -85,8 +86,9 @@ def test_gradients_reach_only_a_and_b_and_match_the_formula(base_folder, kind):
     torch.testing.assert_close(layer.lora_B["default"].grad, B.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_twenty_steps_on_an_nf4_base_lower_the_loss(base_folder):
-    model = quantized(base_folder, "nf4")
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_twenty_steps_on_a_quantized_base_lower_the_loss(base_folder, kind):
+    model = quantized(base_folder, kind)
     add_lora(model, LoraConfig(r=8, alpha=16, target_modules=TARGETS))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -98,6 +100,29 @@ def test_twenty_steps_on_an_nf4_base_lower_the_loss(base_folder):
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0] and losses[-1] < min(losses[:5])
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(base_folder, kind):
+    def loss_and_grads(checkpointing: bool):
+        torch.manual_seed(0)  # the same A init in both models
+        model = adapted(base_folder, kind)
+        model.train()
+        if checkpointing:
+            # non-reentrant: no input of a block requires grad with a frozen embedding
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        loss = model(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        return loss.detach(), grads, model
+
+    plain_loss, plain, _ = loss_and_grads(False)
+    loss, grads, model = loss_and_grads(True)
+    assert model.is_activation_checkpointing
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == plain.keys() and len(grads) == 2 * len(TARGETS) * 2  # A, B x 2 layers
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain[name], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(("kind", "tol"), [("nf4", 1e-5), ("int8", 1e-2)])
@@ -165,3 +190,83 @@ def test_dora_on_an_nf4_base_matches_peft(base_folder, tmp_path):
         warnings.simplefilter("ignore")
         theirs = PeftModel.from_pretrained(quantized(base_folder, "nf4"), tmp_path).eval()
         torch.testing.assert_close(theirs(input_ids=IDS).logits, ours, rtol=0, atol=1e-5)
+
+
+# --- lorakit merge from a quantized run ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenized_folder(tmp_path_factory, smollm2_tokenizer):
+    """A tiny Llama folder with the SmolLM2 tokenizer (what ``lorakit`` commands load)."""
+    folder = tmp_path_factory.mktemp("tokenized")
+    tiny.llama(vocab=len(smollm2_tokenizer)).save_pretrained(folder)
+    smollm2_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def quantized_run(folder, run, kind):
+    """What ``lorakit train --quantize KIND`` leaves: an adapter and its train_config.yaml."""
+    from lorakit.models import load_model
+    from lorakit.train_config import TrainConfig, write_config
+
+    model, _ = load_model(str(folder), quantize=kind)
+    config = LoraConfig(r=4, alpha=8, target_modules=TARGETS, base_model_name_or_path=str(folder))
+    add_lora(model, config)
+    tiny.randomize_adapters(model)
+    save_adapter(model, run)
+    write_config(TrainConfig(model=str(folder), data="train.jsonl", quantize=kind), run)
+    return model
+
+
+@pytest.mark.parametrize(("kind", "tol"), [("nf4", 1e-5), ("int8", 1e-2)])
+def test_merge_from_a_quantized_run_writes_a_float_folder_plain_transformers_loads(
+    tokenized_folder, tmp_path, capsys, kind, tol
+):
+    """Equal to the unmerged quantized model: fp32 throughout for nf4; int8's unadapted
+    layers ran bitsandbytes' fp16-input product before the merge (see above)."""
+    from lorakit.cli import main
+
+    model = quantized_run(tokenized_folder, tmp_path / "run", kind)
+    expected = model(input_ids=IDS).logits
+    assert main(["merge", "--adapter", str(tmp_path / "run"), "--output", str(tmp_path / "m")]) == 0
+    assert "the merged weights are the dequantized base" in capsys.readouterr().err
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "float32"
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert {type(m).__name__ for m in merged.modules()} & {"Linear4bit", "Linear8bitLt"} == set()
+    logits = merged(input_ids=IDS).logits
+    torch.testing.assert_close(logits, expected, rtol=0, atol=tol)
+    assert (logits - quantized(tokenized_folder, kind)(input_ids=IDS).logits).abs().max() > 10 * tol
+
+
+def test_merge_base_weights_adds_the_delta_to_the_original_float_weights(
+    tokenized_folder, tmp_path, capsys
+):
+    from lorakit.cli import main
+
+    model = quantized_run(tokenized_folder, tmp_path / "run", "nf4")
+    out = tmp_path / "m"
+    argv = ["merge", "--adapter", str(tmp_path / "run"), "--output", str(out)]
+    assert main([*argv, "--base-weights", str(tokenized_folder)]) == 0
+    assert f"merged into the float weights of {tokenized_folder}" in capsys.readouterr().err
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out)
+    original = transformers.AutoModelForCausalLM.from_pretrained(tokenized_folder)
+    for path in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        delta = model.get_submodule(path).delta_weight("default")
+        W = original.get_submodule(path).weight
+        got = merged.get_submodule(path).weight
+        torch.testing.assert_close(got, W + delta, rtol=1e-5, atol=1e-5)
+        # not the dequantized base: nf4 rounding is far above the tolerance
+        assert (got - dequantize(model.get_submodule(path).base_layer) - delta).abs().max() > 1e-3
+    k = "model.layers.0.self_attn.k_proj.weight"  # not adapted: the original, untouched
+    torch.testing.assert_close(merged.state_dict()[k], original.state_dict()[k], rtol=0, atol=0)
+
+
+def test_merge_base_weights_with_quantize_is_refused(tokenized_folder, tmp_path, capsys):
+    from lorakit.cli import main
+
+    quantized_run(tokenized_folder, tmp_path / "run", "nf4")
+    argv = ["merge", "--adapter", str(tmp_path / "run"), "--output", str(tmp_path / "m")]
+    assert main([*argv, "--base-weights", str(tokenized_folder), "--quantize", "nf4"]) == 2
+    assert "--base-weights merges into float weights; drop --quantize." in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
