@@ -140,6 +140,7 @@ class _FakeLoaders:
         self.fail_saving = False
 
     def load_model(self, path, **kwargs):
+        assert kwargs["trust_remote_code"] is False  # explicit, never transformers' default
         if "gguf_file" in kwargs:
             assert kwargs["quantization_config"].dequantize
             self.conversions += 1
@@ -157,6 +158,7 @@ class _FakeLoaders:
             raise KeyboardInterrupt
 
     def load_tokenizer(self, path, **kwargs):
+        assert kwargs["trust_remote_code"] is False
         return SimpleNamespace(
             pad_token=None,
             eos_token="</s>",
