@@ -1,0 +1,226 @@
+"""Image + text conversations: reading records, checking their images, loading them.
+
+Two conventions are read, in JSON or JSONL files, and may be mixed in one file:
+
+* LLaMA-Factory / ms-swift: ``{"messages": [...], "images": ["a.png", ...]}`` where each
+  ``<image>`` in a user turn's text stands for the next image of ``images``, in order
+  (``conversations`` with ``from``/``value`` turns, ShareGPT-style, works the same);
+* OpenAI-style content parts: a turn's ``content`` is a list of ``{"type": "text", "text":
+  ...}``, ``{"type": "image", "image": PATH}`` and ``{"type": "image_url", "image_url":
+  {"url": PATH_OR_DATA_URL}}`` parts (a bare ``{"type": "image"}`` takes the next of ``images``).
+
+Paths are relative to the data file. Each record becomes a :class:`VlmExample`: a conversation
+of plain strings with one ``<image>`` per image (the text checks of :mod:`lorakit.data` apply
+to it unchanged) and its image sources, each checked to exist and open as an image, so a bad
+record is named by file and line before a model loads.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..data import Conversation, _BadRecord, _parse_chat, _read_records
+from ..errors import LoraError
+
+IMAGE = "<image>"  # the placeholder of one image in a turn's text
+ImageSource = Path | bytes  # a file, or the bytes of a data URL
+
+
+@dataclass
+class VlmExample:
+    """One conversation with its images.
+
+    Attributes:
+        messages: ``{"role", "content": str}`` turns; ``content`` holds one :data:`IMAGE` per
+            image, in the order of ``images``.
+        images: a path (resolved against the data file's folder) or the bytes of a data URL.
+        where: ``"FILE, line N"``, for messages about this record.
+    """
+
+    messages: Conversation
+    images: list[ImageSource]
+    where: str
+
+
+def read_vlm_data(path: str | Path, *, skip_bad_records: bool = False) -> list[VlmExample]:
+    """The image + text conversations of a data file, every record and image checked.
+
+    Raises:
+        LoraError: an unreadable file, or a bad record (named by file:line): a placeholder
+            count that differs from the image count, a missing or unreadable image, a content
+            part of an unknown type, or any problem :mod:`lorakit.data` finds in a chat record.
+    """
+    path = Path(path)
+    records = _read_records(path)
+    if not records:
+        raise LoraError(f"{path} holds no examples: write one JSON object a line or a JSON list.")
+    examples, skipped = [], Counter()
+    for where, record in records:
+        try:
+            if isinstance(record, _BadRecord):
+                raise record
+            examples.append(_parse(record, where, path.parent))
+        except _BadRecord as bad:
+            if not skip_bad_records:
+                raise
+            skipped[bad.reason] += 1
+    if not examples:
+        raise LoraError(f"{path}: no usable record ({dict(skipped)}). Fix the records.")
+    return examples
+
+
+def has_images(path: str | Path) -> bool:
+    """Whether a data file's first record has images (an ``images`` list or image parts)."""
+    records = _read_records(Path(path))
+    if not records or not isinstance(records[0][1], dict):
+        return False
+    record = records[0][1]
+    turns = record.get("messages") or record.get("conversations") or []
+    parts = [
+        part
+        for turn in turns
+        if isinstance(turn, dict) and isinstance(turn.get("content"), list)
+        for part in turn["content"]
+    ]
+    return bool(record.get("images")) or any(_part_type(p) in _IMAGE_PARTS for p in parts)
+
+
+_IMAGE_PARTS = ("image", "image_url")
+
+
+def _part_type(part: Any) -> str | None:
+    return part.get("type") if isinstance(part, dict) else None
+
+
+def _parse(record: Any, where: str, folder: Path) -> VlmExample:
+    """A record as a :class:`VlmExample`: turns flattened to text, images resolved."""
+    if not isinstance(record, dict):
+        raise _BadRecord(where, "not an object", "the record must be a JSON object.")
+    listed = record.get("images", [])
+    if not isinstance(listed, list) or not all(isinstance(p, str) for p in listed):
+        raise _BadRecord(where, "bad images", "field 'images' must be a list of file paths.")
+    key = "messages" if "messages" in record else "conversations"
+    turns = record.get(key)
+    if not isinstance(turns, list):
+        raise _BadRecord(where, "no turns", f"field {key!r} must be a list of turns.")
+    flat, sources = [], []  # sources: one per placeholder, None = the next of 'images'
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise _BadRecord(where, "not an object", f"field '{key}[{i}]' must be an object.")
+        role = turn.get("role", turn.get("from"))
+        text, found = _flatten(turn.get("content", turn.get("value")), f"{key}[{i}]", where)
+        if found and role not in ("user", "human"):
+            raise _BadRecord(
+                where,
+                "image outside a user turn",
+                f"field '{key}[{i}]' ({role}) holds an image; images go in user turns.",
+            )
+        flat.append({"role": role, "content": text})
+        sources += found
+    placeholders = sources.count(None)
+    if placeholders != len(listed):
+        raise _BadRecord(
+            where,
+            "placeholder/image mismatch",
+            f"{placeholders} {IMAGE} placeholder(s) for {len(listed)} image(s) in 'images': "
+            f"every image needs exactly one {IMAGE} in a user turn, in order.",
+        )
+    queue = iter(listed)
+    images = [next(queue) if source is None else source for source in sources]
+    messages = _parse_chat({"messages": flat}, where)  # the text checks of lorakit.data
+    return VlmExample(messages, [_resolve(s, folder, where) for s in images], where)
+
+
+def _flatten(content: Any, name: str, where: str) -> tuple[Any, list[str | None]]:
+    """A turn's content as text with :data:`IMAGE` placeholders, and each placeholder's
+    source: a path or data URL from a content part, or ``None`` for the next of ``images``."""
+    if not isinstance(content, list):
+        return content, [None] * (content.count(IMAGE) if isinstance(content, str) else 0)
+    text, sources = "", []
+    for j, part in enumerate(content):
+        kind = _part_type(part)
+        if kind == "text" and isinstance(part.get("text"), str):
+            text += part["text"]
+            sources += [None] * part["text"].count(IMAGE)
+        elif kind in _IMAGE_PARTS:
+            text += IMAGE
+            sources.append(_part_source(part, f"{name}.content[{j}]", where))
+        else:
+            raise _BadRecord(
+                where,
+                "bad content part",
+                f"field '{name}.content[{j}]' is {str(part)[:60]}; a content part is "
+                '{"type": "text", "text": ...}, {"type": "image", "image": PATH} or '
+                '{"type": "image_url", "image_url": {"url": PATH_OR_DATA_URL}}.',
+            )
+    return text, sources
+
+
+def _part_source(part: dict[str, Any], name: str, where: str) -> str | None:
+    """The path or data URL of an image part; ``None``: the next of the record's ``images``."""
+    value = part.get(part["type"])
+    if isinstance(value, dict):
+        value = value.get("url")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise _BadRecord(where, "bad image part", f"field {name!r} must name an image file.")
+    if "://" in value:
+        raise _BadRecord(
+            where,
+            "remote image",
+            f"field {name!r} is the URL {value[:60]}; lorakit reads no network: download the "
+            "image and give its path (or a data: URL).",
+        )
+    return value
+
+
+def _resolve(source: str, folder: Path, where: str) -> ImageSource:
+    """A data URL's bytes, or the path (relative to the data file) of a readable image."""
+    if source.startswith("data:"):
+        try:
+            data = base64.b64decode(source.split(",", 1)[1], validate=True)
+        except (IndexError, binascii.Error):
+            raise _BadRecord(
+                where, "bad data URL", "an image data URL must be data:image/...;base64,<data>."
+            ) from None
+        _check_image(io.BytesIO(data), "the image in a data URL", where)
+        return data
+    path = Path(source).expanduser()
+    path = path if path.is_absolute() else folder / path
+    if not path.is_file():
+        raise _BadRecord(
+            where,
+            "missing image",
+            f"image {source} not found (looked for {path}; paths are relative to the data "
+            "file). Fix the path or add the file.",
+        )
+    _check_image(path, f"image {path}", where)
+    return path
+
+
+def _check_image(file: Path | io.BytesIO, what: str, where: str) -> None:
+    """Open the image's header (no decoding of its pixels): a file that is no image fails."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(file) as image:
+            image.verify()
+    except (OSError, UnidentifiedImageError, SyntaxError) as error:
+        raise _BadRecord(
+            where, "unreadable image", f"{what} cannot be read as an image ({error})."
+        ) from None
+
+
+def load_image(source: ImageSource) -> Any:
+    """A PIL image in RGB, from a path or bytes."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        return image.convert("RGB")

@@ -1,0 +1,161 @@
+"""The VLM demo: a SmolVLM-shaped model learns to describe coloured shapes, offline.
+
+The model is assembled, not downloaded: the bundled SmolLM2-135M-Instruct is the language
+model, and a small, randomly initialised SigLIP-style vision encoder (Idefics3's) with a
+pixel-shuffle projector turns a 64x64 image into 4 tokens, one per quadrant. This is the shape
+of SmolVLM-256M (same language model family, same projector), only smaller. The vision encoder
+stays frozen; the projector is trained in full (``--train-projector``) and the language model
+through LoRA.
+
+The task is generated: one shape (circle, square or triangle) in one colour (red, green, blue
+or yellow) in one quadrant; the question is "What is in the picture?" and the answer reads
+"a red circle at the top left" (48 answers: chance is about 2%).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 60),
+    "blue": (40, 70, 220),
+    "yellow": (235, 200, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+PLACES = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1)}
+QUESTION = "What is in the picture?"
+IMAGE_SIZE = 64  # pixels; 4x4 patches of 16, pixel-shuffled 2x2 -> 4 image tokens
+SPLITS = {"train": 1200, "val": 48, "test": 50}
+# A ChatML template (SmolLM2's) whose image parts become the processor's <image> marker.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+IMAGE_TOKENS = {
+    "fake_image_token": "<fake_token_around_image>",
+    "image_token": "<image>",
+    "end_of_utterance_token": "<end_of_utterance>",
+    "global_image_token": "<global-img>",
+}
+
+
+def draw(colour: str, shape: str, place: str, rng: random.Random) -> Any:
+    """A 64x64 PIL image: ``shape`` in ``colour`` in quadrant ``place``, slightly jittered."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (245, 245, 245))
+    pen = ImageDraw.Draw(image)
+    col, row = PLACES[place]
+    half = IMAGE_SIZE // 2
+    size = rng.randint(18, 26)
+    x0 = col * half + rng.randint(1, half - size - 1)
+    y0 = row * half + rng.randint(1, half - size - 1)
+    box = (x0, y0, x0 + size, y0 + size)
+    fill = COLOURS[colour]
+    if shape == "circle":
+        pen.ellipse(box, fill=fill)
+    elif shape == "square":
+        pen.rectangle(box, fill=fill)
+    else:
+        pen.polygon([(x0 + size // 2, y0), (x0, y0 + size), (x0 + size, y0 + size)], fill=fill)
+    return image
+
+
+def write_demo_data(
+    folder: Path, seed: int = 0, splits: dict[str, int] | None = None
+) -> dict[str, Path]:
+    """PNG images and ``train/val/test.jsonl`` (``images`` + ``<image>``) under ``folder``.
+
+    Returns:
+        split name -> data file.
+    """
+    rng = random.Random(seed)
+    files = {}
+    for split, count in (splits or SPLITS).items():
+        (folder / split).mkdir(parents=True, exist_ok=True)
+        rows = []
+        for i in range(count):
+            colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+            place = rng.choice(list(PLACES))
+            name = f"{split}/{i:04d}.png"
+            draw(colour, shape, place, rng).save(folder / name)
+            answer = f"a {colour} {shape} at the {place}"
+            messages = [
+                {"role": "user", "content": f"<image>{QUESTION}"},
+                {"role": "assistant", "content": answer},
+            ]
+            rows.append(json.dumps({"messages": messages, "images": [name]}))
+        files[split] = folder / f"{split}.jsonl"
+        files[split].write_text("\n".join(rows) + "\n")
+    return files
+
+
+def assemble_vlm(
+    language_model: Any, tokenizer: Any, seed: int = 0, vision_layers: int = 2
+) -> tuple[Any, Any]:
+    """An Idefics3 (SmolVLM) model around ``language_model``, and its processor.
+
+    Args:
+        language_model: a ``LlamaForCausalLM`` (its weights are copied).
+        tokenizer: its tokenizer (copied; the image tokens are added to the copy).
+        seed: seeds the vision encoder's and projector's random init.
+        vision_layers: transformer layers of the vision encoder (width 96).
+
+    Returns:
+        ``(model, processor)``; the model in eval mode, float32.
+    """
+    import copy
+
+    import torch
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+    )
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(IMAGE_TOKENS.values())})
+    for name, token in IMAGE_TOKENS.items():
+        setattr(tokenizer, name, token)
+    text_config = copy.deepcopy(language_model.config)
+    vision = dict(
+        hidden_size=96,
+        intermediate_size=192,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=16,
+    )
+    config = Idefics3Config(
+        text_config=text_config.to_dict(),
+        vision_config=vision,
+        scale_factor=2,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKENS["image_token"]),
+        tie_word_embeddings=text_config.tie_word_embeddings,
+    )
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration(config)
+    model.model.text_model.load_state_dict(language_model.get_decoder().state_dict())
+    model.lm_head.load_state_dict(language_model.get_output_embeddings().state_dict())
+    model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    image_processor = Idefics3ImageProcessorPil(
+        size={"longest_edge": IMAGE_SIZE},
+        max_image_size={"longest_edge": IMAGE_SIZE},
+        do_image_splitting=False,
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_len=(IMAGE_SIZE // 16 // 2) ** 2,
+        chat_template=CHAT_TEMPLATE,
+    )
+    return model.eval(), processor
