@@ -270,3 +270,42 @@ def test_merge_base_weights_with_quantize_is_refused(tokenized_folder, tmp_path,
     assert main([*argv, "--base-weights", str(tokenized_folder), "--quantize", "nf4"]) == 2
     assert "--base-weights merges into float weights; drop --quantize." in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+# --- DDP on a quantized base (2 CPU processes, gloo) ------------------------------------------
+
+
+def test_ddp_on_an_nf4_base_equals_one_process_with_double_batch(
+    tokenized_folder, data_file, tmp_path
+):
+    """``lorakit train --quantize nf4`` under torchrun: 2 processes x batch 2 give the losses
+    and adapter of 1 process x batch 4 (DDP averages the adapters' gradients only)."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from lorakit.train import train
+    from lorakit.train_config import TrainConfig
+
+    settings = dict(max_steps=2, grad_accum=1, seq_len=48, lr=1e-2, warmup_steps=1, rank=4)
+    settings |= dict(alpha=8, dropout=0.0, targets=["q_proj", "v_proj"], quantize="nf4")
+    common = dict(model=str(tokenized_folder), data=str(data_file), **settings)
+    one = train(TrainConfig(output=str(tmp_path / "one"), batch_size=4, **common))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node", "2", "-m", "lorakit", "train", "--batch-size=2"]
+    command += [f"--output={tmp_path / 'two'}", "--targets=q_proj,v_proj"]
+    command += [f"--{k.replace('_', '-')}={v}" for k, v in common.items() if k != "targets"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 process(es) x batch 2" in done.stdout + done.stderr
+    records = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    two = {r["step"]: r["loss"] for r in map(json.loads, records) if "loss" in r}
+    assert two == pytest.approx(one.train_losses, rel=1e-5)
+    ours, theirs = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("one", "two"))
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(theirs[key], ours[key], rtol=1e-5, atol=1e-5)
+    assert max(float(v.abs().max()) for k, v in ours.items() if "lora_B" in k) > 1e-3
