@@ -253,6 +253,22 @@ def test_config_errors_list_every_problem(tmp_path):
         resolve_config(tmp_path / "missing.yaml")
 
 
+def test_an_unusable_output_or_data_path_fails_before_any_model_loads(data_file, tmp_path):
+    from lorakit.train import check_inputs
+
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        ({"output": str(tmp_path / "afile")}, "afile is a file; pass a folder"),
+        ({"output": str(tmp_path / "afile" / "run")}, "cannot write in"),
+        ({"data": str(tmp_path)}, "a folder, not a file"),
+    ]
+    for changes, message in cases:
+        config = TrainConfig(**{"data": str(data_file), "output": str(tmp_path / "o"), **changes})
+        with pytest.raises(LoraError, match=message):
+            check_inputs(config, check_model=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
 def test_unknown_target_is_named(tokenizer, data_file, tmp_path):
     with pytest.raises(LoraError, match="nope_proj"):
         run(tokenizer, data_file, tmp_path, targets=["nope_proj"])

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -52,7 +53,6 @@ from .data import (
     IGNORE_INDEX,
     EncodedDataset,
     Example,
-    collate,
     common_system,
     load_datasets,
     read_chat_template,
@@ -154,7 +154,9 @@ def row_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor
     """
     device = next(model.parameters()).device
     batch = {key: value.to(device) for key, value in batch.items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # Every input but the labels: a VLM's batch also holds pixel_values, image_grid_thw, ...
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    logits = model(**inputs).logits
     # (B, T-1, V) predicts labels (B, T-1): position t predicts token t + 1.
     logits = logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
@@ -206,7 +208,10 @@ def _mixed_batch(
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """One micro-batch: this rank's slice of every task's next batch, and each row's task."""
     rows = [(name, i) for name, stream in streams.items() for i in stream.next_batch()[mine]]
-    batch = collate([train_sets[name][i] for name, i in rows], pad_id)
+    # The first data set's collate: token lists are padded, image records run the processor.
+    batch = next(iter(train_sets.values())).collate(
+        [train_sets[name][i] for name, i in rows], pad_id
+    )
     return batch, [name for name, _ in rows]
 
 
@@ -243,7 +248,7 @@ def evaluate_loss(
     total, count = 0.0, 0
     bar = tqdm(total=len(dataset), desc=progress, unit="seq", disable=progress is None, leave=False)
     for start in range(0, len(dataset), batch_size):
-        batch = collate(
+        batch = dataset.collate(
             [dataset[i] for i in range(start, start + batch_size) if i < len(dataset)], pad_id
         )
         total += float(summed_loss(model, batch))
@@ -323,7 +328,8 @@ class Inputs:
 
 def _read(path: str, flag: str, config: TrainConfig) -> list[Example]:
     if not Path(path).is_file():
-        raise LoraError(f"{flag} {path}: file not found; pass an existing JSON/JSONL file.")
+        what = "a folder, not a file" if Path(path).is_dir() else "file not found"
+        raise LoraError(f"{flag} {path}: {what}; pass an existing JSON/JSONL file.")
     return read_data(path, config.format, skip_bad_records=config.skip_bad_records).examples
 
 
@@ -358,7 +364,20 @@ def check_inputs(config: TrainConfig, check_model: bool = True) -> Inputs:
         test = [with_system(e, config.system) for e in examples]
         split_references(test)  # exact match needs a reference reply in every record
     resume_dir = latest_checkpoint(config.resume) if config.resume else None
+    _check_output(Path(config.output))
     return Inputs(settings, test, resume_dir)
+
+
+def _check_output(output: Path) -> None:
+    """``--output`` must be a folder we can create or write, found before any model loads."""
+    if output.exists() and not output.is_dir():
+        raise LoraError(f"--output {output} is a file; pass a folder (it is created if missing).")
+    existing = next(p for p in (output, *output.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise LoraError(
+            f"--output {output}: cannot write in {existing} (no permission, or not a folder); "
+            "choose a folder you can write to."
+        )
 
 
 def train(
