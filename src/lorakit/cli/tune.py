@@ -169,13 +169,14 @@ def _precision_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         default="auto",
         choices=DTYPE_CHOICES,
-        help="base weights' dtype (default: auto, float32 on the CPU); adapters stay float32",
+        help="base weights' dtype (auto: float32 on the CPU); adapters stay float32",
     )
     parser.add_argument(
         "--quantize",
         default=None,
         choices=QUANTIZATIONS,
-        help="load the base quantized by bitsandbytes: nf4 (4-bit) or int8",
+        help="load the base quantized by bitsandbytes: nf4 (4-bit) or int8 (merge: as the "
+        "run recorded)",
     )
     parser.add_argument(
         "--trust-remote-code",
