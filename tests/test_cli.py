@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,14 +26,25 @@ def small_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(smollm2, small_data, tmp_path_factory) -> Path:
-    """The output folder of a two-step ``lorakit train`` run."""
+def trained_run(smollm2, small_data, tmp_path_factory) -> tuple[Path, str]:
+    """The output folder of a two-step ``lorakit train`` run and what it printed; its data is
+    ``small_data`` and one bad record, skipped."""
     out = tmp_path_factory.mktemp("run")
-    argv = ["train", "--data", str(small_data), "--output", str(out), "--max-steps", "2"]
+    data = out.parent / "small_and_bad.jsonl"
+    data.write_text(
+        small_data.read_text() + '{"messages": [{"role": "assistant", "content": "x"}]}\n'
+    )
+    argv = ["train", "--data", str(data), "--output", str(out), "--max-steps", "2"]
     argv += ["--batch-size", "2", "--seq-len", "80", "--save-every", "1", "--rank", "4"]
-    argv += ["--lr", "1e-2", "--val-fraction", "0.34"]
-    assert main(argv) == 0
-    return out
+    argv += ["--lr", "1e-2", "--val-fraction", "0.34", "--skip-bad-records"]
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert main(argv) == 0
+    return out, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def trained(trained_run) -> Path:
+    return trained_run[0]
 
 
 def test_train_writes_the_documented_layout(trained):
@@ -115,19 +130,29 @@ def test_help_documents_every_option_with_default(capsys, monkeypatch):
         (["train", "--model", "org/not-here", "--max-steps", "1"], "local-dir"),
         (["eval", "--model", "smollm2-135m", "--data", "nothing.json"], "nothing.json"),
         (["merge", "--adapter", "/nonexistent", "--output", "x"], "not an adapter folder"),
+        (["train", "--nproc", "0"], "argument --nproc: must be a whole number of processes"),
+        (["train", "--epochs", "inf"], "epochs must be a finite number, got inf"),
+        (["train", "--weight-decay", "-1"], "weight_decay must be 0 or more, got -1.0"),
+        (["train", "--lr", "inf"], "lr must be a finite number, got inf"),
     ],
 )
 def test_bad_input_exits_nonzero_with_a_message(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert main(argv) == 2
+    try:
+        code = main(argv)
+    except SystemExit as stop:  # argparse's own refusals (a flag's type) exit from parsing
+        code = stop.code
+    assert code == 2
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing half-written
 
 
-def test_resume_from_another_config_is_refused(trained, small_data, tmp_path, capsys):
-    argv = ["train", "--data", str(small_data), "--output", str(tmp_path / "again")]
+def test_resume_from_another_config_is_refused(trained, tmp_path, capsys):
+    data = trained.parent / "small_and_bad.jsonl"  # the run's own data and settings but two
+    argv = ["train", "--data", str(data), "--output", str(tmp_path / "again")]
     argv += ["--max-steps", "3", "--batch-size", "2", "--seq-len", "80", "--rank", "8"]
-    argv += ["--lr", "1e-2", "--val-fraction", "0.34", "--resume", str(trained)]
+    argv += ["--lr", "1e-2", "--val-fraction", "0.34", "--skip-bad-records"]
+    argv += ["--resume", str(trained)]
     assert main(argv) == 2
     err = capsys.readouterr().err
     # Each conflicting flag by name, with the run's own value; the allowed --output is not.
@@ -191,3 +216,91 @@ def test_chat_keeps_the_conversation_and_streams_replies(trained, capsys, monkey
     assert [m["role"] for m in second] == ["system", "user", "assistant", "user"]
     assert second[3]["content"] == "make it two"
     assert second[2]["content"] and second[2]["content"] in capsys.readouterr().out
+
+
+def test_train_skips_and_reports_bad_records(trained_run):
+    out, printed = trained_run
+    # 6 good records and a bad one: 4 to train on, 2 held out for validation.
+    train_line = next(line for line in printed.splitlines() if line.startswith("train: "))
+    assert train_line.startswith("train: 4 examples -> 4 sequences")
+    assert train_line.endswith(
+        f"; skipped 1 bad records of 7 in {out.parent / 'small_and_bad.jsonl'}: 1 assistant-first"
+    )
+
+
+def test_eval_skips_and_reports_bad_records(trained, small_data, tmp_path, capsys):
+    data = tmp_path / "two_and_bad.jsonl"
+    good = small_data.read_text().splitlines(keepends=True)[:2]
+    data.write_text("".join([good[0], '{"messages": []}\n', good[1]]))
+    assert main(["eval", "--adapter", str(trained), "--data", str(data)]) == 2
+    assert f"{data}, line 2: field 'messages' must be a non-empty list" in capsys.readouterr().err
+    argv = ["eval", "--adapter", str(trained), "--data", str(data), "--skip-bad-records"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert f"skipped 1 bad records of 3 in {data}: 1 no turns" in captured.err
+    assert "examples:    2\n" in captured.out
+
+
+def _lorakit(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``lorakit ARGV`` in a fresh process, as a user runs it."""
+    command = [sys.executable, "-m", "lorakit", *argv]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+BAD_FILES = {
+    "assistant_first.jsonl": (
+        b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
+        b'{"messages": [{"role": "assistant", "content": "x"}]}\n'
+    ),
+    "latin1.jsonl": b'{"text": "caf\xe9"}\n',
+    "broken.jinja": b"{% for m in messages %}{{ m.content }",
+    "bad.yaml": b"lr: [1, 2\n",
+}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["eval", "--data", "assistant_first.jsonl"],
+            "lorakit eval: error: assistant_first.jsonl, line 2: field 'messages[0]' is the "
+            "assistant's, before any user turn: add the user's turn it answers. Fix or remove "
+            "the record (or skip bad records: --skip-bad-records).",
+        ),
+        (
+            ["eval", "--data", "latin1.jsonl"],
+            "lorakit eval: error: latin1.jsonl, line 1: not UTF-8 text (byte 14 of the file: "
+            "invalid continuation byte). Save the file as UTF-8.",
+        ),
+        (
+            ["generate", "--chat-template", "broken.jinja", "hi"],
+            "lorakit generate: error: --chat-template broken.jinja: the chat template does not "
+            "compile (template line 1: unexpected '}'). Fix the template.",
+        ),
+        (["train", "bad.yaml"], "lorakit train: error: bad.yaml is not valid YAML"),
+    ],
+)
+def test_bad_input_shows_one_message_and_no_traceback(argv, message, tmp_path):
+    for name, content in BAD_FILES.items():
+        (tmp_path / name).write_bytes(content)
+    result = _lorakit(*argv, cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith(message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(BAD_FILES)  # nothing written
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_the_traceback(where, tmp_path):
+    (tmp_path / "latin1.jsonl").write_bytes(BAD_FILES["latin1.jsonl"])
+    argv = ["eval", "--data", "latin1.jsonl"]
+    result = _lorakit(
+        *(["--debug", *argv] if where == "before" else [*argv, "--debug"]), cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("Traceback (most recent call last):")
+    assert "UnicodeDecodeError: 'utf-8' codec can't decode byte 0xe9" in result.stderr
+    assert result.stderr.endswith(
+        "lorakit eval: error: latin1.jsonl, line 1: not UTF-8 text "
+        "(byte 14 of the file: invalid continuation byte). Save the file as UTF-8.\n"
+    )
