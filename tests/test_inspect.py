@@ -44,6 +44,17 @@ def test_amplification_of_a_direction_w_barely_uses():
     assert 0 < m.random_projection < 10.0
 
 
+@pytest.mark.parametrize("shape", [(12, 30), (30, 12)])
+def test_top_projection_is_the_norm_of_ws_top_r_singular_values(shape):
+    # Wide and tall W: the Gram matrix is taken on the smaller side either way.
+    W = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    model = _one_linear(W, r=3, alpha=3)
+    tiny.randomize_adapters(model)
+    (m,) = inspect_adapter(model).modules
+    expected = torch.linalg.svdvals(W.double())[:3].square().sum().sqrt().item()
+    assert m.top_projection == pytest.approx(expected, rel=1e-6)
+
+
 def test_off_diagonal_delta_amplifies_an_unused_direction():
     # ΔW = 4 e1 e3ᵀ: U = e1, V = e3 and W[0, 2] = 0.5, so the factor is 4 / 0.5 = 8.
     W = torch.diag(torch.tensor([10.0, 2.0, 1.0, 1.0]))
