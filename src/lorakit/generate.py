@@ -170,11 +170,17 @@ def split_references(examples: Sequence[Example]) -> tuple[list[Conversation], l
         LoraError: for ``text`` examples, which have no reply to compare with.
     """
     prompts, references = [], []
-    for example in examples:
-        if isinstance(example, str) or example[-1]["role"] != "assistant":
+    for number, example in enumerate(examples, 1):
+        if isinstance(example, str):
             raise LoraError(
                 "Exact match needs chat, sharegpt or alpaca records ending with the assistant's "
                 "reply; text records have no reference answer."
+            )
+        if example[-1]["role"] != "assistant":
+            raise LoraError(
+                f"Exact match compares the model's reply with each record's last turn, the "
+                f"assistant's; record {number} ends with a {example[-1]['role']} turn. Add the "
+                "expected reply to it, or remove it."
             )
         prompts.append(example[:-1])
         references.append(example[-1]["content"])
