@@ -108,6 +108,10 @@ class EncodedDataset:
     def __getitem__(self, index: int) -> dict[str, list[int]]:
         return {"input_ids": self.input_ids[index], "labels": self.labels[index]}
 
+    def collate(self, items: Sequence[Mapping[str, Sequence[int]]], pad_id: int) -> dict:
+        """A batch of this data set's items (:func:`collate`); the training loop calls this."""
+        return collate(items, pad_id)
+
     @property
     def tokens(self) -> int:
         """Tokens in all sequences, padding excluded."""
