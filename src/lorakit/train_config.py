@@ -78,6 +78,12 @@ class TrainConfig:
     targets: list[str] = field(
         default_factory=lambda: [ALL_LINEAR], metadata={"help": "modules to adapt, comma-separated"}
     )
+    train_projector: bool = _opt(
+        False, "image data: train the vision-language model's projector in full (modules_to_save)"
+    )
+    train_vision: bool = _opt(
+        False, "image data: LoRA on the vision encoder too (by default only the language model)"
+    )
     # --- optimisation
     max_steps: int = _opt(0, "optimizer steps; 0 = from --epochs")
     epochs: float = _opt(1.0, "passes over the data when --max-steps is 0")

@@ -51,6 +51,13 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs["type"] = type(default)
         parser.add_argument(*flags, **kwargs)
     parser.add_argument(
+        "--demo",
+        choices=["vlm"],
+        default=None,
+        help="vlm: the vision-language demo (a SmolVLM-shaped model assembled from the bundled "
+        "SmolLM2 learns to name coloured shapes); without it and --data, the text demo",
+    )
+    parser.add_argument(
         "--nproc",
         type=_process_count,
         default=1,
@@ -107,6 +114,7 @@ def _launch(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += ["--nproc-per-node", str(args.nproc), "-m", "lorakit", "train"]
     command += ([args.config] if args.config else []) + _flags(overrides)
+    command += ["--debug"] if getattr(args, "debug", False) else []  # each process shows its own
     return subprocess.run(command, check=False).returncode
 
 
@@ -124,7 +132,23 @@ def run_train(args: argparse.Namespace) -> int:
     from ..train_config import config_fields, resolve_config
 
     overrides = {f.name: getattr(args, f.name) for f in config_fields() if hasattr(args, f.name)}
-    config = resolve_config(args.config, overrides)  # bad settings fail here, before launching
+    if args.demo == "vlm":
+        from ..vlm.demo import demo_config
+
+        config = demo_config(args.config, overrides)
+    else:
+        config = resolve_config(args.config, overrides)  # bad settings fail here, before launching
+    from ..vlm.cli import wants_vlm
+
+    if wants_vlm(config):  # a VLM folder, or image data: lorakit.vlm's set-up, the same loop
+        from ..vlm.train import train_vlm
+
+        if args.nproc > 1:
+            raise LoraError("--nproc with a vision-language model is not implemented yet.")
+        _set_threads()
+        result = train_vlm(config)
+        print(f"done: {result.steps} steps, adapter in {result.output}")
+        return 0
     if args.nproc > 1:
         check_inputs(config)  # every process would find the same problem, after a model load
         return _launch(args, overrides)
@@ -275,6 +299,16 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     return model.eval(), tokenizer, settings
 
 
+def _vlm_base(args: argparse.Namespace) -> str | None:
+    """The vision-language model folder the command is for, if it is one (lorakit.vlm.cli)."""
+    from ..vlm.cli import base_spec
+
+    spec = base_spec(args)
+    if spec is None and getattr(args, "image", None):
+        raise LoraError("--image needs a vision-language model (--model VLM_FOLDER).")
+    return spec
+
+
 # --- eval -----------------------------------------------------------------------------------------
 
 
@@ -300,6 +334,11 @@ def run_eval(args: argparse.Namespace) -> int:
     Conversations without a system message get the adapter's saved one (or --system), as in
     training.
     """
+    vlm = _vlm_base(args)
+    if vlm is not None:
+        from ..vlm import cli
+
+        return cli.run_eval(args, vlm)
     from collections import Counter
 
     from ..data import encode_examples, skip_report
@@ -342,6 +381,14 @@ def run_eval(args: argparse.Namespace) -> int:
 def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     _model_arguments(parser)
     parser.add_argument("prompt", nargs="+", help="the user message (words are joined)")
+    parser.add_argument(
+        "--image",
+        action="append",
+        default=None,
+        metavar="FILE",
+        help="an image for a vision-language model (repeatable; each is an <image> before the "
+        "prompt unless the prompt places them)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=256, help="longest reply")
     _prompt_arguments(parser)
 
@@ -352,6 +399,11 @@ def run_generate(args: argparse.Namespace) -> int:
     The system prompt and chat template saved with the adapter by lorakit train are used
     unless --system / --chat-template say otherwise.
     """
+    vlm = _vlm_base(args)
+    if vlm is not None:
+        from ..vlm import cli
+
+        return cli.run_generate(args, vlm)
     from ..generate import stream_reply
 
     model, tokenizer, settings = _load(args)
@@ -371,6 +423,11 @@ def run_chat(args: argparse.Namespace) -> int:
 
     The system prompt and chat template saved with the adapter are used unless overridden.
     """
+    vlm = _vlm_base(args)
+    if vlm is not None:
+        from ..vlm import cli
+
+        return cli.run_chat(args, vlm)
     from ..generate import stream_reply
 
     model, tokenizer, settings = _load(args)
@@ -432,6 +489,11 @@ def run_merge(args: argparse.Namespace) -> int:
     dequant(W) + dW, never re-quantized; --base-weights MODEL merges into MODEL's float
     weights instead (W + dW).
     """
+    vlm = _vlm_base(args)
+    if vlm is not None:
+        from ..vlm import cli
+
+        return cli.run_merge(args, vlm)
     from ..generate import save_generation_settings
     from ..layers.quantized import is_quantized
     from ..merge import dequantize_merge

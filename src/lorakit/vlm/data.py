@@ -29,6 +29,7 @@ from ..data import Conversation, _BadRecord, _parse_chat, _read_records
 from ..errors import LoraError
 
 IMAGE = "<image>"  # the placeholder of one image in a turn's text
+_SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
 ImageSource = Path | bytes  # a file, or the bytes of a data URL
 
 
@@ -114,8 +115,9 @@ def _parse(record: Any, where: str, folder: Path) -> VlmExample:
         if not isinstance(turn, dict):
             raise _BadRecord(where, "not an object", f"field '{key}[{i}]' must be an object.")
         role = turn.get("role", turn.get("from"))
+        role = _SHAREGPT_ROLES.get(role, role) if "from" in turn else role
         text, found = _flatten(turn.get("content", turn.get("value")), f"{key}[{i}]", where)
-        if found and role not in ("user", "human"):
+        if found and role != "user":
             raise _BadRecord(
                 where,
                 "image outside a user turn",
