@@ -596,3 +596,26 @@ def test_factored_svd_is_the_svd_of_the_product(b_shape, a_shape):
     eye = torch.eye(j).expand(*S.shape[:-1], j, j)
     torch.testing.assert_close(U.mT @ U, eye, rtol=0, atol=1e-4)  # orthonormal columns
     torch.testing.assert_close(Vh @ Vh.mT, eye, rtol=0, atol=1e-4)
+
+
+def test_svd_threads_leave_busy_cores_alone_and_come_back(monkeypatch):
+    import os
+
+    from lorakit.lowrank import spare_threads, torch_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    before = torch.get_num_threads()
+    with torch_threads(8):
+        monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))  # only this process
+        assert spare_threads() == 8
+        monkeypatch.setattr(os, "getloadavg", lambda: (4.5, 1.0, 1.0))  # 3.5 cores' worth busy
+        assert spare_threads() == 4
+        monkeypatch.setattr(os, "getloadavg", lambda: (30.0, 1.0, 1.0))
+        assert spare_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "8")  # the user's choice stands
+        assert spare_threads() == 8
+        with torch_threads(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 8
+    assert torch.get_num_threads() == before

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .errors import LoraError
 from .io import PREFIX, load_adapter, read_adapter
 from .layers import LoraLayer, lora_delta
-from .lowrank import factored_svd, rank_for_energy
+from .lowrank import factored_svd, rank_for_energy, spare_threads, torch_threads
 from .merge import check_adapter_names
 from .progress import progress
 from .state import adapter_configs
@@ -95,19 +95,25 @@ def _spectrum(path: str, rank: int, scale: float, factors: tuple[Tensor, Tensor]
     )
     if W is None:
         return result
-    W = W.float()
+    with torch_threads(spare_threads()):
+        _weight_analysis(result, U[:, :r], Vh[:r], W.float(), seed)
+    return result
+
+
+def _weight_analysis(result: ModuleSpectrum, U: Tensor, Vh: Tensor, W: Tensor, seed: int) -> None:
+    """Fill ``result``'s W fields from ΔW's top directions U (out, r), Vh (r, in) and W."""
+    r = U.shape[1]
     gen = torch.Generator().manual_seed(seed)
     # Random orthonormal directions: Q of the QR of a Gaussian matrix.
     Q_out = torch.linalg.qr(torch.randn(W.shape[0], r, generator=gen))[0]  # (out, r)
     Q_in = torch.linalg.qr(torch.randn(W.shape[1], r, generator=gen))[0]  # (in, r)
     # (r, out) @ (out, in) @ (in, r) -> (r, r)
-    projection = float((U[:, :r].T @ W @ Vh[:r].T).norm())
+    projection = float((U.T @ W @ Vh.T).norm())
     result.weight_norm = float(W.norm())
     result.projection = projection
     result.top_projection = _top_energy(W, r)
     result.random_projection = float((Q_out.T @ W @ Q_in).norm())
     result.amplification = result.delta_norm / projection if projection else float("inf")
-    return result
 
 
 def _top_energy(W: Tensor, r: int) -> float:

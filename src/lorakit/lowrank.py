@@ -19,8 +19,11 @@ Spectra and the LoRA paper's amplification analysis of an adapter live in ``lora
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -73,6 +76,42 @@ def rank_limit_problems(rank: int | None, limits: dict[str, int]) -> list[str]:
     ]
 
 
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` CPU threads for torch, then restore its setting.
+
+    Process-wide (``torch.set_num_threads``): for the SVD tools, not for threaded servers.
+    """
+    before = torch.get_num_threads()
+    if count == before:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def spare_threads() -> int:
+    """Threads for one SVD of a weight: torch's setting, cut to the cores other jobs leave.
+
+    LAPACK's SVD, QR and eigensolvers split a call across OpenMP threads that meet at a
+    barrier after every step; when other jobs keep the cores busy, the threads wait for one
+    that is not scheduled. On the 2-core development machine at load average 7, two threads
+    took 8x (one 2048 x 2048 SVD) to 50x (210 rank-16 factored SVDs) the CPU time of one.
+    ``OMP_NUM_THREADS``, when set, is the user's choice and kept.
+    """
+    threads = torch.get_num_threads()
+    if os.environ.get("OMP_NUM_THREADS"):
+        return threads
+    try:
+        others = os.getloadavg()[0] - 1  # the 1-minute average counts this process too
+    except (AttributeError, OSError):  # no load average on this system
+        return threads
+    return max(1, min(threads, int((os.cpu_count() or 1) - others)))
+
+
 def factored_svd(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The exact thin SVD of M = B @ A without forming M: (..., m, k) @ (..., k, n).
 
@@ -80,11 +119,14 @@ def factored_svd(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     SVD U' S V'ᵀ gives M = (Q_b U') S (Q_a V')ᵀ. It costs O((m + n) k²) instead of the
     O(m n min(m, n)) of an SVD of M, which matters for a LoRA delta (k = r ≪ m, n). Returns
     U (..., m, j), S (..., j), Vᴴ (..., j, n) with j = min(m, n, k), in fp32.
+
+    One thread: the products are too small to share (see :func:`spare_threads`).
     """
-    Qb, Rb = torch.linalg.qr(B.float())  # (..., m, j1), (..., j1, k)
-    Qa, Ra = torch.linalg.qr(A.float().mT)  # (..., n, j2), (..., j2, k)
-    U, S, Vh = torch.linalg.svd(Rb @ Ra.mT, full_matrices=False)  # core (..., j1, j2)
-    return Qb @ U, S, Vh @ Qa.mT
+    with torch_threads(1):
+        Qb, Rb = torch.linalg.qr(B.float())  # (..., m, j1), (..., j1, k)
+        Qa, Ra = torch.linalg.qr(A.float().mT)  # (..., n, j2), (..., j2, k)
+        U, S, Vh = torch.linalg.svd(Rb @ Ra.mT, full_matrices=False)  # core (..., j1, j2)
+        return Qb @ U, S, Vh @ Qa.mT
 
 
 def rank_for_energy(singular_values: Tensor, energy: float) -> int:
@@ -140,12 +182,13 @@ def low_rank(
     if randomized is None:
         randomized = rank is not None and small >= RANDOMIZED_MIN_DIM and rank <= small // 4
     if randomized and energy is None:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), torch_threads(spare_threads()):
             torch.manual_seed(seed)
             U, S, V = torch.svd_lowrank(work, q=min(rank + 10, small), niter=niter)
         Vh, method = V.T, "randomized_svd"
     else:
-        U, S, Vh = torch.linalg.svd(work, full_matrices=False)
+        with torch_threads(spare_threads()):
+            U, S, Vh = torch.linalg.svd(work, full_matrices=False)
         method = "svd"
         if energy is not None:
             rank = rank_for_energy(S, energy)
