@@ -499,6 +499,25 @@ def test_serve_refuses_an_adapter_it_cannot_batch(folders, capsys):
     assert "--max-batch-size must be at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--adapter", "a=/nonexistent/run"], "--adapter /nonexistent/run: not an adapter folder"),
+        (["--model", "/nonexistent/model"], "--model /nonexistent/model: Model '/nonexist"),
+        (["--port", "70000"], "--port must be in 0..65535"),
+    ],
+)
+def test_bad_flags_are_refused_before_the_model_loads(argv, message, capsys, monkeypatch):
+    import lorakit.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input checks")
+
+    monkeypatch.setattr(lorakit.models, "load_model", refuse)
+    assert main(["serve", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_import_lorakit_and_help_do_not_load_the_server():
     code = (
         "import sys, lorakit; from lorakit.cli import build_parser; build_parser(); "

@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     requests finish, then exits.
     """
     from .adapters import parse_named_adapters
+    from .common import check_adapter_folder, check_model_spec
 
     if importlib.util.find_spec("uvicorn") is None or importlib.util.find_spec("starlette") is None:
         raise LoraError(
@@ -80,9 +81,16 @@ def run(args: argparse.Namespace) -> int:
             raise LoraError(f"--{flag.replace('_', '-')} must be at least 1.")
     if args.max_queue < 0:
         raise LoraError("--max-queue must be 0 or more.")
+    if not 0 <= args.port <= 65535:
+        raise LoraError(f"--port must be in 0..65535 (0: any free port), got {args.port}.")
+    adapters = parse_named_adapters(args.adapter)
+    for folder in adapters.values():  # before the model loads, which takes a while
+        check_adapter_folder(folder)
+    if args.model is not None:
+        check_model_spec(args.model)
     options = ServeOptions(
         model=args.model,
-        adapters=parse_named_adapters(args.adapter),
+        adapters=adapters,
         host=args.host,
         port=args.port,
         served_model_name=args.served_model_name,
