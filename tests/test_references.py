@@ -78,3 +78,13 @@ def test_the_pattern_catches_a_stale_path():
         "docs/missing.md",
         "docs/missing.md",
     ]
+
+
+def test_help_states_each_default_once():
+    # A flag whose help names its default must not get argparse's "(default: None)" as well.
+    doubled = {
+        cmd: re.findall(r"\(default: [^)]*\) \(default: [^)]*\)", " ".join(text.split()))
+        for cmd, text in help_texts().items()
+    }
+    assert {cmd: found for cmd, found in doubled.items() if found} == {}
+    assert "(default: cat)" in " ".join(help_texts()["combine"].split())  # others still shown

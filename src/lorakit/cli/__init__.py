@@ -34,6 +34,16 @@ def _commands() -> dict[str, Command]:
     return commands
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to a flag's help, unless the help says it already or there is no
+    X (None, or an empty list for a repeatable flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default == [] or "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full parser: one subparser per command, each documenting its options and defaults."""
     parser = argparse.ArgumentParser(
@@ -48,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=doc[0] if doc else None,
             description=(run.__doc__ or "").strip(),
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=_HelpFormatter,
         )
         add_arguments(p)
         # SUPPRESS: given before the command, --debug is not reset by the subcommand's default.
