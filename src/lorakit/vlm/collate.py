@@ -53,12 +53,17 @@ def render(processor: Any, messages: list[dict[str, str]], prompt: bool = False)
     )
 
 
-def process(processor: Any, texts: list[str], images: list[list[Any]]) -> dict[str, torch.Tensor]:
-    """The processor on a batch of rendered texts and their images, padded on the right."""
-    processor.tokenizer.padding_side = "right"
+def process(
+    processor: Any, texts: list[str], images: list[list[Any]], side: str = "right"
+) -> dict[str, torch.Tensor]:
+    """The processor on a batch of rendered texts and their images, padded on ``side``."""
     images_arg = images if any(images) else None
     try:
-        return dict(processor(text=texts, images=images_arg, padding=True, return_tensors="pt"))
+        # padding_side explicitly: some processors (InternVL) default to the left.
+        outputs = processor(
+            text=texts, images=images_arg, padding=True, padding_side=side, return_tensors="pt"
+        )
+        return dict(outputs)
     except (ValueError, TypeError) as error:
         raise LoraError(f"The model's processor refused the batch: {error}") from error
 

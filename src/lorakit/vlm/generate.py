@@ -14,21 +14,15 @@ from torch import nn
 
 from ..demo import exact_match
 from ..errors import LoraError
-from .collate import render
+from .collate import process, render
 from .data import IMAGE, ImageSource, VlmExample, load_image
 
 
 def _inputs(
     processor: Any, conversations: Sequence[list[dict[str, str]]], images: Sequence[list[Any]]
 ) -> dict[str, torch.Tensor]:
-    tokenizer = processor.tokenizer
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        texts = [render(processor, c, prompt=True) for c in conversations]
-        images_arg = list(images) if any(images) else None
-        return dict(processor(text=texts, images=images_arg, padding=True, return_tensors="pt"))
-    finally:
-        tokenizer.padding_side = side
+    texts = [render(processor, c, prompt=True) for c in conversations]
+    return process(processor, texts, list(images), side="left")
 
 
 @torch.no_grad()
