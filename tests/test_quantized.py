@@ -87,6 +87,24 @@ def test_gradients_reach_only_a_and_b_and_match_the_formula(base_folder, kind):
 
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_backward_keeps_only_the_quantized_weight(base_folder, kind):
+    # QLoRA's memory saving: no dequantized (out, in) weight is saved between the passes.
+    model = adapted(base_folder, kind).train()
+    layer = model.model.layers[0].self_attn.q_proj
+    weight_shape = (layer.base_layer.out_features, layer.base_layer.in_features)
+    saved = []
+
+    def pack(tensor):
+        saved.append((tuple(tensor.shape), tensor.dtype))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        layer(torch.randn(3, 32)).sum().backward()
+    assert saved and all(not (s == weight_shape and d.is_floating_point) for s, d in saved)
+    assert (layer.lora_B["default"].shape[0], layer.lora_A["default"].shape[1]) == weight_shape
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_twenty_steps_on_a_quantized_base_lower_the_loss(base_folder, kind):
     model = quantized(base_folder, kind)
     add_lora(model, LoraConfig(r=8, alpha=16, target_modules=TARGETS))
