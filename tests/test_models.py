@@ -310,3 +310,63 @@ def test_bundled_smollm2_cache_holds_a_plain_model():
     assert config["tie_word_embeddings"] is True
     assert (folder / "model.safetensors").is_file()
     assert not [p for p in os.listdir(folder.parent) if p.startswith(f".{folder.name}-")]
+
+
+def _break_config(folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "hidden_size": "x"}))
+
+
+def _truncate_weights(folder: Path) -> None:
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+
+
+def _break_tokenizer(folder: Path) -> None:
+    (folder / "tokenizer.json").write_text("{ not json")
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_break_config, r"Cannot load the model from .*hidden_size.* expected int"),
+        (_truncate_weights, r"Cannot load the model from .*SafetensorError"),
+        (_break_tokenizer, r"Cannot load the tokenizer from "),
+    ],
+)
+def test_a_damaged_model_folder_is_a_lora_error_naming_it(tmp_path, damage, message):
+    folder = _write_model_folder(tmp_path / "tiny")
+    damage(folder)
+    with pytest.raises(LoraError, match=message) as caught:
+        load_model(str(folder))
+    assert "check its files (config.json, weights, tokenizer) or pass another --model" in str(
+        caught.value
+    )
+
+
+def test_a_truncated_gguf_is_a_lora_error_and_leaves_no_cache_entry(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "cut.gguf"
+    gguf.write_bytes(lk_models.bundled_gguf().read_bytes()[:1000])
+    with pytest.raises(LoraError, match=r"Cannot load the model from .*cut\.gguf"):
+        load_model(str(gguf))
+    assert not any((tmp_path / "cache").iterdir())
+
+
+def test_save_model_folder_refuses_a_used_target_and_leaves_nothing_on_a_full_disk(
+    tmp_path, monkeypatch
+):
+    from lorakit.models import save_model_folder
+
+    model, tokenizer = load_model(str(_write_model_folder(tmp_path / "tiny")))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(LoraError, match="file exists and is a file"):
+        save_model_folder(model, tokenizer, tmp_path / "file")
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(tokenizer), "save_pretrained", full)
+    with pytest.raises(LoraError, match=r"No space left on device\); nothing was left there"):
+        save_model_folder(model, tokenizer, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "tiny"]

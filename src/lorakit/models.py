@@ -25,6 +25,8 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -243,7 +245,8 @@ def load_model(
     if source.suffix != ".gguf":
         check_remote_code(source, trust_remote_code)
     dtype = resolve_dtype(dtype, device)
-    folder = _cached_conversion(source) if source.suffix == ".gguf" else source
+    with _reading(source):
+        folder = _cached_conversion(source) if source.suffix == ".gguf" else source
     quant = quantization_config(quantize, dtype, folder) if quantize else None
     if _is_factorized(folder):
         if quant is not None:
@@ -256,16 +259,18 @@ def load_model(
         model = load_factorized(folder, dtype)
     else:
         placement = {"quantization_config": quant, "device_map": {"": device}} if quant else {}
-        model = AutoModelForCausalLM.from_pretrained(
-            folder,
-            dtype=dtype,
-            local_files_only=True,
-            trust_remote_code=trust_remote_code,
-            **placement,
+        with _reading(folder):
+            model = AutoModelForCausalLM.from_pretrained(
+                folder,
+                dtype=dtype,
+                local_files_only=True,
+                trust_remote_code=trust_remote_code,
+                **placement,
+            )
+    with _reading(folder, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(
+            folder, local_files_only=True, trust_remote_code=trust_remote_code
         )
-    tokenizer = AutoTokenizer.from_pretrained(
-        folder, local_files_only=True, trust_remote_code=trust_remote_code
-    )
     model.name_or_path = model.config.name_or_path = resolved
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -332,6 +337,26 @@ def _cache_key(gguf: Path) -> str:
     return f"{gguf.stem}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}"
 
 
+@contextmanager
+def _reading(source: Path, what: str = "model") -> Iterator[None]:
+    """What a broken or foreign model file makes transformers raise, as a ``LoraError``.
+
+    A config field of the wrong type, a truncated weights or GGUF file, a tokenizer file that
+    does not parse: transformers answers each with its own exception from deep inside.
+    """
+    try:
+        yield
+    except LoraError:
+        raise
+    except Exception as err:  # transformers, safetensors and gguf each raise their own types
+        detail = " ".join(str(err).split())[:300]
+        raise LoraError(
+            f"Cannot load the {what} from {source} ({type(err).__name__}: {detail}). It is "
+            "incomplete, corrupt or not a causal language model: check its files (config.json, "
+            "weights, tokenizer) or pass another --model."
+        ) from err
+
+
 def _cached_conversion(gguf: Path) -> Path:
     """Folder holding ``gguf`` converted to a float32 Hugging Face model, converting on a miss."""
     root = cache_dir()
@@ -382,20 +407,23 @@ def save_model_folder(
 ) -> None:
     """Write ``model`` and ``tokenizer`` as a Hugging Face folder at ``out``, atomically.
 
-    Written beside the target and renamed, so a failure leaves nothing half-written.
+    Built beside the target and swapped in (``lorakit.atomic``), so a kill or a full disk
+    leaves nothing half-written, and what a killed write left is removed by the next one.
 
     Raises:
         LoraError: ``out`` exists and is not empty.
     """
-    if out.exists() and any(out.iterdir()):
-        raise LoraError(f"{out} exists and is not empty; pass a new --output folder.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        what = "is not empty" if out.is_dir() else "is a file"
+        raise LoraError(f"{out} exists and {what}; pass a new --output folder.")
+    from .atomic import atomic_folder
+
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_folder(out) as new:
+            model.save_pretrained(new)
+            tokenizer.save_pretrained(new)
+    except OSError as err:  # a full disk, a read-only mount
+        raise LoraError(
+            f"Could not write the model to {out} ({err.strerror or err}); nothing was left "
+            "there. Free space or choose another folder."
+        ) from err
