@@ -4,7 +4,7 @@ STAMP   := .venv/.installed
 # torch is pinned so pip takes the CPU wheel on disk instead of a multi-GB CUDA build.
 TORCH   := torch==2.13.0
 
-.PHONY: setup demo test interop lint format bench clean
+.PHONY: setup demo demo-vlm test interop lint format bench clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,11 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	.venv/bin/lorakit train --output runs/demo
+
+# The vision-language demo: a SmolVLM-shaped model assembled from the bundled SmolLM2 learns to
+# name coloured shapes (see the README).
+demo-vlm: $(STAMP)
+	.venv/bin/lorakit train --demo vlm --output runs/demo-vlm
 
 test: $(STAMP)
 	$(PY) -m pytest -q
