@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data import Conversation, _BadRecord, _parse_chat, _read_records
+from ..data.records import BadRecord, Conversation, parse_chat, read_records
 from ..errors import LoraError
 
 IMAGE = "<image>"  # the placeholder of one image in a turn's text
@@ -58,16 +58,16 @@ def read_vlm_data(path: str | Path, *, skip_bad_records: bool = False) -> list[V
             part of an unknown type, or any problem :mod:`lorakit.data` finds in a chat record.
     """
     path = Path(path)
-    records = _read_records(path)
+    records = read_records(path)
     if not records:
         raise LoraError(f"{path} holds no examples: write one JSON object a line or a JSON list.")
     examples, skipped = [], Counter()
     for where, record in records:
         try:
-            if isinstance(record, _BadRecord):
+            if isinstance(record, BadRecord):
                 raise record
             examples.append(_parse(record, where, path.parent))
-        except _BadRecord as bad:
+        except BadRecord as bad:
             if not skip_bad_records:
                 raise
             skipped[bad.reason] += 1
@@ -78,7 +78,7 @@ def read_vlm_data(path: str | Path, *, skip_bad_records: bool = False) -> list[V
 
 def has_images(path: str | Path) -> bool:
     """Whether a data file's first record has images (an ``images`` list or image parts)."""
-    records = _read_records(Path(path))
+    records = read_records(Path(path))
     if not records or not isinstance(records[0][1], dict):
         return False
     record = records[0][1]
@@ -102,23 +102,23 @@ def _part_type(part: Any) -> str | None:
 def _parse(record: Any, where: str, folder: Path) -> VlmExample:
     """A record as a :class:`VlmExample`: turns flattened to text, images resolved."""
     if not isinstance(record, dict):
-        raise _BadRecord(where, "not an object", "the record must be a JSON object.")
+        raise BadRecord(where, "not an object", "the record must be a JSON object.")
     listed = record.get("images", [])
     if not isinstance(listed, list) or not all(isinstance(p, str) for p in listed):
-        raise _BadRecord(where, "bad images", "field 'images' must be a list of file paths.")
+        raise BadRecord(where, "bad images", "field 'images' must be a list of file paths.")
     key = "messages" if "messages" in record else "conversations"
     turns = record.get(key)
     if not isinstance(turns, list):
-        raise _BadRecord(where, "no turns", f"field {key!r} must be a list of turns.")
+        raise BadRecord(where, "no turns", f"field {key!r} must be a list of turns.")
     flat, sources = [], []  # sources: one per placeholder, None = the next of 'images'
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
-            raise _BadRecord(where, "not an object", f"field '{key}[{i}]' must be an object.")
+            raise BadRecord(where, "not an object", f"field '{key}[{i}]' must be an object.")
         role = turn.get("role", turn.get("from"))
         role = _SHAREGPT_ROLES.get(role, role) if "from" in turn else role
         text, found = _flatten(turn.get("content", turn.get("value")), f"{key}[{i}]", where)
         if found and role != "user":
-            raise _BadRecord(
+            raise BadRecord(
                 where,
                 "image outside a user turn",
                 f"field '{key}[{i}]' ({role}) holds an image; images go in user turns.",
@@ -127,7 +127,7 @@ def _parse(record: Any, where: str, folder: Path) -> VlmExample:
         sources += found
     placeholders = sources.count(None)
     if placeholders != len(listed):
-        raise _BadRecord(
+        raise BadRecord(
             where,
             "placeholder/image mismatch",
             f"{placeholders} {IMAGE} placeholder(s) for {len(listed)} image(s) in 'images': "
@@ -135,7 +135,7 @@ def _parse(record: Any, where: str, folder: Path) -> VlmExample:
         )
     queue = iter(listed)
     images = [next(queue) if source is None else source for source in sources]
-    messages = _parse_chat({"messages": flat}, where)  # the text checks of lorakit.data
+    messages = parse_chat({"messages": flat}, where)  # the text checks of lorakit.data
     return VlmExample(messages, [_resolve(s, folder, where) for s in images], where)
 
 
@@ -154,7 +154,7 @@ def _flatten(content: Any, name: str, where: str) -> tuple[Any, list[str | None]
             text += IMAGE
             sources.append(_part_source(part, f"{name}.content[{j}]", where))
         else:
-            raise _BadRecord(
+            raise BadRecord(
                 where,
                 "bad content part",
                 f"field '{name}.content[{j}]' is {str(part)[:60]}; a content part is "
@@ -172,9 +172,9 @@ def _part_source(part: dict[str, Any], name: str, where: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not value:
-        raise _BadRecord(where, "bad image part", f"field {name!r} must name an image file.")
+        raise BadRecord(where, "bad image part", f"field {name!r} must name an image file.")
     if "://" in value:
-        raise _BadRecord(
+        raise BadRecord(
             where,
             "remote image",
             f"field {name!r} is the URL {value[:60]}; lorakit reads no network: download the "
@@ -189,7 +189,7 @@ def _resolve(source: str, folder: Path, where: str) -> ImageSource:
         try:
             data = base64.b64decode(source.split(",", 1)[1], validate=True)
         except (IndexError, binascii.Error):
-            raise _BadRecord(
+            raise BadRecord(
                 where, "bad data URL", "an image data URL must be data:image/...;base64,<data>."
             ) from None
         _check_image(io.BytesIO(data), "the image in a data URL", where)
@@ -197,7 +197,7 @@ def _resolve(source: str, folder: Path, where: str) -> ImageSource:
     path = Path(source).expanduser()
     path = path if path.is_absolute() else folder / path
     if not path.is_file():
-        raise _BadRecord(
+        raise BadRecord(
             where,
             "missing image",
             f"image {source} not found (looked for {path}; paths are relative to the data "
@@ -215,7 +215,7 @@ def _check_image(file: Path | io.BytesIO, what: str, where: str) -> None:
         with Image.open(file) as image:
             image.verify()
     except (OSError, UnidentifiedImageError, SyntaxError) as error:
-        raise _BadRecord(
+        raise BadRecord(
             where, "unreadable image", f"{what} cannot be read as an image ({error})."
         ) from None
 
