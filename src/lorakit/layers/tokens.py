@@ -54,6 +54,10 @@ class TrainableTokens(Wrapper):
     def base_weight(self) -> nn.Parameter:
         return self.base_layer.weight
 
+    def base_shape(self) -> tuple[int, ...]:
+        """The embedding's (num_embeddings, dim), as an adapter's fingerprint records it."""
+        return tuple(self.base_weight.shape)
+
     @property
     def active(self) -> list[str]:
         return list(self._active)
