@@ -11,8 +11,11 @@ request generates exactly that many):
 - base alone: all at once, every request for the base model.
 
 The three run in turn within each round (``--rounds``, after one warm-up round), so load from
-other jobs on the machine hits them alike. Prints a markdown table; writes every timing to
-``benchmarks/results/serve-<time>.json`` (git-ignored).
+other jobs on the machine hits them alike. Besides wall-clock tokens/s, the table gives tokens
+per CPU-second of the server process (Linux: ``/proc``): with ``--threads 1`` that is the
+server's own work, which other jobs on a busy machine change far less than its wall time.
+Prints a markdown table; writes every timing to ``benchmarks/results/serve-<time>.json``
+(git-ignored).
 
     .venv/bin/python benchmarks/bench_serve.py                 # 8 adapters, 8 x 64 tokens
     .venv/bin/python benchmarks/bench_serve.py --threads 1 --rounds 5
@@ -102,12 +105,22 @@ async def one(client, model: str, i: int, tokens: int, start: float) -> float:
     return time.perf_counter() - start
 
 
-async def scenario(client, models: list[str], tokens: int, together: bool) -> dict:
-    """Wall time and latencies of serving ``models`` (one request each).
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux ``/proc``; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+async def scenario(client, models: list[str], tokens: int, together: bool, pid: int) -> dict:
+    """Wall time, server CPU time and latencies of serving ``models`` (one request each).
 
     Every request counts as arriving at the start, so a latency is the time its client waits
     for the reply: one after another, the k-th also waits for the k - 1 before it.
     """
+    cpu = cpu_seconds(pid)
     start = time.perf_counter()
     calls = [(m, i) for i, m in enumerate(models)]
     if together:
@@ -115,10 +128,17 @@ async def scenario(client, models: list[str], tokens: int, together: bool) -> di
     else:
         latencies = [await one(client, m, i, tokens, start) for m, i in calls]
     wall = time.perf_counter() - start
-    return {"wall_s": wall, "latencies_s": list(latencies), "tokens": tokens * len(models)}
+    return {
+        "wall_s": wall,
+        "cpu_s": cpu_seconds(pid) - cpu,
+        "latencies_s": list(latencies),
+        "tokens": tokens * len(models),
+    }
 
 
-async def measure(url: str, args: argparse.Namespace, names: list[str]) -> dict[str, list[dict]]:
+async def measure(
+    url: str, args: argparse.Namespace, names: list[str], pid: int
+) -> dict[str, list[dict]]:
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
@@ -131,10 +151,13 @@ async def measure(url: str, args: argparse.Namespace, names: list[str]) -> dict[
     results: dict[str, list[dict]] = {name: [] for name in plans}
     for round_ in range(args.rounds + 1):
         for name, (models, together) in plans.items():
-            result = await scenario(client, models, args.tokens, together)
+            result = await scenario(client, models, args.tokens, together, pid)
             label = "warm-up" if round_ == 0 else f"round {round_}/{args.rounds}"
-            rate = result["tokens"] / result["wall_s"]
-            print(f"  {label}: {name}: {rate:.1f} tokens/s", file=sys.stderr)
+            rate, cpu_rate = (result["tokens"] / result[k] for k in ("wall_s", "cpu_s"))
+            print(
+                f"  {label}: {name}: {rate:.1f} tokens/s, {cpu_rate:.1f} per server CPU-s",
+                file=sys.stderr,
+            )
             if round_ > 0:
                 results[name].append(result)
     return results
@@ -149,27 +172,36 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
-def table(results: dict[str, list[dict]]) -> str:
-    """Markdown: median tokens/s over rounds, ratios, p50/p95 request latency."""
-    rate = {
-        name: statistics.median(r["tokens"] / r["wall_s"] for r in runs)
-        for name, runs in results.items()
-    }
+def ratios(rate: dict[str, float]) -> dict[str, str]:
+    """Each way's ratios to the others, with the targets' verdicts for mixed."""
     mixed, seq, base = rate["mixed"], rate["one after another"], rate["base alone"]
-    targets = {
-        "mixed": f"{mixed / base:.2f}x base alone (target ≥ 0.8: "
+    return {
+        "mixed": f"{mixed / base:.2f}x base alone (≥ 0.8: "
         f"{'met' if mixed >= 0.8 * base else 'missed'}), {mixed / seq:.2f}x one after another "
-        f"(target ≥ 3: {'met' if mixed >= 3 * seq else 'missed'})",
+        f"(≥ 3: {'met' if mixed >= 3 * seq else 'missed'})",
         "one after another": f"{seq / base:.2f}x base alone",
         "base alone": "1.00x",
     }
-    head = "| serving | tokens/s | ratio | p50 latency | p95 latency |"
-    rows = [head, "|---|---|---|---|---|"]
+
+
+def table(results: dict[str, list[dict]]) -> str:
+    """Markdown: median tokens/s over rounds (wall and server CPU), ratios, p50/p95 latency."""
+    rate, cpu_rate = (
+        {
+            name: statistics.median(r["tokens"] / r[key] for r in runs)
+            for name, runs in results.items()
+        }
+        for key in ("wall_s", "cpu_s")
+    )
+    by_wall, by_cpu = ratios(rate), ratios(cpu_rate)
+    head = "| serving | tokens/s | ratio | tokens per server CPU-s | ratio | p50 latency | p95 latency |"
+    rows = [head, "|---|---|---|---|---|---|---|"]
     for name, runs in results.items():
         latencies = [x for r in runs for x in r["latencies_s"]]
         rows.append(
-            f"| {name} | {rate[name]:.1f} | {targets[name]} | "
-            f"{percentile(latencies, 0.5):.2f} s | {percentile(latencies, 0.95):.2f} s |"
+            f"| {name} | {rate[name]:.1f} | {by_wall[name]} | {cpu_rate[name]:.1f} | "
+            f"{by_cpu[name]} | {percentile(latencies, 0.5):.2f} s | "
+            f"{percentile(latencies, 0.95):.2f} s |"
         )
     return "\n".join(rows)
 
@@ -190,7 +222,7 @@ def main() -> None:
         adapters = make_adapters(args.model, args.adapters, args.rank, Path(tmp))
         proc, url = start_server(args, adapters)
         try:
-            results = asyncio.run(measure(url, args, list(adapters)))
+            results = asyncio.run(measure(url, args, list(adapters), proc.pid))
         finally:
             proc.terminate()
             proc.wait(timeout=60)
