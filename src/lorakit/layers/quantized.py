@@ -4,8 +4,10 @@ The base weight stays quantized; only A and B (fp32) train::
 
     y = x · dequant(W)ᵀ + b + s · B A x
 
-The fused path (``LoraLinear._path``) dequantizes W for the forward product and again in
-backward, so only the quantized weight lives between the two passes. The delta is never
+On a 4-bit base the fused path (``LoraLinear._path``) dequantizes W for the forward product
+and again in backward, so only the quantized weight lives between the two passes. An 8-bit
+base runs bitsandbytes' own forward (LLM.int8(), which quantizes the activations too, so it
+is not exactly x · dequant(W)ᵀ) with the LoRA term added, as PEFT does. The delta is never
 added to the quantized weight: that would re-quantize it and round ΔW away, so merging
 refuses and ``lorakit.merge.dequantize_merge`` writes float layers (dequant(W) + ΔW) instead.
 
@@ -83,7 +85,11 @@ class LoraQuantizedLinear(LoraLinear):
         return self.matrix_shape(self.base_layer)  # not the packed storage's shape
 
     def _plain_base(self) -> bool:
-        return True  # bitsandbytes' forward is x · dequant(W)ᵀ + b, which the fused node does
+        # 4-bit: bitsandbytes' forward is x · dequant(W)ᵀ + b, which the fused node computes.
+        # 8-bit: LLM.int8() also quantizes the activations (rows by absmax, outliers apart),
+        # about 1e-3 off x · dequant(W)ᵀ; bitsandbytes' own forward keeps lorakit's outputs
+        # equal to PEFT's on the same base, so the adapter trains on the function it serves.
+        return type(self.base_layer).__name__ == "Linear4bit"
 
     def _fused_weight(self) -> _Dequantized:
         return _Dequantized(self.base_layer)
