@@ -205,3 +205,45 @@ def test_fuzzed_adapter_files_give_a_model_or_a_lora_error(saved, tmp_path, cut,
     except LoraError:
         return
     assert torch.isfinite(model(torch.randn(2, 6))).all()
+
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.int8, torch.bool]
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    drop=st.lists(st.integers(0, 3), max_size=3, unique=True),
+    retype=st.dictionaries(st.integers(0, 3), st.sampled_from(DTYPES), max_size=2),
+    transpose=st.lists(st.integers(0, 3), max_size=2, unique=True),
+)
+def test_dropped_retyped_or_reshaped_tensors_give_a_model_or_a_lora_error(
+    saved, tmp_path, drop, retype, transpose
+):
+    folder = tmp_path / "mutated"
+    folder.mkdir(exist_ok=True)
+    for name in (WEIGHTS, CONFIG):
+        (folder / name).write_bytes((saved / name).read_bytes())
+
+    reshaped = []
+
+    def change(tensors: dict) -> dict:
+        out = {}
+        for i, key in enumerate(sorted(tensors)):
+            if i in drop:
+                continue
+            value = tensors[key].t().contiguous() if i in transpose else tensors[key]
+            reshaped.append(value.shape != tensors[key].shape)
+            out[key] = value.to(retype[i]) if i in retype and i not in drop else value
+        return out
+
+    _rewrite_tensors(folder, change)
+    try:
+        model = load_adapter(_base(), folder)
+    except LoraError:
+        return
+    # Accepted: only float dtypes, every tensor present with its shape.
+    assert not drop and not any(reshaped)
+    assert all(dtype.is_floating_point for dtype in retype.values())
+    assert torch.isfinite(model(torch.randn(2, 6))).all()
