@@ -235,7 +235,7 @@ def test_dropped_retyped_or_reshaped_tensors_give_a_model_or_a_lora_error(
                 continue
             value = tensors[key].t().contiguous() if i in transpose else tensors[key]
             reshaped.append(value.shape != tensors[key].shape)
-            out[key] = value.to(retype[i]) if i in retype and i not in drop else value
+            out[key] = value.to(retype[i]) if i in retype else value
         return out
 
     _rewrite_tensors(folder, change)
