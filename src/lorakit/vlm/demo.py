@@ -29,6 +29,7 @@ SHAPES = ("circle", "square", "triangle")
 PLACES = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1)}
 QUESTION = "What is in the picture?"
 IMAGE_SIZE = 64  # pixels; 4x4 patches of 16, pixel-shuffled 2x2 -> 4 image tokens
+SHAPE_SIZES = (22, 28)  # a shape's side in pixels, in its 32-pixel quadrant (jittered)
 SPLITS = {"train": 1200, "val": 48, "test": 50}
 # A ChatML template (SmolLM2's) whose image parts become the processor's <image> marker.
 CHAT_TEMPLATE = (
@@ -54,7 +55,7 @@ def draw(colour: str, shape: str, place: str, rng: random.Random) -> Any:
     pen = ImageDraw.Draw(image)
     col, row = PLACES[place]
     half = IMAGE_SIZE // 2
-    size = rng.randint(18, 26)
+    size = rng.randint(*SHAPE_SIZES)
     x0 = col * half + rng.randint(1, half - size - 1)
     y0 = row * half + rng.randint(1, half - size - 1)
     box = (x0, y0, x0 + size, y0 + size)
