@@ -132,8 +132,8 @@ def test_full_disk_during_merge_is_one_line_and_leaves_nothing(tiny_folder, caps
     err = capsys.readouterr().err.splitlines()[-1]
     assert err.startswith("lorakit merge: error: ")
     assert err.endswith(
-        "/model.safetensors: No space left on device: the disk is full. Free some space (or "
-        "write elsewhere) and rerun."
+        f"Could not write the model to {out} (No space left on device); nothing was left "
+        "there. Free space or choose another folder."
     )
     assert sorted(p.name for p in tiny_folder.iterdir()) == ["a", "b", "tiny"]
 
