@@ -25,7 +25,7 @@ from lorakit.train import train
 from lorakit.train_config import TrainConfig
 
 TRIALS = 20
-STEPS = 12  # the killed run's length; kills come within its first few steps
+STEPS = 12  # the killed run's length; kills come before its last checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -195,20 +195,38 @@ def _check_complete(step: Path) -> None:
         torch.testing.assert_close(theirs[name], value, rtol=0, atol=0)
 
 
+def _start_child(context, tokenizer, data_file: Path, output: Path):
+    ready = context.Event()
+    child = context.Process(target=_train_until_killed, args=(tokenizer, data_file, output, ready))
+    child.start()
+    assert ready.wait(60)
+    return child
+
+
+def _seconds_to_last_checkpoint(context, tokenizer, data_file: Path, output: Path) -> float:
+    """How long an uninterrupted child takes to write its step-STEPS checkpoint."""
+    child = _start_child(context, tokenizer, data_file, output)
+    start, last = time.monotonic(), output / "checkpoints" / f"step-{STEPS}"
+    while not last.exists():
+        assert child.is_alive() or last.exists(), "the timed run ended without its last checkpoint"
+        time.sleep(0.005)
+    seconds = time.monotonic() - start
+    child.join()
+    return seconds
+
+
 def test_kill_9_during_training_leaves_whole_checkpoints_that_resume_exactly(
     tokenizer, data_file, tmp_path
 ):
     rng = random.Random(0)
     context = multiprocessing.get_context("fork")
+    # Kill times are fractions of a measured run, so a fast machine is killed as early in its
+    # run as a slow one (a fixed 0.2-2.5 s outlived the whole run on a fast CI machine).
+    window = _seconds_to_last_checkpoint(context, tokenizer, data_file, tmp_path / "timed")
     output = tmp_path / "run"
     for _ in range(TRIALS):
-        ready = context.Event()
-        child = context.Process(
-            target=_train_until_killed, args=(tokenizer, data_file, output, ready)
-        )
-        child.start()
-        assert ready.wait(60)
-        time.sleep(rng.uniform(0.2, 2.5))
+        child = _start_child(context, tokenizer, data_file, output)
+        time.sleep(rng.uniform(0.02, 0.9) * window)
         os.kill(child.pid, signal.SIGKILL)
         child.join()
         clean_checkpoints(output)  # what the next start does first
