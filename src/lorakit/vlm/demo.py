@@ -177,28 +177,53 @@ DEMO_DEFAULTS: dict[str, Any] = {
 }
 
 
+# Bump when draw(), the records or assemble_vlm() change: the cached data and base are
+# named after it and the constants, so an upgraded lorakit never trains on stale ones.
+DEMO_VERSION = 1
+
+
+def _cache_name(stem: str) -> str:
+    """``stem-<hash>``: a folder name that changes with anything that would change its files."""
+    import hashlib
+
+    made_of = [DEMO_VERSION, COLOURS, SHAPES, PLACES, QUESTION, IMAGE_SIZE, SHAPE_SIZES, SPLITS]
+    return f"{stem}-{hashlib.sha256(json.dumps(made_of).encode()).hexdigest()[:12]}"
+
+
 def demo_base() -> Path:
     """The demo's base VLM folder, assembled once from the bundled SmolLM2 and cached."""
     from ..models import DEFAULT_MODEL, cache_dir, load_model, save_model_folder
 
-    folder = cache_dir() / "smolvlm-demo"
+    folder = cache_dir() / _cache_name("smolvlm-demo")
     if not (folder / "config.json").is_file():
         language_model, tokenizer = load_model(DEFAULT_MODEL)
         model, processor = assemble_vlm(language_model, tokenizer, seed=0)
-        save_model_folder(model, processor, folder)
+        save_model_folder(model, processor, folder)  # atomic: whole or absent
     return folder
+
+
+def demo_data() -> dict[str, Path]:
+    """The demo's generated images and records, written once (as one unit) and cached.
+
+    Returns:
+        split name -> data file.
+    """
+    from ..atomic import atomic_folder
+    from ..models import cache_dir
+
+    folder = cache_dir() / _cache_name("vlm-demo-data")
+    if not folder.is_dir():  # a killed write leaves only a hidden temporary folder
+        with atomic_folder(folder) as new:
+            write_demo_data(new)
+    return {split: folder / f"{split}.jsonl" for split in SPLITS}
 
 
 def demo_config(yaml_path: str | None, overrides: dict[str, Any]) -> Any:
     """The demo run's :class:`~lorakit.train_config.TrainConfig`: the generated data (written
     once, beside the base), the assembled base and :data:`DEMO_DEFAULTS` under the flags."""
-    from ..models import cache_dir
     from ..train_config import resolve_config
 
-    folder = cache_dir() / "vlm-demo-data"
-    files = {split: folder / f"{split}.jsonl" for split in SPLITS}
-    if not all(path.is_file() for path in files.values()):
-        files = write_demo_data(folder)
+    files = demo_data()
     demo = {
         "model": str(demo_base()),
         "data": str(files["train"]),
