@@ -1,4 +1,4 @@
-"""The training loop on a tiny random Llama with the SmolLM2 tokenizer: schedule, data order,
+"""The training loop on a tiny random Llama with the SmolLM2 tokenizer: the schedule it drives,
 gradient accumulation, resume, config handling and errors."""
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import yaml
 from safetensors.torch import load_file
 
 from lorakit import LoraError, add_lora
-from lorakit.train import BatchStream, lr_factor, train
+from lorakit.train import train
 from lorakit.train_config import DEMO_DEFAULTS, TrainConfig, resolve_config
+from lorakit.train_step import lr_factor
 
 
 def tiny_llama(vocab: int, seed: int = 0):
@@ -59,18 +60,6 @@ def run(tokenizer, data_file: Path, output: Path, **changes):
 # --- schedule ---------------------------------------------------------------------------------
 
 
-def test_lr_factor_matches_hand_computed_values():
-    # warmup 2 of 10 steps: (s + 1) / 3 during warmup, then progress = (s - 2) / 8.
-    assert lr_factor(0, 2, 10, "cosine") == pytest.approx(1 / 3)
-    assert lr_factor(1, 2, 10, "cosine") == pytest.approx(2 / 3)
-    assert lr_factor(2, 2, 10, "cosine") == pytest.approx(1.0)
-    assert lr_factor(6, 2, 10, "cosine") == pytest.approx(0.5)  # cos(pi / 2) = 0
-    assert lr_factor(4, 2, 10, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
-    assert lr_factor(6, 2, 10, "linear") == pytest.approx(0.5)
-    assert lr_factor(9, 2, 10, "linear") == pytest.approx(1 / 8)
-    assert lr_factor(9, 2, 10, "constant") == 1.0
-
-
 def test_scheduler_drives_optimizer_lr(tokenizer, data_file, tmp_path):
     result = run(tokenizer, data_file, tmp_path, max_steps=5, warmup_steps=2, lr=0.1)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -78,23 +67,6 @@ def test_scheduler_drives_optimizer_lr(tokenizer, data_file, tmp_path):
     expected = [0.1 * lr_factor(s, 2, 5, "cosine") for s in range(5)]
     assert lrs == pytest.approx(expected)
     assert result.steps == 5
-
-
-# --- data order -------------------------------------------------------------------------------
-
-
-def test_batch_stream_covers_each_epoch_and_replays_from_its_state():
-    stream = BatchStream(size=10, batch_size=4, seed=3)
-    first = [stream.next_batch() for _ in range(5)]  # 20 indices = 2 epochs
-    flat = [i for batch in first for i in batch]
-    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:]) == list(range(10))
-    assert flat[:10] != flat[10:]  # a fresh shuffle each epoch
-    replay = BatchStream(size=10, batch_size=4, seed=3)
-    replay.next_batch()
-    state = replay.state_dict()
-    resumed = BatchStream(size=10, batch_size=4, seed=3)
-    resumed.load_state_dict(state)
-    assert [resumed.next_batch() for _ in range(4)] == first[1:]
 
 
 # --- gradient accumulation and resume ----------------------------------------------------------
@@ -153,9 +125,9 @@ def test_checkpoints_keep_the_last_k(tokenizer, data_file, tmp_path):
 
 
 def test_nan_loss_stops_naming_the_step(tokenizer, data_file, tmp_path, monkeypatch):
-    import lorakit.train as train_module
+    import lorakit.train_step as step_module
 
-    real = train_module.summed_loss
+    real = step_module.summed_loss
     calls = {"n": 0}
 
     def poisoned(model, batch):
@@ -163,7 +135,7 @@ def test_nan_loss_stops_naming_the_step(tokenizer, data_file, tmp_path, monkeypa
         loss = real(model, batch)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(train_module, "summed_loss", poisoned)
+    monkeypatch.setattr(step_module, "summed_loss", poisoned)
     with pytest.raises(LoraError, match=r"not finite at step 3.*step-2"):
         run(tokenizer, data_file, tmp_path, save_every=2)
     assert (tmp_path / "checkpoints" / "step-2" / "state.safetensors").is_file()
@@ -175,33 +147,6 @@ def test_gradient_checkpointing_trains_with_frozen_embedding(tokenizer, data_fil
     ckpt = run(tokenizer, data_file, tmp_path / "ckpt", max_steps=2, gradient_checkpointing=True)
     assert ckpt.train_losses[2] == pytest.approx(plain.train_losses[2], abs=1e-5)
     assert ckpt.train_losses[2] != pytest.approx(ckpt.train_losses[1], abs=1e-4)
-
-
-def test_loraplus_gives_b_a_higher_lr():
-    from lorakit import LoraConfig
-    from lorakit.train import build_optimizer
-
-    model = tiny_llama(64)
-    add_lora(model, LoraConfig(r=2, target_modules=["q_proj"]))
-    optimizer = build_optimizer(model, TrainConfig(lr=1e-3, loraplus_ratio=16, data="x"))
-    b_ids = {id(p) for n, p in model.named_parameters() if "lora_B" in n}
-    for group in optimizer.param_groups:
-        is_b = {id(p) in b_ids for p in group["params"]}
-        assert len(is_b) == 1
-        assert group["lr"] == pytest.approx(1.6e-2 if is_b.pop() else 1e-3)
-
-
-def test_no_weight_decay_on_biases_and_norms():
-    from lorakit import LoraConfig
-    from lorakit.train import build_optimizer
-
-    model = tiny_llama(64)
-    add_lora(model, LoraConfig(r=2, target_modules=["q_proj"], bias="all"))
-    model.model.norm.weight.requires_grad_(True)
-    optimizer = build_optimizer(model, TrainConfig(weight_decay=0.1, data="x"))
-    for group in optimizer.param_groups:
-        dims = {p.ndim for p in group["params"]}
-        assert group["weight_decay"] == (0.1 if dims == {2} else 0.0)
 
 
 # --- outputs ------------------------------------------------------------------------------------

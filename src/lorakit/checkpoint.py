@@ -42,7 +42,7 @@ from .treefile import load_tree, save_tree
 
 if TYPE_CHECKING:
     from .generate import GenerationSettings
-    from .train import BatchStream
+    from .train_step import BatchStream
 
 STATE_FILE = "state.safetensors"
 LEGACY_STATE_FILE = "state.pt"  # lorakit 0.1: torch.save, read with weights_only=True

@@ -42,7 +42,7 @@ def perplexity(
     language model, and the prompt tokens show it too.
     """
     from ..data import encode_examples, read_examples
-    from ..train import evaluate_loss
+    from ..train_step import evaluate_loss
 
     examples = read_examples(path)[:max_examples]
     data = encode_examples(examples, tokenizer, seq_len, train_on_prompt=True)

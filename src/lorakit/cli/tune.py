@@ -343,7 +343,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from ..data import encode_examples, skip_report
     from ..generate import exact_match_score, split_references
-    from ..train import evaluate_loss
+    from ..train_step import evaluate_loss
 
     data = check_data_file(args.data, args.format, skip_bad_records=args.skip_bad_records)
     examples = data.examples

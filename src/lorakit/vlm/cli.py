@@ -112,7 +112,7 @@ def run_chat(args: argparse.Namespace, spec: str) -> int:
 
 def run_eval(args: argparse.Namespace, spec: str) -> int:
     """Loss, perplexity and exact match on image + text records."""
-    from ..train import evaluate_loss
+    from ..train_step import evaluate_loss
     from .collate import encode_vlm
     from .data import read_vlm_data
     from .generate import vlm_exact_match
