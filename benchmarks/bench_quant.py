@@ -54,7 +54,9 @@ def prepare() -> None:
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(MODEL)
 
 
-def load(precision: str, device: str) -> torch.nn.Module:
+def load(precision: str, device: str, compute: str) -> torch.nn.Module:
+    """The model at ``precision``; an nf4 base computes in ``compute``, and the layers left
+    unquantized (embedding, norms, head) stay bfloat16, as QLoRA keeps them."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quant = {
@@ -62,7 +64,7 @@ def load(precision: str, device: str) -> torch.nn.Module:
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=getattr(torch, compute),
         ),
         "int8": BitsAndBytesConfig(load_in_8bit=True),
     }.get(precision)
@@ -88,7 +90,7 @@ def child(library: str, precision: str, args: argparse.Namespace) -> dict:
     cuda = args.device == "cuda"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = adapt(load(precision, args.device), library).train()
+        model = adapt(load(precision, args.device, args.compute), library).train()
     Path("/proc/self/clear_refs").write_text("5")  # forget the loading peak
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -145,9 +147,17 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    # A CPU without AVX-512 BF16 or AMX emulates bfloat16 matmuls: nf4 computing in float32
+    # there is what `lorakit train --quantize nf4` does with --dtype auto.
+    parser.add_argument(
+        "--compute",
+        choices=["float32", "bfloat16"],
+        help="nf4 compute dtype (default: bfloat16 on cuda, float32 on cpu)",
+    )
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    args.compute = args.compute or ("bfloat16" if args.device == "cuda" else "float32")
     if args.child:
         print(json.dumps(child(*args.child, args)))
         return
@@ -159,7 +169,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child", library, precision]
             cmd += ["--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
             cmd += ["--warmup", str(args.warmup), "--threads", str(args.threads)]
-            cmd += ["--device", args.device]
+            cmd += ["--device", args.device, "--compute", args.compute]
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if done.returncode:  # one failed variant (out of memory, say) keeps the others
                 print(f"[{precision} {library} failed]\n{done.stderr[-2000:]}", file=sys.stderr)
