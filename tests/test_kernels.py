@@ -15,6 +15,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lorakit import LoraConfig, add_lora
 from lorakit.adapters import route
+from lorakit.kernels import input_grad
 from lorakit.layers import LoraLinear
 from lorakit.merge import merge
 
@@ -257,3 +258,18 @@ def test_routing_without_grad_reuses_its_stacks_within_a_route_only() -> None:
         torch.testing.assert_close(first, expected, **TOL)
         torch.testing.assert_close(second, expected, **TOL)
     assert layer._route_stack is None  # dropped with the route
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("transposed", [False, True])  # GPT-2's Conv1D passes Wᵀ's view
+def test_input_grad_is_g_times_w_in_any_layout(dtype: torch.dtype, transposed: bool) -> None:
+    torch.manual_seed(0)
+    g = torch.randn(7, 24).to(dtype)
+    weight = torch.randn(16, 24).t() if transposed else torch.randn(24, 16)  # (out, in)
+    weight = weight.to(dtype)
+    expected = g.double() @ weight.double()
+    got = input_grad(g, weight)
+    assert got.dtype == dtype and got.shape == (7, 16)
+    # Exact inputs, one rounding of the result (plus fp32 accumulation for half precision).
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}[dtype]
+    torch.testing.assert_close(got.double(), expected, atol=tol * 20, rtol=tol)
