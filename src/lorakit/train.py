@@ -211,7 +211,7 @@ def train(
 
 
 @dataclass
-class _Run:
+class Run:
     """The state of a run between its set-up, its steps and its end."""
 
     config: TrainConfig
@@ -240,7 +240,7 @@ class _Run:
         return output if name == DEFAULT else output / name
 
 
-def _prepare(config: TrainConfig, model: nn.Module | None, tokenizer: Any, dist: Dist) -> _Run:
+def _prepare(config: TrainConfig, model: nn.Module | None, tokenizer: Any, dist: Dist) -> Run:
     """Check the inputs, load the model and data, measure the base model: all before LoRA."""
     inputs = check_inputs(config, check_model=model is None)
     if inputs.resume_dir is not None:
@@ -276,7 +276,7 @@ def _prepare(config: TrainConfig, model: nn.Module | None, tokenizer: Any, dist:
         _log(f"train{label}: {train_sets[name].summary()}", dist.is_main)
     if val_set is not None:
         _log(f"val:   {val_set.summary()}", dist.is_main)
-    run = _Run(config, dist, inputs, model, tokenizer, train_sets, val_set)
+    run = Run(config, dist, inputs, model, tokenizer, train_sets, val_set)
     if inputs.test_examples is not None and inputs.resume_dir is None:
         run.before["exact_match"] = exact_match_score(
             model, tokenizer, inputs.test_examples, progress=_bar_label(run, "base model")
@@ -285,16 +285,16 @@ def _prepare(config: TrainConfig, model: nn.Module | None, tokenizer: Any, dist:
     return run
 
 
-def _bar_label(run: _Run, what: str) -> str | None:
+def _bar_label(run: Run, what: str) -> str | None:
     """The label of an exact-match progress bar (rank 0 only)."""
     count = len(run.inputs.test_examples or [])
     return f"exact match, {what} ({count} greedy replies)" if run.is_main else None
 
 
-def _add_adapters(run: _Run) -> nn.Module:
+def _add_adapters(run: Run) -> nn.Module:
     """Add one adapter per task, seeded as a run on that task alone; return the model to step."""
     config, model, dist = run.config, run.model, run.dist
-    base_model = _base_name(model, config.model)
+    base_model = base_name(model, config.model)
     for name in run.train_sets:
         # LoRA's A init draws from the global generator: reseeding gives every task's adapter
         # the init a run on that task alone would draw.
@@ -322,7 +322,7 @@ def _add_adapters(run: _Run) -> nn.Module:
 
 
 @dataclass
-class _Loop:
+class Loop:
     """The optimisation state of a run: optimizer, schedule, data streams, position, logs."""
 
     total_steps: int
@@ -339,15 +339,15 @@ class _Loop:
 def _train(config: TrainConfig, model: nn.Module | None, tokenizer: Any, dist: Dist) -> TrainResult:
     run = _prepare(config, model, tokenizer, dist)
     wrapped = _add_adapters(run)
-    loop = _start_loop(run)
+    loop = start_loop(run)
     if run.val_set is not None and loop.step == 0 and config.eval_every:
-        loop.metrics.eval(0, _val_loss(run))
+        loop.metrics.eval(0, val_loss(run))
     wrapped.train()
-    _run_steps(run, wrapped, loop)
+    run_steps(run, wrapped, loop)
     return _finish(run, loop.metrics, loop.step)
 
 
-def _start_loop(run: _Run) -> _Loop:
+def start_loop(run: Run) -> Loop:
     """Steps, optimizer, schedule and data streams; restored from the checkpoint on resume."""
     config, dist, model = run.config, run.dist, run.model
     # Rank i takes slice i of each global micro-batch of world * batch_size examples, so one
@@ -371,7 +371,7 @@ def _start_loop(run: _Run) -> _Loop:
         total_steps=total_steps,
         schedule=config.schedule,
     )
-    loop = _Loop(
+    loop = Loop(
         total_steps,
         optimizer,
         torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
@@ -400,7 +400,7 @@ def _start_loop(run: _Run) -> _Loop:
     return loop
 
 
-def _run_steps(run: _Run, wrapped: nn.Module, loop: _Loop) -> None:
+def run_steps(run: Run, wrapped: nn.Module, loop: Loop) -> None:
     """Optimizer steps up to ``loop.total_steps``: log, evaluate and save as configured."""
     from tqdm import tqdm
 
@@ -432,7 +432,7 @@ def _run_steps(run: _Run, wrapped: nn.Module, loop: _Loop) -> None:
 
         eval_due = config.eval_every and step % config.eval_every == 0
         if run.val_set is not None and eval_due and step != loop.total_steps:
-            loop.metrics.eval(step, _val_loss(run))
+            loop.metrics.eval(step, val_loss(run))
         if config.save_every and step % config.save_every == 0:
             stream = next(iter(loop.streams.values()))
             loop.last_saved = save_checkpoint(
@@ -450,7 +450,7 @@ def _run_steps(run: _Run, wrapped: nn.Module, loop: _Loop) -> None:
     bar.close()
 
 
-def _check_finite(run: _Run, loop: _Loop) -> None:
+def _check_finite(run: Run, loop: Loop) -> None:
     """Stop before a non-finite adapter can be saved (an lr or a loss scale far too large).
 
     One sum per parameter and one sync: a NaN or inf anywhere makes the total non-finite.
@@ -476,12 +476,13 @@ def _check_finite(run: _Run, loop: _Loop) -> None:
     )
 
 
-def _val_loss(run: _Run) -> float:
+def val_loss(run: Run) -> float:
+    """Mean next-token loss over the validation set (a progress bar on rank 0)."""
     label = "val loss" if run.is_main else None
     return evaluate_loss(run.model, run.val_set, run.config.batch_size, run.pad_id, label)
 
 
-def _step(run: _Run, wrapped: nn.Module, loop: _Loop) -> tuple[dict[str, float], int, float]:
+def _step(run: Run, wrapped: nn.Module, loop: Loop) -> tuple[dict[str, float], int, float]:
     """Forward and backward over the step's micro-batches, then clip.
 
     Returns each task's loss, the tokens of the step (all ranks) and the gradient norm.
@@ -527,11 +528,11 @@ def _step(run: _Run, wrapped: nn.Module, loop: _Loop) -> tuple[dict[str, float],
     return losses, int(tokens), math.sqrt(sum(n * n for n in norms))
 
 
-def _finish(run: _Run, metrics: Metrics, step: int) -> TrainResult:
+def _finish(run: Run, metrics: Metrics, step: int) -> TrainResult:
     """Final evaluation, the adapters with their generation settings, the plot and the table."""
     config, model, dist = run.config, run.model, run.dist
     if run.val_set is not None:
-        metrics.eval(step, _val_loss(run))
+        metrics.eval(step, val_loss(run))
     model.eval()
     after: dict[str, float] = {}
     shape = None
@@ -546,7 +547,7 @@ def _finish(run: _Run, metrics: Metrics, step: int) -> TrainResult:
     with distributed.whole_trainable_params(model, dist):
         if run.is_main:
             for name in run.train_sets:
-                _save_adapter(run, name)
+                save_run_adapter(run, name)
     if run.is_main:
         metrics.plot(Path(config.output) / PLOT_FILE)
         if run.before or after:
@@ -569,7 +570,7 @@ def _finish(run: _Run, metrics: Metrics, step: int) -> TrainResult:
     )
 
 
-def _save_adapter(run: _Run, name: str) -> None:
+def save_run_adapter(run: Run, name: str) -> None:
     """Adapter ``name`` and its generation settings, swapped into its folder as one unit."""
     folder = run.folder(name)
     try:
@@ -588,7 +589,7 @@ def _short(text: str, width: int = 60) -> str:
     return repr(text if len(text) <= width else text[: width - 3] + "...")
 
 
-def _base_name(model: nn.Module, spec: str) -> str | None:
+def base_name(model: nn.Module, spec: str) -> str | None:
     """The base model spec to record in the adapter, resolvable again by ``load_model``."""
     name = getattr(model, "name_or_path", None) or getattr(model.config, "name_or_path", None)
     if name:

@@ -25,13 +25,14 @@ from ..metrics import PLOT_FILE
 from ..train import (
     DEFAULT,
     Inputs,
+    Loop,
+    Run,
     TrainResult,
-    _base_name,
-    _Run,
-    _run_steps,
-    _save_adapter,
-    _start_loop,
-    _val_loss,
+    base_name,
+    run_steps,
+    save_run_adapter,
+    start_loop,
+    val_loss,
 )
 from ..train_config import TrainConfig
 from .collate import VlmDataset, encode_vlm
@@ -118,7 +119,7 @@ def train_vlm(
             model, processor = load_vlm(config.model, config.dtype, config.trust_remote_code)
         train_set, val_set, test = _datasets(config, processor)
         settings = {DEFAULT: GenerationSettings(config.system or None, None)}
-        run = _Run(
+        run = Run(
             config,
             dist,
             Inputs(settings, None, None),
@@ -136,24 +137,24 @@ def train_vlm(
                 f"base model exact match on {config.test_data}: {run.before['exact_match']:.1%}"
             )
         _add_adapter(run)
-        loop = _start_loop(run)
+        loop = start_loop(run)
         if val_set is not None and config.eval_every:
-            loop.metrics.eval(0, _val_loss(run))
+            loop.metrics.eval(0, val_loss(run))
         model.train()
-        _run_steps(run, model, loop)
+        run_steps(run, model, loop)
         return _finish(run, loop, processor, test)
     finally:
         distributed.teardown(dist)
 
 
-def _add_adapter(run: _Run) -> None:
+def _add_adapter(run: Run) -> None:
     """LoRA on the language model (and what the flags add), seeded; the plan printed."""
     config, model = run.config, run.model
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     lora = vlm_lora_config(
         model,
-        config.lora_config(_base_name(model, config.model)),
+        config.lora_config(base_name(model, config.model)),
         train_projector=config.train_projector,
         train_vision=config.train_vision,
     )
@@ -164,16 +165,16 @@ def _add_adapter(run: _Run) -> None:
         model.config.use_cache = False
 
 
-def _finish(run: _Run, loop: Any, processor: Any, test: list[VlmExample] | None) -> TrainResult:
+def _finish(run: Run, loop: Loop, processor: Any, test: list[VlmExample] | None) -> TrainResult:
     """Final validation loss and exact match, the adapter, the plot and the table."""
     config, model = run.config, run.model
     if run.val_set is not None:
-        loop.metrics.eval(loop.step, _val_loss(run))
+        loop.metrics.eval(loop.step, val_loss(run))
     model.eval()
     after = {}
     if test is not None:
         after["exact_match"] = vlm_exact_match(model, processor, test)
-    _save_adapter(run, DEFAULT)
+    save_run_adapter(run, DEFAULT)
     loop.metrics.plot(Path(config.output) / PLOT_FILE)
     if run.before or after:
         print_table(run.before, after, loop.metrics.eval_losses)
