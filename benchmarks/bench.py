@@ -265,7 +265,10 @@ def bench_memory(args: argparse.Namespace) -> dict:
         cmd = [sys.executable, __file__, "--only", f"memory-{variant}", "--json-stdout"]
         cmd += ["--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq)]
         cmd += ["--rank", str(args.rank), "--threads", str(args.threads)]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        # Freed tensors leave RSS at once when served from mmap; with glibc's default heap,
+        # fragmentation adds a chance amount to each variant's peak (see bench_quant.py).
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
         out[variant] = json.loads(done.stdout.strip().splitlines()[-1])
     return out
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -55,8 +56,8 @@ def prepare() -> None:
 
 
 def load(precision: str, device: str, compute: str) -> torch.nn.Module:
-    """The model at ``precision``; an nf4 base computes in ``compute``, and the layers left
-    unquantized (embedding, norms, head) stay bfloat16, as QLoRA keeps them."""
+    """The model at ``precision``. A quantized base computes in ``compute``, the dtype of the
+    layers it leaves unquantized (embedding, norms, head) too, as ``--dtype`` does in lorakit."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quant = {
@@ -68,7 +69,7 @@ def load(precision: str, device: str, compute: str) -> torch.nn.Module:
         ),
         "int8": BitsAndBytesConfig(load_in_8bit=True),
     }.get(precision)
-    dtype = torch.float32 if precision == "float32" else torch.bfloat16
+    dtype = getattr(torch, compute if quant else precision)
     return AutoModelForCausalLM.from_pretrained(
         MODEL, dtype=dtype, quantization_config=quant, device_map={"": device}
     )
@@ -147,12 +148,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    # A CPU without AVX-512 BF16 or AMX emulates bfloat16 matmuls: nf4 computing in float32
-    # there is what `lorakit train --quantize nf4` does with --dtype auto.
+    # A CPU without AVX-512 BF16 or AMX emulates bfloat16 matmuls: a quantized base computing
+    # in float32 there is what `lorakit train --quantize nf4` does with --dtype auto.
     parser.add_argument(
         "--compute",
         choices=["float32", "bfloat16"],
-        help="nf4 compute dtype (default: bfloat16 on cuda, float32 on cpu)",
+        help="compute dtype of a quantized base (default: bfloat16 on cuda, float32 on cpu)",
     )
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -170,7 +171,11 @@ def main() -> None:
             cmd += ["--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
             cmd += ["--warmup", str(args.warmup), "--threads", str(args.threads)]
             cmd += ["--device", args.device, "--compute", args.compute]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            # glibc keeps freed blocks of the heap mapped, so RSS would grow step after step with
+            # fragmentation (+0.5 GB in 2 steps on nf4); served from mmap, a freed tensor leaves
+            # RSS at once and the peak is that of live memory, for both libraries alike.
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
             if done.returncode:  # one failed variant (out of memory, say) keeps the others
                 print(f"[{precision} {library} failed]\n{done.stderr[-2000:]}", file=sys.stderr)
                 continue
