@@ -132,7 +132,7 @@ def table(results: dict, device: str) -> str:
             else ""
         )
         lines.append(
-            f"| {precision} | {library} | {r['step_s']:.2f} s | {r['tokens_s']:.0f} "
+            f"| {precision} | {library} | {r['step_s']:.2f} s | {r['tokens_s']:.3g} "
             f"| {r[key]:.0f} MiB | {mem} | {vs} |"
         )
     return "\n".join(lines)
