@@ -370,3 +370,23 @@ def test_save_model_folder_refuses_a_used_target_and_leaves_nothing_on_a_full_di
     with pytest.raises(LoraError, match=r"No space left on device\); nothing was left there"):
         save_model_folder(model, tokenizer, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "tiny"]
+
+
+def test_generation_settings_are_part_of_the_model_folder_s_one_swap(tmp_path, monkeypatch):
+    import lorakit.generate as generate
+    from lorakit.generate import GenerationSettings, read_generation_settings
+    from lorakit.models import save_model_folder
+
+    model, tokenizer = load_model(str(_write_model_folder(tmp_path / "tiny")))
+    settings = GenerationSettings(system="Answer in JSON.")
+    save_model_folder(model, tokenizer, tmp_path / "merged", settings)
+    assert read_generation_settings(tmp_path / "merged") == settings
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    # The settings file comes last: failing there must not leave a folder without it.
+    monkeypatch.setattr(generate, "save_generation_settings", full)
+    with pytest.raises(LoraError, match="nothing was left there"):
+        save_model_folder(model, tokenizer, tmp_path / "out", settings)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "tiny"]

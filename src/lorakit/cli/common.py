@@ -1,4 +1,5 @@
-"""Helpers shared by the subcommands: cheap input checks, status lines, adapter loading.
+"""Helpers shared by the subcommands: cheap input checks, status lines, adapter loading,
+the generation settings in use, threads, and reading a chat message.
 
 Everything here that runs before a model loads stays cheap (file system and JSON only), so a
 wrong path or flag is reported in a second, not after the model has loaded.
@@ -6,7 +7,9 @@ wrong path or flag is reported in a second, not after the model has loaded.
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -117,3 +120,77 @@ def _as_spec(base: str) -> str:
 def model_name(model: Any, spec: str) -> str:
     """How to name a loaded model in messages: the spec it resolved to."""
     return str(getattr(model, "name_or_path", None) or spec)
+
+
+def set_threads() -> None:
+    """Torch threads for a command that loads a model: every core, shared among the
+    processes torchrun started on this machine, unless ``OMP_NUM_THREADS`` says otherwise."""
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        return  # the user's choice (torch already follows it)
+    # Every core, shared among the processes torchrun started on this machine: the run is
+    # compute-bound and nothing else of ours needs the CPU.
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
+
+
+def adapter_folders(args: argparse.Namespace) -> dict[str, str]:
+    """``--adapter`` values as name -> folder, each checked; ``--model`` may be a run folder."""
+    from .adapters import parse_named_adapters
+
+    if args.adapter is None and args.model and (Path(args.model) / ADAPTER_CONFIG).is_file():
+        args.adapter = [args.model]  # a lorakit train output: its base model and its adapter
+    adapters = parse_named_adapters(args.adapter or [])
+    for folder in adapters.values():
+        check_adapter_folder(folder)
+    return adapters
+
+
+def generation_settings(args: argparse.Namespace, adapters: dict[str, str]) -> Any:
+    """The system prompt and chat template to use: the flags, else those saved with the
+    adapters in use (or with the model folder), else none and the model's own template."""
+    from ..data import read_chat_template
+    from ..generate import GENERATION_FILE, GenerationSettings, read_generation_settings
+
+    names = [n.strip() for n in args.use.split(",")] if args.use else list(adapters)[-1:]
+    folders = [adapters[n] for n in names if n in adapters] or [args.model or ""]
+    # A folder without the file (a PEFT adapter, an old run) has no say.
+    saved = {
+        f: read_generation_settings(f)
+        for f in folders
+        if f and (Path(f) / GENERATION_FILE).is_file()
+    }
+    system = template = None
+    if args.system is not None:
+        system = args.system or None  # '' turns the saved one off
+    else:
+        systems = {s.system for s in saved.values()}
+        if len(systems) > 1:
+            raise LoraError(
+                f"The adapters in use were trained with different system prompts "
+                f"({', '.join(map(str, saved))}); pass --system to choose one ('' for none)."
+            )
+        system = systems.pop() if systems else None
+    if args.chat_template is None:
+        templates = {s.chat_template for s in saved.values()}
+        if len(templates) > 1:
+            raise LoraError(
+                "The adapters in use were trained with different chat templates; pass "
+                "--chat-template FILE to choose one."
+            )
+        template = templates.pop() if templates else None
+    else:
+        template = read_chat_template(args.chat_template)
+    return GenerationSettings(system, template)
+
+
+def read_message(prompt: str = "> ") -> str | None:
+    """The user's next chat message from stdin (``chat`` only); ``None`` ends the chat: an
+    empty line, end of input or Ctrl-C."""
+    try:
+        text = input(prompt).strip()
+    except (EOFError, KeyboardInterrupt):
+        print()
+        return None
+    return text or None

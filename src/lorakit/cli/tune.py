@@ -14,13 +14,15 @@ from typing import Any
 
 from ..errors import LoraError
 from .common import (
-    ADAPTER_CONFIG,
-    check_adapter_folder,
+    adapter_folders,
     check_data_file,
     check_empty_output,
     check_model_spec,
+    generation_settings,
     load_adapters,
     model_name,
+    read_message,
+    set_threads,
     status,
 )
 
@@ -75,17 +77,6 @@ def _process_count(text: str) -> int:
     if count < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of processes, 1 or more: {text}")
     return count
-
-
-def _set_threads() -> None:
-    import torch
-
-    if os.environ.get("OMP_NUM_THREADS"):
-        return  # the user's choice (torch already follows it)
-    # Every core, shared among the processes torchrun started on this machine: the run is
-    # compute-bound and nothing else of ours needs the CPU.
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
 
 
 def _flags(overrides: dict[str, Any]) -> list[str]:
@@ -145,14 +136,14 @@ def run_train(args: argparse.Namespace) -> int:
 
         if args.nproc > 1:
             raise LoraError("--nproc with a vision-language model is not implemented yet.")
-        _set_threads()
+        set_threads()
         result = train_vlm(config)
         print(f"done: {result.steps} steps, adapter in {result.output}")
         return 0
     if args.nproc > 1:
         check_inputs(config)  # every process would find the same problem, after a model load
         return _launch(args, overrides)
-    _set_threads()
+    set_threads()
     result = train(config)
     if "RANK" not in os.environ or os.environ["RANK"] == "0":
         print(f"done: {result.steps} steps, adapter in {result.output}")
@@ -224,56 +215,6 @@ def _prompt_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _adapter_folders(args: argparse.Namespace) -> dict[str, str]:
-    """``--adapter`` values as name -> folder, each checked; ``--model`` may be a run folder."""
-    from .adapters import parse_named_adapters
-
-    if args.adapter is None and args.model and (Path(args.model) / ADAPTER_CONFIG).is_file():
-        args.adapter = [args.model]  # a lorakit train output: its base model and its adapter
-    adapters = parse_named_adapters(args.adapter or [])
-    for folder in adapters.values():
-        check_adapter_folder(folder)
-    return adapters
-
-
-def _generation_settings(args: argparse.Namespace, adapters: dict[str, str]) -> Any:
-    """The system prompt and chat template to use: the flags, else those saved with the
-    adapters in use (or with the model folder), else none and the model's own template."""
-    from ..data import read_chat_template
-    from ..generate import GENERATION_FILE, GenerationSettings, read_generation_settings
-
-    names = [n.strip() for n in args.use.split(",")] if args.use else list(adapters)[-1:]
-    folders = [adapters[n] for n in names if n in adapters] or [args.model or ""]
-    # A folder without the file (a PEFT adapter, an old run) has no say.
-    saved = {
-        f: read_generation_settings(f)
-        for f in folders
-        if f and (Path(f) / GENERATION_FILE).is_file()
-    }
-    system = template = None
-    if args.system is not None:
-        system = args.system or None  # '' turns the saved one off
-    else:
-        systems = {s.system for s in saved.values()}
-        if len(systems) > 1:
-            raise LoraError(
-                f"The adapters in use were trained with different system prompts "
-                f"({', '.join(map(str, saved))}); pass --system to choose one ('' for none)."
-            )
-        system = systems.pop() if systems else None
-    if args.chat_template is None:
-        templates = {s.chat_template for s in saved.values()}
-        if len(templates) > 1:
-            raise LoraError(
-                "The adapters in use were trained with different chat templates; pass "
-                "--chat-template FILE to choose one."
-            )
-        template = templates.pop() if templates else None
-    else:
-        template = read_chat_template(args.chat_template)
-    return GenerationSettings(system, template)
-
-
 def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """The base model (given, or the first adapter's) with the adapters, if any, loaded, its
     tokenizer (with the chat template in use) and the generation settings.
@@ -284,11 +225,11 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     from ..adapters import set_adapter
     from ..models import DEFAULT_MODEL, load_model
 
-    adapters = _adapter_folders(args)
+    adapters = adapter_folders(args)
     spec = args.model or next(iter(adapters.values()), None) or DEFAULT_MODEL
     check_model_spec(spec, "--model" if args.model else "the adapter's base model")
-    settings = _generation_settings(args, adapters)
-    _set_threads()
+    settings = generation_settings(args, adapters)
+    set_threads()
     model, tokenizer = load_model(
         spec, args.dtype, args.quantize, trust_remote_code=args.trust_remote_code
     )
@@ -432,17 +373,11 @@ def run_chat(args: argparse.Namespace) -> int:
 
     model, tokenizer, settings = _load(args)
     messages = settings.messages([])
-    while True:
-        try:
-            text = input("> ").strip()
-        except (EOFError, KeyboardInterrupt):
-            print()
-            return 0
-        if not text:
-            return 0
+    while (text := read_message()) is not None:
         messages.append({"role": "user", "content": text})
         reply = stream_reply(model, tokenizer, messages, args.max_new_tokens)
         messages.append({"role": "assistant", "content": reply})
+    return 0
 
 
 # --- merge ----------------------------------------------------------------------------------------
@@ -494,7 +429,6 @@ def run_merge(args: argparse.Namespace) -> int:
         from ..vlm import cli
 
         return cli.run_merge(args, vlm)
-    from ..generate import save_generation_settings
     from ..layers.quantized import is_quantized
     from ..merge import dequantize_merge
     from ..models import save_model_folder
@@ -507,14 +441,13 @@ def run_merge(args: argparse.Namespace) -> int:
     if args.base_weights:
         args.model = args.base_weights
     else:
-        args.quantize = args.quantize or _recorded_quantization(_adapter_folders(args))
+        args.quantize = args.quantize or _recorded_quantization(adapter_folders(args))
     model, tokenizer, settings = _load(args)
     quantized = is_quantized(model)
     dequantize_merge(model, resolve_dtype(args.dtype))  # a float base: a plain merge
     model.config.use_cache = True
-    save_model_folder(model, tokenizer, out)
-    if settings.system or settings.chat_template:
-        save_generation_settings(settings, out)
+    kept = settings if settings.system or settings.chat_template else None
+    save_model_folder(model, tokenizer, out, kept)
     if quantized:
         status(
             "note: the base was quantized, so the merged weights are the dequantized base "

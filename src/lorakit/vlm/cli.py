@@ -18,14 +18,14 @@ from .data import IMAGE
 
 def base_spec(args: argparse.Namespace) -> str | None:
     """The model folder ``eval``/``generate``/``chat``/``merge`` would load, if it is a VLM."""
+    from ..cli.adapters import parse_named_adapters
     from ..models import resolve_model_spec
     from .models import is_vlm_folder
 
-    spec = args.model or next(iter(args.adapter or []), None)
-    if spec is None:
-        return None
-    spec = spec.split("=", 1)[1] if "=" in spec and not Path(spec).exists() else spec
     try:
+        spec = args.model or next(iter(parse_named_adapters(args.adapter or []).values()), None)
+        if spec is None:
+            return None
         resolved = resolve_model_spec(spec)
     except LoraError:
         return None  # the text path reports it
@@ -35,8 +35,7 @@ def base_spec(args: argparse.Namespace) -> str | None:
 def _load(args: argparse.Namespace, spec: str) -> tuple[Any, Any, Any]:
     """The VLM with the adapters loaded, its processor and the generation settings."""
     from ..adapters import set_adapter
-    from ..cli.common import load_adapters
-    from ..cli.tune import _adapter_folders, _generation_settings, _set_threads
+    from ..cli.common import adapter_folders, generation_settings, load_adapters, set_threads
     from .models import load_vlm
 
     if args.quantize:
@@ -46,9 +45,9 @@ def _load(args: argparse.Namespace, spec: str) -> tuple[Any, Any, Any]:
             "--chat-template with a vision-language model is not implemented: its processor's "
             "template places the images."
         )
-    adapters = _adapter_folders(args)
-    settings = _generation_settings(args, adapters)
-    _set_threads()
+    adapters = adapter_folders(args)
+    settings = generation_settings(args, adapters)
+    set_threads()
     model, processor = load_vlm(spec, args.dtype, args.trust_remote_code)
     load_adapters(model, adapters, spec)
     if args.use:
@@ -57,13 +56,13 @@ def _load(args: argparse.Namespace, spec: str) -> tuple[Any, Any, Any]:
 
 
 def _check_images(paths: list[str]) -> list[Path]:
-    from .data import _check_image  # the same check as for data records
+    from .data import check_image  # the same check as for data records
 
     found = []
     for path in paths:
         if not Path(path).is_file():
             raise LoraError(f"--image {path}: file not found.")
-        _check_image(Path(path), f"--image {path}", "--image")
+        check_image(Path(path), f"--image {path}", "--image")
         found.append(Path(path))
     return found
 
@@ -84,19 +83,13 @@ def run_generate(args: argparse.Namespace, spec: str) -> int:
 
 def run_chat(args: argparse.Namespace, spec: str) -> int:
     """A chat; ``/image PATH`` attaches an image to the next message."""
+    from ..cli.common import read_message
     from .generate import stream_vlm_reply
 
     model, processor, settings = _load(args, spec)
     messages, images, pending = settings.messages([]), [], []
     print("(/image PATH attaches an image to your next message)")
-    while True:
-        try:
-            text = input("> ").strip()
-        except (EOFError, KeyboardInterrupt):
-            print()
-            return 0
-        if not text:
-            return 0
+    while (text := read_message()) is not None:
         if text.startswith("/image"):
             try:
                 pending += _check_images([text.removeprefix("/image").strip()])
@@ -108,6 +101,7 @@ def run_chat(args: argparse.Namespace, spec: str) -> int:
         pending = []
         reply = stream_vlm_reply(model, processor, messages, images, args.max_new_tokens)
         messages.append({"role": "assistant", "content": reply})
+    return 0
 
 
 def run_eval(args: argparse.Namespace, spec: str) -> int:
@@ -135,7 +129,6 @@ def run_eval(args: argparse.Namespace, spec: str) -> int:
 def run_merge(args: argparse.Namespace, spec: str) -> int:
     """The adapter folded in; the folder (model + processor) loads with plain transformers."""
     from ..cli.common import check_empty_output
-    from ..generate import save_generation_settings
     from ..merge import unload
     from ..models import save_model_folder
 
@@ -148,9 +141,8 @@ def run_merge(args: argparse.Namespace, spec: str) -> int:
     model, processor, settings = _load(args, spec)
     model = unload(model, merge=True)
     model.config.use_cache = True
-    save_model_folder(model, processor, out)  # the processor saves as a tokenizer does
-    if settings.system:
-        save_generation_settings(settings, out)
+    # The processor saves as a tokenizer does.
+    save_model_folder(model, processor, out, settings if settings.system else None)
     print(f"merged model written to {out}")
     return 0
 

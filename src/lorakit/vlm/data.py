@@ -192,7 +192,7 @@ def _resolve(source: str, folder: Path, where: str) -> ImageSource:
             raise BadRecord(
                 where, "bad data URL", "an image data URL must be data:image/...;base64,<data>."
             ) from None
-        _check_image(io.BytesIO(data), "the image in a data URL", where)
+        check_image(io.BytesIO(data), "the image in a data URL", where)
         return data
     path = Path(source).expanduser()
     path = path if path.is_absolute() else folder / path
@@ -203,11 +203,11 @@ def _resolve(source: str, folder: Path, where: str) -> ImageSource:
             f"image {source} not found (looked for {path}; paths are relative to the data "
             "file). Fix the path or add the file.",
         )
-    _check_image(path, f"image {path}", where)
+    check_image(path, f"image {path}", where)
     return path
 
 
-def _check_image(file: Path | io.BytesIO, what: str, where: str) -> None:
+def check_image(file: Path | io.BytesIO, what: str, where: str) -> None:
     """Open the image's header (no decoding of its pixels): a file that is no image fails."""
     from PIL import Image, UnidentifiedImageError
 
