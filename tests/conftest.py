@@ -9,6 +9,8 @@ later sessions load the converted copy in well under a second.
 from __future__ import annotations
 
 import json
+import multiprocessing
+from multiprocessing.context import BaseContext
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,20 @@ def smollm2() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
 def smollm2_tokenizer(smollm2) -> PreTrainedTokenizerBase:
     """The SmolLM2 tokenizer. Shared: tests must not modify it (copy it first)."""
     return smollm2[1]
+
+
+@pytest.fixture(scope="session")
+def child_processes() -> BaseContext:
+    """A multiprocessing context whose children fork from a fresh, single-threaded server.
+
+    Forking the test process itself is unsafe: a lock that another thread (tqdm's monitor,
+    an OpenMP or tokenizer pool) holds at the moment of the fork stays held forever in the
+    child. A CI run stalled for 80 minutes waiting on such a child. The server imports the
+    heavy modules once, so each child starts in a fraction of a second.
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "transformers", "peft", "lorakit.train", "tiny"])
+    return context
 
 
 @pytest.fixture(scope="module")

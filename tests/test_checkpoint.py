@@ -4,7 +4,6 @@ and a resume that checks which base model it continues on."""
 from __future__ import annotations
 
 import copy
-import multiprocessing
 import os
 import pickle
 import random
@@ -26,6 +25,7 @@ from lorakit.train_config import TrainConfig
 
 TRIALS = 20
 STEPS = 12  # the killed run's length; kills come before its last checkpoint
+TIMED_RUN_LIMIT = 300  # seconds; a child this slow is hung, not slow (it takes ~3 s)
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +199,7 @@ def _start_child(context, tokenizer, data_file: Path, output: Path):
     ready = context.Event()
     child = context.Process(target=_train_until_killed, args=(tokenizer, data_file, output, ready))
     child.start()
-    assert ready.wait(60)
+    assert ready.wait(120), "the training child did not start"
     return child
 
 
@@ -209,26 +209,28 @@ def _seconds_to_last_checkpoint(context, tokenizer, data_file: Path, output: Pat
     start, last = time.monotonic(), output / "checkpoints" / f"step-{STEPS}"
     while not last.exists():
         assert child.is_alive() or last.exists(), "the timed run ended without its last checkpoint"
+        if time.monotonic() - start > TIMED_RUN_LIMIT:
+            child.kill()
+            pytest.fail(f"the timed run wrote no step-{STEPS} in {TIMED_RUN_LIMIT} s")
         time.sleep(0.005)
     seconds = time.monotonic() - start
-    child.join()
+    child.join(60)
     return seconds
 
 
 def test_kill_9_during_training_leaves_whole_checkpoints_that_resume_exactly(
-    tokenizer, data_file, tmp_path
+    tokenizer, data_file, tmp_path, child_processes
 ):
     rng = random.Random(0)
-    context = multiprocessing.get_context("fork")
     # Kill times are fractions of a measured run, so a fast machine is killed as early in its
     # run as a slow one (a fixed 0.2-2.5 s outlived the whole run on a fast CI machine).
-    window = _seconds_to_last_checkpoint(context, tokenizer, data_file, tmp_path / "timed")
+    window = _seconds_to_last_checkpoint(child_processes, tokenizer, data_file, tmp_path / "timed")
     output = tmp_path / "run"
     for _ in range(TRIALS):
-        child = _start_child(context, tokenizer, data_file, output)
+        child = _start_child(child_processes, tokenizer, data_file, output)
         time.sleep(rng.uniform(0.02, 0.8) * window)
         os.kill(child.pid, signal.SIGKILL)
-        child.join()
+        child.join(60)
         clean_checkpoints(output)  # what the next start does first
         root = output / "checkpoints"
         steps = sorted(root.iterdir()) if root.is_dir() else []

@@ -543,5 +543,7 @@ def test_core_import_stays_light():
         "import sys, lorakit, lorakit.cli; lorakit.cli.build_parser(); "
         "print(sorted(m for m in ('gguf', 'lorakit.export', 'numpy.linalg') if m in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
     assert "gguf" not in out.stdout and "lorakit.export" not in out.stdout
