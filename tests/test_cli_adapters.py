@@ -1,5 +1,8 @@
 """``lorakit combine`` end to end on a tiny model folder."""
 
+import json
+import shutil
+
 import pytest
 import tiny
 import torch
@@ -60,6 +63,19 @@ def test_combine_cat_writes_exact_weighted_sum(tiny_folder, capsys):
     for path in a:
         torch.testing.assert_close(ab[path], 0.7 * a[path] + 0.3 * b[path], rtol=1e-5, atol=1e-6)
     assert "method=cat" in capsys.readouterr().out
+
+
+def test_combine_on_another_model_folder_records_that_folder(tiny_folder):
+    moved = tiny_folder / "moved"  # the same base under another path
+    shutil.copytree(tiny_folder / "tiny", moved)
+    out = tiny_folder / "ab"
+    argv = ["combine", "--model", str(moved), "--adapter", f"a={tiny_folder / 'a'}"]
+    assert main([*argv, "--adapter", f"b={tiny_folder / 'b'}", "--output", str(out)]) == 0
+    recorded = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str(moved)
+    assert json.loads((tiny_folder / "a" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"
+    ] == str(tiny_folder / "tiny")
 
 
 def test_combine_bad_weights_exit_code(tiny_folder, capsys):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -128,3 +130,35 @@ def randomize_adapters(model: nn.Module, std: float = 0.1, seed: int = 1) -> Non
             if isinstance(module, LoraLayer):
                 for p in module.lora_B.values():
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+IDS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model: nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
+    """A causal LM's logits on ``ids`` (default: two fixed rows of 12 tokens), no grad."""
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def full_finetune() -> tuple[nn.Module, nn.Module]:
+    """(base, tuned): a tiny Llama and a copy trained for 5 AdamW steps on all its weights."""
+    base = llama()
+    tuned = copy.deepcopy(base).train()
+    optimizer = torch.optim.AdamW(tuned.parameters(), lr=1e-2)
+    data = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(3))
+    for _ in range(5):
+        tuned(input_ids=data, labels=data).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return base, tuned.eval().requires_grad_(False)
+
+
+def spectrum_tail(singular_values: torch.Tensor, r: int) -> float:
+    """Eckart–Young: ‖W − W_r‖_F / ‖W‖_F of the best rank-r W_r, from W's singular values."""
+    s = torch.as_tensor(singular_values, dtype=torch.float64)
+    return float(s[r:].square().sum().sqrt() / s.square().sum().sqrt())

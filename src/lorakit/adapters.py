@@ -14,7 +14,7 @@ from .config import LoraConfig
 from .errors import LoraError
 from .inject import add_lora, replace_module
 from .layers import LoraLayer
-from .lowrank import factored_svd
+from .lowrank.svd import factored_svd
 from .merge import active_adapters, check_adapter_names, merge, merged_adapters, unmerge
 from .progress import progress
 from .state import AdapterState, adapter_configs
@@ -137,10 +137,34 @@ def combine(
     - ``linear``: B = Σ sign(w_i)·sqrt(|w_i| s_i) B_i, A = Σ sqrt(|w_i| s_i) A_i (PEFT's
       ``linear``): needs equal ranks and targets, and is exact only for one adapter.
 
-    ``modules_to_save`` copies are not combined. Raises ``LoraError`` before changing anything
-    for unknown names, an existing ``name``, an unknown method, or unequal ranks/targets
-    for ``linear``.
+    The new adapter records the model's ``name_or_path`` as its base (the first adapter's base
+    when the model has none). ``modules_to_save`` copies are not combined. Raises ``LoraError``
+    before changing anything for unknown names, an existing ``name``, an unknown method, or
+    unequal ranks/targets for ``linear``.
     """
+    layers = [(p, m) for p, m in lora_layers(model) if any(n in m.lora_A for n in weights)]
+    _check_combinable(model, weights, name, method, rank, layers)
+    ranks = {path: _combined_rank(path, layer, weights, method, rank) for path, layer in layers}
+    nested = {id(n) for _, m in layers for n in m.nested_layers()}
+    config = _combined_config([(p, m) for p, m in layers if id(m) not in nested], ranks)
+    first = adapter_configs(model)[next(iter(weights))].base_model_name_or_path
+    config.base_model_name_or_path = getattr(model, "name_or_path", None) or first
+    add_lora(model, config, name)
+    errors = {}
+    with torch.no_grad():
+        for path, layer in progress(layers, f"combine ({method})", unit="layer"):
+            errors.update(_combine_layer(path, layer, name, weights, method, ranks[path]))
+    return errors
+
+
+def _check_combinable(
+    model: nn.Module,
+    weights: dict[str, float],
+    name: str,
+    method: str,
+    rank: int | None,
+    layers: list[tuple[str, LoraLayer]],
+) -> None:
     check_adapter_names(model, list(weights))
     if name in adapter_configs(model):
         raise LoraError(f"adapter '{name}' already exists; choose another name.")
@@ -148,7 +172,6 @@ def combine(
         raise LoraError(f"combine method must be 'cat', 'svd' or 'linear', got {method!r}.")
     if method == "svd" and (rank is None or rank <= 0):
         raise LoraError("combine(method='svd') needs rank=<positive integer>.")
-    layers = [(p, m) for p, m in lora_layers(model) if any(n in m.lora_A for n in weights)]
     special = sorted(
         f"{p} ('{n}')"
         for p, m in layers
@@ -160,32 +183,24 @@ def combine(
             f"combine needs plain LoRA adapters; DoRA or lora_bias adapters sit on {special}: "
             "their magnitudes and biases do not add up as low-rank deltas."
         )
-    ranks: dict[str, int] = {}
-    for path, layer in layers:
-        present = [n for n in weights if n in layer.lora_A]
-        if method == "linear":
-            if len(present) != len(weights) or len({layer.r[n] for n in present}) > 1:
-                raise LoraError(
-                    f"combine(method='linear') needs every adapter on every module with equal "
-                    f"ranks; {path} has { ({n: layer.r[n] for n in present}) }. Use 'cat' or 'svd'."
-                )
-            ranks[path] = layer.r[present[0]]
-        elif method == "cat":
-            ranks[path] = sum(layer.r[n] for n in present)
-        else:
-            B, A = layer.factors(present[0])
-            ranks[path] = min(rank, B.shape[-2], A.shape[-1])
-    nested = {id(n) for _, m in layers for n in m.nested_layers()}
-    config = _combined_config([(p, m) for p, m in layers if id(m) not in nested], ranks)
-    config.base_model_name_or_path = adapter_configs(model)[
-        next(iter(weights))
-    ].base_model_name_or_path
-    add_lora(model, config, name)
-    errors = {}
-    with torch.no_grad():
-        for path, layer in progress(layers, f"combine ({method})", unit="layer"):
-            errors.update(_combine_layer(path, layer, name, weights, method, ranks[path]))
-    return errors
+
+
+def _combined_rank(
+    path: str, layer: LoraLayer, weights: dict[str, float], method: str, rank: int | None
+) -> int:
+    """The combined adapter's rank on one layer (``cat``: the sum, ``svd``: ``rank`` capped)."""
+    present = [n for n in weights if n in layer.lora_A]
+    if method == "cat":
+        return sum(layer.r[n] for n in present)
+    if method == "svd":
+        B, A = layer.factors(present[0])
+        return min(rank, B.shape[-2], A.shape[-1])
+    if len(present) != len(weights) or len({layer.r[n] for n in present}) > 1:
+        raise LoraError(
+            f"combine(method='linear') needs every adapter on every module with equal "
+            f"ranks; {path} has { ({n: layer.r[n] for n in present}) }. Use 'cat' or 'svd'."
+        )
+    return layer.r[present[0]]
 
 
 def _combine_layer(

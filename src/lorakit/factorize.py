@@ -19,14 +19,8 @@ from .config import LoraConfig
 from .errors import LoraError
 from .inject import plan, replace_module
 from .layers import LoraLinear, is_gpt2_conv1d
-from .lowrank import (
-    LowRankReport,
-    factor_row,
-    low_rank,
-    raise_problems,
-    rank_limit_problems,
-    rank_problems,
-)
+from .lowrank.report import LowRankReport, factor_row
+from .lowrank.svd import low_rank, raise_problems, rank_limit_problems, rank_problems
 from .progress import progress
 from .targeting import iter_adapter_modules
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .errors import LoraError
 from .io import PREFIX, load_adapter, read_adapter
 from .layers import LoraLayer, lora_delta
-from .lowrank import factored_svd, rank_for_energy, spare_threads, torch_threads
+from .lowrank.svd import factored_svd, rank_for_energy, spare_threads, torch_threads
 from .merge import check_adapter_names
 from .progress import progress
 from .state import adapter_configs

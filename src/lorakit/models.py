@@ -35,7 +35,7 @@ import torch
 from .errors import LoraError
 
 if TYPE_CHECKING:  # transformers loads only when a model does: `lorakit --help` stays fast
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
     from .generate import GenerationSettings
 
@@ -238,7 +238,7 @@ def load_model(
         LoraError: see :func:`resolve_model_spec`; a folder with its own code (unless
             ``trust_remote_code``); see :func:`lorakit.precision.quantization_config`.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from .precision import quantization_config, resolve_dtype
 
@@ -250,25 +250,7 @@ def load_model(
     with _reading(source):
         folder = _cached_conversion(source) if source.suffix == ".gguf" else source
     quant = quantization_config(quantize, dtype, folder) if quantize else None
-    if _is_factorized(folder):
-        if quant is not None:
-            raise LoraError(
-                f"{folder} is a factorised model (lorakit factorize): --quantize is not "
-                "implemented for its low-rank layers; drop --quantize."
-            )
-        from .factorize import load_factorized
-
-        model = load_factorized(folder, dtype)
-    else:
-        placement = {"quantization_config": quant, "device_map": {"": device}} if quant else {}
-        with _reading(folder):
-            model = AutoModelForCausalLM.from_pretrained(
-                folder,
-                dtype=dtype,
-                local_files_only=True,
-                trust_remote_code=trust_remote_code,
-                **placement,
-            )
+    model = _load_weights(folder, dtype, quant, device, trust_remote_code)
     with _reading(folder, "tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(
             folder, local_files_only=True, trust_remote_code=trust_remote_code
@@ -278,6 +260,36 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return model.eval(), tokenizer
+
+
+def _load_weights(
+    folder: Path,
+    dtype: torch.dtype,
+    quant: BitsAndBytesConfig | None,
+    device: torch.device | str,
+    trust_remote_code: bool,
+) -> PreTrainedModel:
+    """The model in ``folder``: factorised layout, quantized onto ``device``, or float on CPU."""
+    from transformers import AutoModelForCausalLM
+
+    if _is_factorized(folder):
+        if quant is not None:
+            raise LoraError(
+                f"{folder} is a factorised model (lorakit factorize): --quantize is not "
+                "implemented for its low-rank layers; drop --quantize."
+            )
+        from .factorize import load_factorized
+
+        return load_factorized(folder, dtype)
+    placement = {"quantization_config": quant, "device_map": {"": device}} if quant else {}
+    with _reading(folder):
+        return AutoModelForCausalLM.from_pretrained(
+            folder,
+            dtype=dtype,
+            local_files_only=True,
+            trust_remote_code=trust_remote_code,
+            **placement,
+        )
 
 
 # Files whose ``auto_map`` makes transformers import Python from the model folder.
