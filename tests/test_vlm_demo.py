@@ -1,10 +1,12 @@
-"""The VLM demo's cached data: written as one unit, and named after what generated it."""
+"""The VLM demo: its cached data written as one unit and named after what generated it, and
+its model assembled without transformers' notes."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import vlm_tiny
 
 from lorakit.vlm import demo
 
@@ -56,3 +58,23 @@ def test_a_changed_task_gets_new_data_not_the_stale_cache(cache, monkeypatch):
     assert after != before and before.is_dir()
     monkeypatch.setattr(demo, "DEMO_VERSION", demo.DEMO_VERSION + 1)
     assert demo.demo_data()["train"].parent not in (before, after)
+
+
+def test_assembly_prints_no_transformers_notes_and_keeps_their_verbosity(smollm2_tokenizer):
+    import logging as std_logging
+
+    from transformers.utils import logging
+
+    notes = []
+    handler = std_logging.Handler()
+    handler.emit = lambda record: notes.append(record.getMessage())
+    std_logging.getLogger("transformers").addHandler(handler)
+    logging.set_verbosity_warning()
+    try:
+        model, processor = vlm_tiny.idefics3(smollm2_tokenizer)
+    finally:
+        std_logging.getLogger("transformers").removeHandler(handler)
+    assert notes == []
+    assert logging.get_verbosity() == logging.WARNING
+    assert model.config.text_config.pad_token_id == processor.tokenizer.pad_token_id
+    assert model.get_input_embeddings().num_embeddings == len(processor.tokenizer)

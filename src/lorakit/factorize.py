@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .config import LoraConfig
 from .errors import LoraError
-from .inject import plan, replace_module
+from .inject import PlanEntry, plan, replace_module
 from .layers import LoraLinear, is_gpt2_conv1d
 from .lowrank.report import LowRankReport, factor_row
 from .lowrank.svd import low_rank, raise_problems, rank_limit_problems, rank_problems
@@ -79,25 +79,7 @@ def factorize(
             target that is not a Linear or Conv1D or whose weight is tied to another module,
             or a model holding LoRA adapters (``unload`` them first).
     """
-    problems = rank_problems(rank, energy)
-    if any(True for _ in iter_adapter_modules(model)):
-        problems.append("the model holds LoRA adapters; merge or unload() them first")
-    raise_problems("factorize", problems)
-    try:  # LoraConfig's target matching, with plan's checks and hints
-        entries = plan(model, LoraConfig(r=1, target_modules=target_modules), "factorize").entries
-    except LoraError as err:
-        raise LoraError(str(err).replace("add adapter 'factorize'", "factorize", 1)) from None
-    owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-    limits = {}
-    for entry in entries:
-        module = model.get_submodule(entry.path)
-        if entry.layer is not LoraLinear:
-            problems.append(f"{entry.path}: {entry.module_type} is not a Linear or Conv1D")
-        elif owners[id(module.weight)] > 1:
-            problems.append(f"{entry.path}: its weight is tied to another module; untie it first")
-        else:
-            limits[entry.path] = min(entry.shape)
-    raise_problems("factorize", problems + rank_limit_problems(rank, limits))
+    entries = _factorize_entries(model, target_modules, rank, energy)
 
     rows, layout = [], {}
     with torch.no_grad():
@@ -122,6 +104,32 @@ def factorize(
     if config is not None:
         setattr(config, FACTORIZED_KEY, {**getattr(config, FACTORIZED_KEY, {}), **layout})
     return LowRankReport("factorize", rows)
+
+
+def _factorize_entries(
+    model: nn.Module, target_modules: list[str] | str, rank: int | None, energy: float | None
+) -> list[PlanEntry]:
+    """The targets, each checked to be an untied Linear / Conv1D with room for ``rank``."""
+    problems = rank_problems(rank, energy)
+    if any(True for _ in iter_adapter_modules(model)):
+        problems.append("the model holds LoRA adapters; merge or unload() them first")
+    raise_problems("factorize", problems)
+    try:  # LoraConfig's target matching, with plan's checks and hints
+        entries = plan(model, LoraConfig(r=1, target_modules=target_modules), "factorize").entries
+    except LoraError as err:
+        raise LoraError(str(err).replace("add adapter 'factorize'", "factorize", 1)) from None
+    owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    limits = {}
+    for entry in entries:
+        module = model.get_submodule(entry.path)
+        if entry.layer is not LoraLinear:
+            problems.append(f"{entry.path}: {entry.module_type} is not a Linear or Conv1D")
+        elif owners[id(module.weight)] > 1:
+            problems.append(f"{entry.path}: its weight is tied to another module; untie it first")
+        else:
+            limits[entry.path] = min(entry.shape)
+    raise_problems("factorize", problems + rank_limit_problems(rank, limits))
+    return entries
 
 
 def load_factorized(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -115,12 +117,7 @@ def assemble_vlm(
     import copy
 
     import torch
-    from transformers import (
-        Idefics3Config,
-        Idefics3ForConditionalGeneration,
-        Idefics3ImageProcessorPil,
-        Idefics3Processor,
-    )
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
 
     tokenizer = copy.deepcopy(tokenizer)
     tokenizer.add_special_tokens({"additional_special_tokens": list(IMAGE_TOKENS.values())})
@@ -146,20 +143,42 @@ def assemble_vlm(
     model = Idefics3ForConditionalGeneration(config)
     model.model.text_model.load_state_dict(language_model.get_decoder().state_dict())
     model.lm_head.load_state_dict(language_model.get_output_embeddings().state_dict())
-    model.resize_token_embeddings(len(tokenizer))
-    model.config.pad_token_id = tokenizer.pad_token_id
+    # The image tokens' rows start at the old rows' mean and covariance (transformers' mean
+    # resizing, seeded above); its note about that is for users who did not choose it.
+    with _transformers_quiet():
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.text_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), _processor(tokenizer)
+
+
+def _processor(tokenizer: Any) -> Any:
+    """Idefics3's processor for one unsplit IMAGE_SIZE image of (IMAGE_SIZE / 32)² tokens."""
+    from transformers import Idefics3ImageProcessorPil, Idefics3Processor
+
     image_processor = Idefics3ImageProcessorPil(
         size={"longest_edge": IMAGE_SIZE},
         max_image_size={"longest_edge": IMAGE_SIZE},
         do_image_splitting=False,
     )
-    processor = Idefics3Processor(
+    return Idefics3Processor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         image_seq_len=(IMAGE_SIZE // 16 // 2) ** 2,
         chat_template=CHAT_TEMPLATE,
     )
-    return model.eval(), processor
+
+
+@contextmanager
+def _transformers_quiet() -> Iterator[None]:
+    """transformers' own logging at errors only, for the block."""
+    from transformers.utils import logging
+
+    before = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(before)
 
 
 # The demo run's settings (`lorakit train --demo vlm`), for the keys neither flags nor a YAML
