@@ -129,8 +129,7 @@ def set_threads() -> None:
 
     if os.environ.get("OMP_NUM_THREADS"):
         return  # the user's choice (torch already follows it)
-    # Every core, shared among the processes torchrun started on this machine: the run is
-    # compute-bound and nothing else of ours needs the CPU.
+    # The run is compute-bound and nothing else of ours needs the CPU.
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
 
