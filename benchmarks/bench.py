@@ -36,7 +36,7 @@ from torch import nn
 
 from lorakit import LoraConfig, add_lora, load_adapter, merge, route, save_adapter
 from lorakit.layers import LoraLayer, LoraLinear
-from lorakit.models import DEFAULT_MODEL, load_model
+from lorakit.models.load import DEFAULT_MODEL, load_model
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RESULTS = Path(__file__).resolve().parent / "results"

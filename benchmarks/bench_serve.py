@@ -46,7 +46,7 @@ def make_adapters(model_spec: str, count: int, rank: int, folder: Path) -> dict[
 
     from lorakit import LoraConfig, add_lora, delete_adapter, save_adapter
     from lorakit.layers import LoraLayer
-    from lorakit.models import load_model
+    from lorakit.models.load import load_model
 
     model, _ = load_model(model_spec)
     generator = torch.Generator().manual_seed(0)

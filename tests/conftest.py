@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lorakit.models import DEFAULT_MODEL, load_model
+from lorakit.models.load import DEFAULT_MODEL, load_model
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +41,9 @@ def child_processes() -> BaseContext:
     heavy modules once, so each child starts in a fraction of a second.
     """
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "transformers", "peft", "lorakit.train", "tiny"])
+    context.set_forkserver_preload(
+        ["torch", "transformers", "peft", "lorakit.training.loop", "tiny"]
+    )
     return context
 
 

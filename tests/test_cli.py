@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from lorakit.cli import build_parser, main
-from lorakit.demo import demo_path
-from lorakit.train_config import config_fields
+from lorakit.data.demo import demo_path
+from lorakit.training.config import config_fields
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_train_writes_the_documented_layout(trained):
     assert expected | {"train_config.yaml", "checkpoints"} <= names
     config = json.loads((trained / "adapter_config.json").read_text())
     # A folder transformers loads offline, which lorakit reads as the alias again.
-    from lorakit.models import resolve_model_spec
+    from lorakit.models.load import resolve_model_spec
 
     assert Path(config["base_model_name_or_path"]).is_dir()
     assert resolve_model_spec(config["base_model_name_or_path"]) == "smollm2-135m"
@@ -69,7 +69,7 @@ def test_merge_gives_base_plus_adapter_logits(smollm2, trained, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from lorakit.io import load_adapter
-    from lorakit.models import load_model
+    from lorakit.models.load import load_model
 
     out = tmp_path / "merged"
     # No --model: the base comes from the adapter's config.

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 
 from lorakit import load_adapter
 from lorakit.cli import lowrank as cli
-from lorakit.factorize import factorize
 from lorakit.lowrank import extract_adapter
-from lorakit.models import load_model
+from lorakit.lowrank.factorize import factorize
+from lorakit.models.load import load_model
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import torch
 
 from lorakit.cli import main
 from lorakit.generate import GENERATION_FILE, json_shape
-from lorakit.metrics import METRICS_FILE, Metrics
+from lorakit.training.metrics import METRICS_FILE, Metrics
 
 SYSTEM = "Reply in JSON."
 TEMPLATE = (
@@ -275,12 +275,12 @@ def test_help_imports_no_transformers(argv):
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Any model load fails the test: the checks must come first."""
-    import lorakit.models
+    import lorakit.models.load
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the input checks")
 
-    monkeypatch.setattr(lorakit.models, "load_model", refuse)
+    monkeypatch.setattr(lorakit.models.load, "load_model", refuse)
 
 
 @pytest.mark.parametrize(
@@ -338,13 +338,13 @@ def _losses(output: Path) -> dict[int, float]:
 
 
 def test_resume_dir_alone_continues_a_killed_run_exactly(files, tmp_path, monkeypatch):
-    import lorakit.train
+    import lorakit.training.loop
 
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     common = ("train", "--model", files["model"], "--data", files["train"], *RUN)
     assert run_cli(*common, "--output", whole)[0] == 0
 
-    real = lorakit.train.save_checkpoint
+    real = lorakit.training.loop.save_checkpoint
 
     def save_then_die(output, step, *args, **kwargs):
         folder = real(output, step, *args, **kwargs)
@@ -352,9 +352,9 @@ def test_resume_dir_alone_continues_a_killed_run_exactly(files, tmp_path, monkey
             raise KeyboardInterrupt  # killed right after its first checkpoint
         return folder
 
-    monkeypatch.setattr(lorakit.train, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(lorakit.training.loop, "save_checkpoint", save_then_die)
     assert run_cli(*common, "--output", killed)[0] == 130  # what the CLI makes of Ctrl-C
-    monkeypatch.setattr(lorakit.train, "save_checkpoint", real)
+    monkeypatch.setattr(lorakit.training.loop, "save_checkpoint", real)
     assert sorted(_losses(killed)) == [1, 2]
 
     code, printed = run_cli("train", "--resume", killed)  # no config file, no other flag

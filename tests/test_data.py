@@ -1,4 +1,4 @@
-"""Tests for lorakit.data (reading, masking, truncation, packing, batching) and lorakit.demo."""
+"""Tests for lorakit.data (reading, masking, truncation, packing, batching) and lorakit.data.demo."""
 
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ from lorakit.data import (
     read_examples,
     split_examples,
 )
-from lorakit.demo import DEMO_SPLITS, demo_path, exact_match
+from lorakit.data.demo import DEMO_SPLITS, demo_path
 from lorakit.errors import LoraError
+from lorakit.generate import exact_match
 
 X = IGNORE_INDEX
 REPO = Path(__file__).resolve().parent.parent

@@ -353,7 +353,7 @@ def test_merged_needs_a_source_of_the_same_model(tmp_path):
 
 def test_bundled_smollm2_maps_onto_its_own_gguf(smollm2):
     """Every SmolLM2 weight has the name and shape of its tensor in the shipped GGUF."""
-    from lorakit.models import bundled_gguf
+    from lorakit.models.load import bundled_gguf
 
     model, _ = smollm2
     with torch.no_grad():
@@ -451,7 +451,7 @@ def tiny_folder(tmp_path, smollm2_tokenizer) -> Path:
 
 
 def saved_adapter(tmp_path, base: Path, **options) -> Path:
-    from lorakit.models import load_model
+    from lorakit.models.load import load_model
 
     model, _ = load_model(str(base))
     options = {"r": 4, "alpha": 8, "target_modules": PROJECTIONS, **options}

@@ -424,7 +424,7 @@ def test_bundled_base_is_recorded_as_a_folder_transformers_and_peft_load_offline
     import sys
     from pathlib import Path
 
-    from lorakit.models import DEFAULT_MODEL, cache_dir, resolve_model_spec
+    from lorakit.models.load import DEFAULT_MODEL, cache_dir, resolve_model_spec
 
     model = copy.deepcopy(smollm2[0])  # the fixture is shared
     config = LoraConfig(r=4, target_modules=["q_proj", "down_proj"])

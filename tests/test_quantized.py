@@ -225,8 +225,8 @@ def tokenized_folder(tmp_path_factory, smollm2_tokenizer):
 
 def quantized_run(folder, run, kind):
     """What ``lorakit train --quantize KIND`` leaves: an adapter and its train_config.yaml."""
-    from lorakit.models import load_model
-    from lorakit.train_config import TrainConfig, write_config
+    from lorakit.models.load import load_model
+    from lorakit.training.config import TrainConfig, write_config
 
     model, _ = load_model(str(folder), quantize=kind)
     config = LoraConfig(r=4, alpha=8, target_modules=TARGETS, base_model_name_or_path=str(folder))
@@ -305,8 +305,8 @@ def test_ddp_on_an_nf4_base_equals_one_process_with_double_batch(
 
     from safetensors.torch import load_file
 
-    from lorakit.train import train
-    from lorakit.train_config import TrainConfig
+    from lorakit.training.config import TrainConfig
+    from lorakit.training.loop import train
 
     settings = dict(max_steps=2, grad_accum=1, seq_len=48, lr=1e-2, warmup_steps=1, rank=4)
     settings |= dict(alpha=8, dropout=0.0, targets=["q_proj", "v_proj"], quantize="nf4")

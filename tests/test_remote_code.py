@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lorakit import LoraError
-from lorakit.models import check_remote_code
+from lorakit.models.load import check_remote_code
 
 CODE = """
 from pathlib import Path
@@ -90,7 +90,7 @@ def test_a_tokenizer_with_code_is_refused_too(tmp_path):
 def test_trust_remote_code_reaches_transformers_only_when_asked(tmp_path, monkeypatch):
     import transformers
 
-    from lorakit.models import load_model
+    from lorakit.models.load import load_model
 
     folder = evil_folder(tmp_path, tmp_path / "MARKER")
     seen = []

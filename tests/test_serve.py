@@ -29,7 +29,7 @@ import tiny
 from lorakit import LoraConfig, add_lora, save_adapter
 from lorakit.cli import main
 from lorakit.generate import GenerationSettings, save_generation_settings
-from lorakit.models import load_model
+from lorakit.models.load import load_model
 from lorakit.serve import ServeOptions, build_app, load_state
 from lorakit.serve.server import bind
 from lorakit.serve.text import TextStream
@@ -508,12 +508,12 @@ def test_serve_refuses_an_adapter_it_cannot_batch(folders, capsys):
     ],
 )
 def test_bad_flags_are_refused_before_the_model_loads(argv, message, capsys, monkeypatch):
-    import lorakit.models
+    import lorakit.models.load
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the input checks")
 
-    monkeypatch.setattr(lorakit.models, "load_model", refuse)
+    monkeypatch.setattr(lorakit.models.load, "load_model", refuse)
     assert main(["serve", *argv]) == 2
     assert message in capsys.readouterr().err
 

@@ -14,7 +14,7 @@ import torch
 from vlm_tiny import build
 
 from lorakit.cli import main
-from lorakit.models import save_model_folder
+from lorakit.models.load import save_model_folder
 from lorakit.vlm.collate import encode_vlm
 from lorakit.vlm.data import read_vlm_data
 from lorakit.vlm.demo import COLOURS, PLACES, SHAPES, write_demo_data

@@ -13,7 +13,7 @@ from vlm_tiny import FAMILIES, build
 
 from lorakit.errors import LoraError
 from lorakit.io import load_adapter
-from lorakit.train_config import TrainConfig
+from lorakit.training.config import TrainConfig
 from lorakit.vlm.collate import encode_vlm
 from lorakit.vlm.data import read_vlm_data
 from lorakit.vlm.targeting import find_parts

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from .data import Conversation, Example, check_chat_template, with_system
-from .demo import exact_match
 from .errors import LoraError
 
 GENERATION_FILE = "generation_settings.json"
@@ -163,6 +162,23 @@ def generate_batch(
     return replies
 
 
+def exact_match(prediction: str, reference: str) -> bool:
+    """Whether a prediction equals the reference, ignoring surrounding whitespace.
+
+    When both parse as JSON they are compared as JSON values, so spacing and key order do not
+    matter, while types do (``1``, ``1.0`` and ``true`` all differ).
+    """
+    prediction, reference = prediction.strip(), reference.strip()
+    try:
+        return _canonical_json(prediction) == _canonical_json(reference)
+    except json.JSONDecodeError:
+        return prediction == reference
+
+
+def _canonical_json(text: str) -> str:
+    return json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"))
+
+
 def split_references(examples: Sequence[Example]) -> tuple[list[Conversation], list[str]]:
     """Prompts (every turn before the last assistant reply) and the replies to match.
 
@@ -194,7 +210,7 @@ def exact_match_score(
     batch_size: int = 25,
     progress: str | None = None,
 ) -> float:
-    """Share of examples whose greedy reply equals the reference (see ``demo.exact_match``).
+    """Share of examples whose greedy reply equals the reference (see :func:`exact_match`).
 
     ``max_new_tokens`` is just above the longest reference, so the score costs little more
     than the answers themselves. ``progress`` labels a progress bar (see :func:`generate_batch`).

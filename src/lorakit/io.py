@@ -212,7 +212,7 @@ def write_adapter_files(model: nn.Module, folder: Path, adapter_name: str = "def
     peft["exclude_modules"] = _peft_exclude(config.exclude_modules)
     peft["task_type"] = task_type(model)
     if config.base_model_name_or_path:  # a path transformers and PEFT load offline
-        from .models import transformers_path  # lazily: models sits above io (its GGUF cache)
+        from .models.load import transformers_path  # lazily: models sits above io (its GGUF cache)
 
         peft["base_model_name_or_path"] = transformers_path(config.base_model_name_or_path)
     peft["fan_in_fan_out"] = any(

@@ -76,7 +76,7 @@ def _did_you_mean(word: str, choices: Sequence[str], command: str | None) -> str
     """`` (did you mean X?)`` for a mistyped flag or command, or ``""``."""
     suggestion = None
     if command == "train" and word.startswith("--"):
-        from ..train_config import config_fields, suggest_key
+        from ..training.config import config_fields, suggest_key
 
         key = suggest_key(word[2:], [f.name for f in config_fields()])
         suggestion = "--" + key.replace("_", "-") if key else None

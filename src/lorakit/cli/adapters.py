@@ -53,7 +53,7 @@ def add_combine_arguments(parser: argparse.ArgumentParser) -> None:
 def run_combine(args: argparse.Namespace) -> int:
     """Combine weighted adapters into one (cat: exact; svd: truncated to --rank; linear)."""
     from .. import combine, save_adapter
-    from ..models import load_model
+    from ..models.load import load_model
     from .common import check_adapter_folder, check_model_spec, load_adapters, model_name
 
     adapters = parse_named_adapters(args.adapter)

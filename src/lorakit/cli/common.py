@@ -42,7 +42,7 @@ def check_adapter_folder(folder: str | Path, flag: str = "--adapter") -> Path:
 
 def check_model_spec(spec: str, flag: str = "--model") -> str:
     """The resolved model spec (see ``lorakit.models.resolve_model_spec``); the flag is named."""
-    from ..models import resolve_model_spec
+    from ..models.load import resolve_model_spec
 
     try:
         return resolve_model_spec(spec)
@@ -109,7 +109,7 @@ def note_other_base(folder: str | Path, model_name: str) -> None:
 
 def _as_spec(base: str) -> str:
     """A recorded base as lorakit names it once loaded (a GGUF's converted folder: the GGUF)."""
-    from ..models import resolve_model_spec
+    from ..models.load import resolve_model_spec
 
     try:
         return resolve_model_spec(base)

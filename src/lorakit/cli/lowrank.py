@@ -42,7 +42,7 @@ def perplexity(
     language model, and the prompt tokens show it too.
     """
     from ..data import encode_examples, read_examples
-    from ..train_step import evaluate_loss
+    from ..training.step import evaluate_loss
 
     examples = read_examples(path)[:max_examples]
     data = encode_examples(examples, tokenizer, seq_len, train_on_prompt=True)
@@ -96,7 +96,7 @@ def run_extract(args: argparse.Namespace) -> int:
     """
     from ..io import save_adapter
     from ..lowrank import extract_adapter
-    from ..models import load_model
+    from ..models.load import load_model
 
     check_size(args.rank, args.energy)
     check_model_spec(args.base, "--base")
@@ -133,7 +133,7 @@ def run_resize(args: argparse.Namespace) -> int:
     """
     from ..io import load_adapter, save_adapter
     from ..lowrank import resize_adapter
-    from ..models import load_model
+    from ..models.load import load_model
 
     check_size(args.rank, args.energy)
     check_adapter_folder(args.adapter, "adapter")
@@ -166,8 +166,8 @@ def run_factorize(args: argparse.Namespace) -> int:
     Prints parameters and relative error per module and, with --data, the perplexity before
     and after. The folder written loads with lorakit (the layout is in its config.json).
     """
-    from ..factorize import factorize
-    from ..models import load_model, save_model_folder
+    from ..lowrank.factorize import factorize
+    from ..models.load import load_model, save_model_folder
 
     check_size(args.rank, args.energy)
     check_model_spec(args.model)
@@ -204,8 +204,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     With --base, also the LoRA paper's analysis: W projected onto dW's top directions and the
     amplification factor |dW| / |U^T W V|.
     """
-    from ..inspect import inspect_adapter, plot_spectra
-    from ..models import load_model
+    from ..lowrank.inspection import inspect_adapter, plot_spectra
+    from ..models.load import load_model
 
     check_adapter_folder(args.adapter, "adapter")
     if args.plot:

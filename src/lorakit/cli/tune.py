@@ -30,7 +30,7 @@ from .common import (
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..train_config import iter_config_help
+    from ..training.config import iter_config_help
 
     parser.add_argument(
         "config", nargs="?", default=None, help="YAML file with the same keys; flags override it"
@@ -119,8 +119,8 @@ def run_train(args: argparse.Namespace) -> int:
     adapter, generation_settings.json (system prompt, chat template), metrics.jsonl, loss.png,
     train_config.yaml and checkpoints to --output.
     """
-    from ..train import check_inputs, train
-    from ..train_config import config_fields, resolve_config
+    from ..training.config import config_fields, resolve_config
+    from ..training.loop import check_inputs, train
 
     overrides = {f.name: getattr(args, f.name) for f in config_fields() if hasattr(args, f.name)}
     if args.demo == "vlm":
@@ -178,7 +178,7 @@ def _model_arguments(parser: argparse.ArgumentParser, adapter_required: bool = F
 
 def _precision_arguments(parser: argparse.ArgumentParser) -> None:
     """``--dtype``, ``--quantize`` and ``--trust-remote-code``: how the base model loads."""
-    from ..precision import DTYPE_CHOICES, QUANTIZATIONS
+    from ..models.precision import DTYPE_CHOICES, QUANTIZATIONS
 
     parser.add_argument(
         "--dtype",
@@ -223,7 +223,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     Everything cheap (folders, the model spec, settings files) is checked before the load.
     """
     from ..adapters import set_adapter
-    from ..models import DEFAULT_MODEL, load_model
+    from ..models.load import DEFAULT_MODEL, load_model
 
     adapters = adapter_folders(args)
     spec = args.model or next(iter(adapters.values()), None) or DEFAULT_MODEL
@@ -284,7 +284,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from ..data import encode_examples, skip_report
     from ..generate import exact_match_score, split_references
-    from ..train_step import evaluate_loss
+    from ..training.step import evaluate_loss
 
     data = check_data_file(args.data, args.format, skip_bad_records=args.skip_bad_records)
     examples = data.examples
@@ -399,7 +399,7 @@ def _recorded_quantization(adapters: dict[str, str]) -> str | None:
     """The ``quantize`` a ``lorakit train`` run recorded beside its adapter, if any."""
     import yaml
 
-    from ..train_config import CONFIG_FILE
+    from ..training.config import CONFIG_FILE
 
     for folder in adapters.values():
         for config in (Path(folder) / CONFIG_FILE, Path(folder).parent / CONFIG_FILE):
@@ -431,8 +431,8 @@ def run_merge(args: argparse.Namespace) -> int:
         return cli.run_merge(args, vlm)
     from ..layers.quantized import is_quantized
     from ..merge import dequantize_merge
-    from ..models import save_model_folder
-    from ..precision import resolve_dtype
+    from ..models.load import save_model_folder
+    from ..models.precision import resolve_dtype
 
     args.system = args.chat_template = None
     out = check_empty_output(args.output)  # before the slow part

@@ -37,7 +37,7 @@ def load_for_export(
             embedding weights (extra rows) unless ``allow_extra_rows``, or a wrong base.
     """
     from .. import load_adapter
-    from ..models import load_model
+    from ..models.load import load_model
 
     folder = Path(adapter_dir)
     if not (folder / CONFIG_NAME).is_file():

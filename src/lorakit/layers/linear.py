@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import LoraLinearFunction, lora_linear
 from .base import LoraLayer, lora_delta
+from .kernels import LoraLinearFunction, lora_linear
 from .registry import register
 
 

@@ -50,7 +50,7 @@ def load_state(options: ServeOptions) -> ServerState:
             cannot be loaded or served (see :meth:`Catalog.load`).
     """
     from ..generate import GenerationSettings, read_generation_settings
-    from ..models import DEFAULT_MODEL, load_model, resolve_model_spec
+    from ..models.load import DEFAULT_MODEL, load_model, resolve_model_spec
 
     if options.max_tokens < 1:
         raise LoraError(f"--max-tokens must be at least 1, got {options.max_tokens}.")

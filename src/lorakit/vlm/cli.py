@@ -19,7 +19,7 @@ from .data import IMAGE
 def base_spec(args: argparse.Namespace) -> str | None:
     """The model folder ``eval``/``generate``/``chat``/``merge`` would load, if it is a VLM."""
     from ..cli.adapters import parse_named_adapters
-    from ..models import resolve_model_spec
+    from ..models.load import resolve_model_spec
     from .models import is_vlm_folder
 
     try:
@@ -106,7 +106,7 @@ def run_chat(args: argparse.Namespace, spec: str) -> int:
 
 def run_eval(args: argparse.Namespace, spec: str) -> int:
     """Loss, perplexity and exact match on image + text records."""
-    from ..train_step import evaluate_loss
+    from ..training.step import evaluate_loss
     from .collate import encode_vlm
     from .data import read_vlm_data
     from .generate import vlm_exact_match
@@ -130,7 +130,7 @@ def run_merge(args: argparse.Namespace, spec: str) -> int:
     """The adapter folded in; the folder (model + processor) loads with plain transformers."""
     from ..cli.common import check_empty_output
     from ..merge import unload
-    from ..models import save_model_folder
+    from ..models.load import save_model_folder
 
     if args.base_weights:
         raise LoraError(
@@ -149,7 +149,7 @@ def run_merge(args: argparse.Namespace, spec: str) -> int:
 
 def wants_vlm(config: Any) -> bool:
     """Whether a ``train`` config is an image run: a VLM folder as model, or image data."""
-    from ..models import resolve_model_spec
+    from ..models.load import resolve_model_spec
     from .data import has_images
     from .models import is_vlm_folder
 

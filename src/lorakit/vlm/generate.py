@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..demo import exact_match
 from ..errors import LoraError
+from ..generate import exact_match
 from .collate import process, render
 from .data import IMAGE, ImageSource, VlmExample, load_image
 

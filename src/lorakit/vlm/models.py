@@ -98,8 +98,8 @@ def load_vlm(
     """
     from transformers import AutoModelForImageTextToText
 
-    from ..models import check_remote_code
-    from ..precision import resolve_dtype
+    from ..models.load import check_remote_code
+    from ..models.precision import resolve_dtype
 
     folder = Path(spec)
     if not is_vlm_folder(folder):

@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import distributed
 from ..data import split_examples, with_system
 from ..errors import LoraError
 from ..generate import GenerationSettings, print_table
 from ..inject import add_lora, trainable_parameters
-from ..metrics import PLOT_FILE
-from ..train import (
+from ..training import distributed
+from ..training.config import TrainConfig
+from ..training.loop import (
     DEFAULT,
     Inputs,
     Loop,
@@ -34,7 +34,7 @@ from ..train import (
     start_loop,
     val_loss,
 )
-from ..train_config import TrainConfig
+from ..training.metrics import PLOT_FILE
 from .collate import VlmDataset, encode_vlm
 from .data import VlmExample, read_vlm_data
 from .generate import vlm_exact_match

@@ -10,8 +10,8 @@ import torch
 
 from lorakit import add_lora
 from lorakit.data import IGNORE_INDEX
-from lorakit.train_config import TrainConfig
-from lorakit.train_step import (
+from lorakit.training.config import TrainConfig
+from lorakit.training.step import (
     BatchStream,
     build_optimizer,
     lr_factor,

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import Tensor, nn
 
-from .errors import LoraError
+from ..errors import LoraError
 
 CPU = torch.device("cpu")
 

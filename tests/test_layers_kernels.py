@@ -15,8 +15,8 @@ from transformers.pytorch_utils import Conv1D
 
 from lorakit import LoraConfig, add_lora
 from lorakit.adapters import route
-from lorakit.kernels import input_grad
 from lorakit.layers import LoraLinear
+from lorakit.layers.kernels import input_grad
 from lorakit.merge import merge
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}

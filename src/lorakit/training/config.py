@@ -17,9 +17,9 @@ from typing import Any
 
 import yaml
 
-from .config import ALL_LINEAR, LoraConfig
-from .errors import LoraError
-from .models import DEFAULT_MODEL
+from ..config import ALL_LINEAR, LoraConfig
+from ..errors import LoraError
+from ..models.load import DEFAULT_MODEL
 
 SCHEDULES = ("cosine", "linear", "constant")
 CONFIG_FILE = "train_config.yaml"  # the resolved config, in the output and each checkpoint
@@ -245,7 +245,7 @@ def _range_problems(config: TrainConfig) -> list[str]:
 
 def _precision_problems(config: TrainConfig) -> list[str]:
     """``dtype`` and ``quantize`` names, and what they cannot be combined with."""
-    from .precision import DTYPE_CHOICES, QUANTIZATIONS
+    from ..models.precision import DTYPE_CHOICES, QUANTIZATIONS
 
     problems = []
     if config.dtype not in DTYPE_CHOICES:
@@ -338,7 +338,7 @@ def resolve_config(
         return resumed_config(overrides)
     values.update(overrides)
     if values.get("data") is None and not values.get("tasks"):
-        from .demo import demo_path
+        from ..data.demo import demo_path
 
         demo = {"data": str(demo_path("train")), "val_data": str(demo_path("val"))}
         demo["test_data"] = str(demo_path("test"))

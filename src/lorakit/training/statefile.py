@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import LoraError
+from ..errors import LoraError
 
 _TREE_KEY = "lorakit.tree"
 

@@ -2,7 +2,7 @@
 
 ``LoraLinear.forward`` uses it when the base is a plain, frozen Linear / GPT-2 Conv1D; the
 maths is the same as composing ``F.linear`` calls, with fewer temporaries (see
-``LoraLinearFunction``). Tested against the plain formula in ``tests/test_kernels.py``.
+``LoraLinearFunction``). Tested against the plain formula in ``tests/test_layers_kernels.py``.
 """
 
 from __future__ import annotations

@@ -9,11 +9,10 @@ The files are written by ``scripts/make_demo_data.py``.
 
 from __future__ import annotations
 
-import json
 from importlib.resources import files
 from pathlib import Path
 
-from .errors import LoraError
+from ..errors import LoraError
 
 DEMO_SPLITS = ("train", "val", "test")
 
@@ -28,20 +27,3 @@ def demo_path(split: str) -> Path:
         raise LoraError(f"Unknown demo split {split!r}; choose one of {', '.join(DEMO_SPLITS)}.")
     # lorakit is installed as plain files (never zipped), so the resource is a real file.
     return Path(str(files("lorakit").joinpath("demo", f"{split}.jsonl")))
-
-
-def exact_match(prediction: str, reference: str) -> bool:
-    """Whether a prediction equals the reference, ignoring surrounding whitespace.
-
-    When both parse as JSON they are compared as JSON values, so spacing and key order do not
-    matter, while types do (``1``, ``1.0`` and ``true`` all differ).
-    """
-    prediction, reference = prediction.strip(), reference.strip()
-    try:
-        return _canonical_json(prediction) == _canonical_json(reference)
-    except json.JSONDecodeError:
-        return prediction == reference
-
-
-def _canonical_json(text: str) -> str:
-    return json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"))

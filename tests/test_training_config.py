@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lorakit import LoraError
-from lorakit.train_config import TrainConfig, config_fields, resolve_config
+from lorakit.training.config import TrainConfig, config_fields, resolve_config
 
 
 def test_yaml_scientific_notation_without_a_dot_is_a_number(tmp_path):

@@ -7,7 +7,7 @@ import tiny
 import torch
 
 from lorakit import LoraConfig, LoraError, add_lora
-from lorakit.factorize import FACTORIZED_KEY, LowRankLinear, factorize, load_factorized
+from lorakit.lowrank.factorize import FACTORIZED_KEY, LowRankLinear, factorize, load_factorized
 
 
 @pytest.mark.parametrize("make", [tiny.llama, tiny.gpt2])

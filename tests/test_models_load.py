@@ -1,4 +1,4 @@
-"""Tests for lorakit.models: spec resolution, the GGUF cache, and loading real models."""
+"""Tests for lorakit.models.load: spec resolution, the GGUF cache, and loading real models."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from lorakit import models as lk_models
 from lorakit.errors import LoraError
-from lorakit.models import DEFAULT_MODEL, cache_dir, load_model, resolve_model_spec
+from lorakit.models import load as lk_models
+from lorakit.models.load import DEFAULT_MODEL, cache_dir, load_model, resolve_model_spec
 
 
 def _write_model_folder(folder: Path) -> Path:
@@ -172,7 +172,7 @@ def fake_loaders(tmp_path, monkeypatch) -> _FakeLoaders:
     import transformers
 
     fakes = _FakeLoaders()
-    # lorakit.models imports these from transformers when it loads a model (lazily).
+    # lorakit.models.load imports these from transformers when it loads a model (lazily).
     monkeypatch.setattr(
         transformers, "AutoModelForCausalLM", SimpleNamespace(from_pretrained=fakes.load_model)
     )
@@ -356,7 +356,7 @@ def test_a_truncated_gguf_is_a_lora_error_and_leaves_no_cache_entry(tmp_path, mo
 def test_save_model_folder_refuses_a_used_target_and_leaves_nothing_on_a_full_disk(
     tmp_path, monkeypatch
 ):
-    from lorakit.models import save_model_folder
+    from lorakit.models.load import save_model_folder
 
     model, tokenizer = load_model(str(_write_model_folder(tmp_path / "tiny")))
     (tmp_path / "file").write_text("x")
@@ -375,7 +375,7 @@ def test_save_model_folder_refuses_a_used_target_and_leaves_nothing_on_a_full_di
 def test_generation_settings_are_part_of_the_model_folder_s_one_swap(tmp_path, monkeypatch):
     import lorakit.generate as generate
     from lorakit.generate import GenerationSettings, read_generation_settings
-    from lorakit.models import save_model_folder
+    from lorakit.models.load import save_model_folder
 
     model, tokenizer = load_model(str(_write_model_folder(tmp_path / "tiny")))
     settings = GenerationSettings(system="Answer in JSON.")

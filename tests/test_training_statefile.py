@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lorakit import LoraError
-from lorakit.treefile import load_tree, save_tree
+from lorakit.training.statefile import load_tree, save_tree
 
 
 def _same(a, b) -> bool:

@@ -34,16 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import distributed
-from .atomic import atomic_folder, clean_leftovers
-from .checkpoint import (
-    check_resumable,
-    clean_checkpoints,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
-from .data import (
+from ..atomic import atomic_folder, clean_leftovers
+from ..data import (
     EncodedDataset,
     Example,
     common_system,
@@ -52,9 +44,8 @@ from .data import (
     read_data,
     with_system,
 )
-from .distributed import Dist
-from .errors import LoraError
-from .generate import (
+from ..errors import LoraError
+from ..generate import (
     GenerationSettings,
     exact_match_score,
     json_shape,
@@ -63,12 +54,21 @@ from .generate import (
     shape_matches,
     split_references,
 )
-from .inject import add_lora, trainable_parameters
-from .io import write_adapter_files
+from ..inject import add_lora, trainable_parameters
+from ..io import write_adapter_files
+from ..models.load import resolve_model_spec
+from . import distributed
+from .checkpoint import (
+    check_resumable,
+    clean_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from .config import TrainConfig, write_config
+from .distributed import Dist
 from .metrics import PLOT_FILE, Metrics
-from .models import resolve_model_spec
-from .train_config import TrainConfig, write_config
-from .train_step import (
+from .step import (
     BatchStream,
     adapter_parameters,
     build_optimizer,
@@ -247,7 +247,7 @@ def _prepare(config: TrainConfig, model: nn.Module | None, tokenizer: Any, dist:
         check_resumable(inputs.resume_dir, config, dist.world_size)
     _log(_describe(config), dist.is_main)
     if model is None:
-        from .models import load_model
+        from ..models.load import load_model
 
         model, tokenizer = load_model(
             config.model, config.dtype, config.quantize, dist.device, config.trust_remote_code

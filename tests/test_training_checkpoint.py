@@ -18,10 +18,10 @@ from peft import PeftConfig
 from peft.utils import load_peft_weights
 
 from lorakit import LoraError
-from lorakit.checkpoint import STATE_FILE, clean_checkpoints, latest_checkpoint, read_state
 from lorakit.io import read_adapter
-from lorakit.train import train
-from lorakit.train_config import TrainConfig
+from lorakit.training.checkpoint import STATE_FILE, clean_checkpoints, latest_checkpoint, read_state
+from lorakit.training.config import TrainConfig
+from lorakit.training.loop import train
 
 TRIALS = 20
 STEPS = 12  # the killed run's length; kills come before its last checkpoint
@@ -100,7 +100,7 @@ def test_a_corrupt_state_file_is_a_lora_error(tokenizer, data_file, tmp_path):
 def test_full_disk_during_a_checkpoint_keeps_the_last_good_one(
     tokenizer, data_file, tmp_path, monkeypatch
 ):
-    import lorakit.checkpoint as checkpoint
+    import lorakit.training.checkpoint as checkpoint
 
     real, calls = checkpoint.save_tree, {"n": 0}
 
@@ -141,7 +141,7 @@ def test_a_checkpoint_cut_between_two_renames_is_put_back(tmp_path):
 
 
 def test_a_non_finite_adapter_is_never_written(tokenizer, data_file, tmp_path, monkeypatch):
-    import lorakit.train as train_module
+    import lorakit.training.loop as train_module
 
     real = train_module.build_optimizer
 

@@ -20,8 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorakit.train import train
-from lorakit.train_config import TrainConfig
+from lorakit.training.config import TrainConfig
+from lorakit.training.loop import train
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch built without torch.distributed"

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .errors import LoraError
+from ..errors import LoraError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)

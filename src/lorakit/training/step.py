@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import IGNORE_INDEX, EncodedDataset
-from .train_config import TrainConfig
+from ..data import IGNORE_INDEX, EncodedDataset
+from .config import TrainConfig
 
 
 # --- learning-rate schedule -------------------------------------------------------------------
@@ -126,7 +126,7 @@ def step_loss(
     if len(targets) == 1:
         ((name, count),) = targets.items()
         return {name: summed_loss(model, batch) / max(count, 1)}
-    from .adapters import route
+    from ..adapters import route
 
     # Adapters are found on the model itself, not on a DDP wrapper around it.
     inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -158,7 +158,7 @@ def adapter_parameters(model: nn.Module, names: list[str]) -> dict[str, list[nn.
     """Trainable parameters by adapter: all of them for one adapter, else each LoRA's A and B."""
     if len(names) == 1:
         return {names[0]: [p for p in model.parameters() if p.requires_grad]}
-    from .targeting import iter_adapter_modules
+    from ..targeting import iter_adapter_modules
 
     groups: dict[str, list[nn.Parameter]] = {name: [] for name in names}
     for _, module in iter_adapter_modules(model):
@@ -205,7 +205,7 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     Weight decay applies to matrices only (never biases and norms, which are 1-D). With LoRA+
     the B matrices learn ``loraplus_ratio`` times faster than the rest.
     """
-    from .layers import LoraLayer
+    from ..layers import LoraLayer
 
     b_params = {
         id(p)

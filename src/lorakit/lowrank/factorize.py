@@ -15,14 +15,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .config import LoraConfig
-from .errors import LoraError
-from .inject import PlanEntry, plan, replace_module
-from .layers import LoraLinear, is_gpt2_conv1d
-from .lowrank.report import LowRankReport, factor_row
-from .lowrank.svd import low_rank, raise_problems, rank_limit_problems, rank_problems
-from .progress import progress
-from .targeting import iter_adapter_modules
+from ..config import LoraConfig
+from ..errors import LoraError
+from ..inject import PlanEntry, plan, replace_module
+from ..layers import LoraLinear, is_gpt2_conv1d
+from ..progress import progress
+from ..targeting import iter_adapter_modules
+from .report import LowRankReport, factor_row
+from .svd import low_rank, raise_problems, rank_limit_problems, rank_problems
 
 FACTORIZED_KEY = "lorakit_factorized"  # config.json key: module path -> rank of its factors
 

@@ -14,9 +14,9 @@ import yaml
 from safetensors.torch import load_file
 
 from lorakit import LoraError, add_lora
-from lorakit.train import train
-from lorakit.train_config import DEMO_DEFAULTS, TrainConfig, resolve_config
-from lorakit.train_step import lr_factor
+from lorakit.training.config import DEMO_DEFAULTS, TrainConfig, resolve_config
+from lorakit.training.loop import train
+from lorakit.training.step import lr_factor
 
 
 def tiny_llama(vocab: int, seed: int = 0):
@@ -125,7 +125,7 @@ def test_checkpoints_keep_the_last_k(tokenizer, data_file, tmp_path):
 
 
 def test_nan_loss_stops_naming_the_step(tokenizer, data_file, tmp_path, monkeypatch):
-    import lorakit.train_step as step_module
+    import lorakit.training.step as step_module
 
     real = step_module.summed_loss
     calls = {"n": 0}
@@ -199,7 +199,7 @@ def test_config_errors_list_every_problem(tmp_path):
 
 
 def test_an_unusable_output_or_data_path_fails_before_any_model_loads(data_file, tmp_path):
-    from lorakit.train import check_inputs
+    from lorakit.training.loop import check_inputs
 
     (tmp_path / "afile").write_text("x")
     cases = [

@@ -9,7 +9,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .errors import LoraError
+from ..errors import LoraError
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"

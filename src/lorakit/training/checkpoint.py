@@ -26,23 +26,23 @@ import torch
 import yaml
 from torch import nn
 
+from ..atomic import atomic_folder, clean_leftovers
+from ..errors import LoraError
+from ..io import write_adapter_files
 from . import distributed
-from .atomic import atomic_folder, clean_leftovers
-from .distributed import Dist
-from .errors import LoraError
-from .io import write_adapter_files
-from .train_config import (
+from .config import (
     CONFIG_FILE,
     RESUMABLE_CHANGES,
     TrainConfig,
     iter_config_help,
     write_config,
 )
-from .treefile import load_tree, save_tree
+from .distributed import Dist
+from .statefile import load_tree, save_tree
 
 if TYPE_CHECKING:
-    from .generate import GenerationSettings
-    from .train_step import BatchStream
+    from ..generate import GenerationSettings
+    from .step import BatchStream
 
 STATE_FILE = "state.safetensors"
 LEGACY_STATE_FILE = "state.pt"  # lorakit 0.1: torch.save, read with weights_only=True
@@ -203,7 +203,7 @@ def _write(
     settings: GenerationSettings | None,
 ) -> None:
     """Adapter, state and config written as one unit to ``target``."""
-    from .generate import save_generation_settings
+    from ..generate import save_generation_settings
 
     try:
         with atomic_folder(target) as new:

@@ -11,9 +11,9 @@ import tiny
 import torch
 
 from lorakit import LoraConfig, LoraError, add_lora
-from lorakit.models import load_model
-from lorakit.precision import quantization_config, resolve_dtype
-from lorakit.train_config import TrainConfig
+from lorakit.models.load import load_model
+from lorakit.models.precision import quantization_config, resolve_dtype
+from lorakit.training.config import TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_a_dtype_this_torch_cannot_multiply_is_refused_by_name(monkeypatch):
     def no_kernel(dtype, device):
         raise RuntimeError("\"addmm_impl_cpu_\" not implemented for 'Half'")
 
-    monkeypatch.setattr("lorakit.precision._matmul_probe", no_kernel)
+    monkeypatch.setattr("lorakit.models.precision._matmul_probe", no_kernel)
     with pytest.raises(LoraError, match=r"--dtype float16 is not supported on cpu .*use --dtype"):
         resolve_dtype("float16", "cpu")
 
