@@ -5,7 +5,7 @@
 1. a 2-layer Llama (tests/tiny.py) gets a rank-4 LoRA (alpha 8) on its seven projections,
    B random; its config goes to base/ and the adapter to adapter/;
 2. the llama-cpp-python sdist (it vendors llama.cpp) is downloaded once into
-   ``lorakit.models.load.cache_dir() / "llama-cpp"`` with pip;
+   ``lorakit.models.gguf.cache_dir() / "llama-cpp"`` with pip;
 3. llama.cpp's ``convert_lora_to_gguf.py --base base --outtype f32`` writes reference.gguf;
 4. provenance.json records the versions, the command and the checksums.
 
@@ -34,7 +34,7 @@ def sha256(path: Path) -> str:
 
 def llama_cpp_source() -> tuple[Path, Path]:
     """(sdist, vendored llama.cpp folder), downloading the sdist once."""
-    from lorakit.models.load import cache_dir
+    from lorakit.models.gguf import cache_dir
 
     cache = cache_dir() / "llama-cpp"
     sdist = cache / f"llama_cpp_python-{VERSION}.tar.gz"

@@ -240,12 +240,14 @@ def test_chat_template_file_is_saved_and_used(files, tmp_path, monkeypatch):
     )  # fmt: skip
     assert code == 0
     assert json.loads((out / GENERATION_FILE).read_text())["chat_template"] == template.read_text()
-    import lorakit.generate
+    import lorakit.data.encode
 
     rendered = []
-    real = lorakit.generate._prompt
+    real = lorakit.data.encode.render_prompt
     monkeypatch.setattr(
-        lorakit.generate, "_prompt", lambda tok, m: rendered.append(real(tok, m)) or rendered[-1]
+        lorakit.data.encode,
+        "render_prompt",
+        lambda tok, m: rendered.append(real(tok, m)) or rendered[-1],
     )
     assert run_cli("generate", "--adapter", out, "--max-new-tokens", "1", "hi")[0] == 0
     assert rendered[0].startswith("<|im_start|> system\n" + SYSTEM)

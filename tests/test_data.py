@@ -21,6 +21,7 @@ from lorakit.data import (
     split_examples,
 )
 from lorakit.data.demo import DEMO_SPLITS, demo_path
+from lorakit.data.encode import TextCodec
 from lorakit.errors import LoraError
 from lorakit.generate import exact_match
 
@@ -501,13 +502,13 @@ def test_bad_split_is_refused(fraction, fragment):
 def test_load_datasets_with_fraction_and_with_file(tmp_path, smollm2_tokenizer):
     train_path = write_jsonl(tmp_path / "train.jsonl", [{"text": f"t{i}"} for i in range(10)])
     val_path = write_jsonl(tmp_path / "val.jsonl", [{"messages": TINY_CHAT}])
-    train, val = load_datasets(train_path, smollm2_tokenizer, 32, val_fraction=0.2)
+    train, val = load_datasets(train_path, TextCodec(smollm2_tokenizer), 32, val_fraction=0.2)
     assert (train.examples, val.examples) == (8, 2)
-    train, val = load_datasets(train_path, smollm2_tokenizer, 32, val_path=val_path, pack=True)
+    train, val = load_datasets(train_path, TextCodec(smollm2_tokenizer), 32, val_path=val_path, pack=True)
     assert (train.examples, len(train), val.examples) == (10, 1, 1)  # only train is packed
-    assert load_datasets(train_path, smollm2_tokenizer, 32)[1] is None
+    assert load_datasets(train_path, TextCodec(smollm2_tokenizer), 32)[1] is None
     with pytest.raises(LoraError, match="not both"):
-        load_datasets(train_path, smollm2_tokenizer, 32, val_path=val_path, val_fraction=0.2)
+        load_datasets(train_path, TextCodec(smollm2_tokenizer), 32, val_path=val_path, val_fraction=0.2)
 
 
 def test_load_datasets_skips_and_reports_bad_records(tmp_path, smollm2_tokenizer):
@@ -516,9 +517,9 @@ def test_load_datasets_skips_and_reports_bad_records(tmp_path, smollm2_tokenizer
     train_path = write_jsonl(tmp_path / "train.jsonl", [*good[:4], bad[0], *good[4:], bad[1]])
     val_path = write_jsonl(tmp_path / "val.jsonl", [bad[0], *good[:2]])
     with pytest.raises(LoraError, match=r"train\.jsonl, line 5: field 'messages\[0\]' is the"):
-        load_datasets(train_path, smollm2_tokenizer, 64)
+        load_datasets(train_path, TextCodec(smollm2_tokenizer), 64)
     train, val = load_datasets(
-        train_path, smollm2_tokenizer, 64, val_path=val_path, skip_bad_records=True
+        train_path, TextCodec(smollm2_tokenizer), 64, val_path=val_path, skip_bad_records=True
     )
     assert (train.examples, len(train), val.examples) == (8, 8, 2)
     assert train.summary().endswith(
@@ -527,7 +528,7 @@ def test_load_datasets_skips_and_reports_bad_records(tmp_path, smollm2_tokenizer
     assert val.summary().endswith(f"; skipped 1 bad records of 3 in {val_path}: 1 assistant-first")
     # Held out of the training file: the file's skips are reported once, with the training set.
     train, val = load_datasets(
-        train_path, smollm2_tokenizer, 64, val_fraction=0.25, skip_bad_records=True
+        train_path, TextCodec(smollm2_tokenizer), 64, val_fraction=0.25, skip_bad_records=True
     )
     assert (train.examples, val.examples, val.skipped) == (6, 2, {})
     assert "skipped 2 bad records of 10 in" in train.summary()

@@ -161,7 +161,7 @@ def compare(name: str, model, tokenizer, llm) -> tuple[int, float]:
 
 
 def test_adapter_gguf_in_llama_cpp(setup, llama_cpp):
-    from lorakit.models.load import bundled_gguf
+    from lorakit.models.gguf import bundled_gguf
 
     model, tokenizer, folder = setup
     llm = open_llama(llama_cpp, folder / "base.f32.gguf", folder / "adapter.gguf")

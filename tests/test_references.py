@@ -59,6 +59,13 @@ def test_layout_lists_existing_modules():
     names = re.findall(r"^  (\S+)\s", block, flags=re.MULTILINE)
     assert len(names) > 10
     assert [n for n in names if not (ROOT / "src" / "lorakit" / n).exists()] == []
+    # ... and every module and package of the top level is in it, so that a newcomer can
+    # name what each owns.
+    package = ROOT / "src" / "lorakit"
+    present = {p.name + ("/" if p.is_dir() else "") for p in package.iterdir()}
+    present = {n for n in present if n.endswith((".py", "/")) and not n.startswith("__")}
+    present -= {"demo/"}  # the bundled demo data, not code
+    assert sorted(present - set(names)) == []
 
 
 def test_make_targets_named_in_the_readme_exist():

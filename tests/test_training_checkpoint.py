@@ -19,9 +19,10 @@ from peft.utils import load_peft_weights
 
 from lorakit import LoraError
 from lorakit.io import read_adapter
-from lorakit.training.checkpoint import STATE_FILE, clean_checkpoints, latest_checkpoint, read_state
+from lorakit.training.checkpoint import read_state
 from lorakit.training.config import TrainConfig
 from lorakit.training.loop import train
+from lorakit.training.run_folder import STATE_FILE, clean_checkpoints, latest_checkpoint
 
 TRIALS = 20
 STEPS = 12  # the killed run's length; kills come before its last checkpoint
@@ -129,15 +130,6 @@ def test_leftovers_of_killed_runs_are_cleaned_at_the_next_start(tokenizer, data_
     run(tokenizer, data_file, tmp_path, max_steps=1)
     assert sorted(p.name for p in root.iterdir()) == []
     assert clean_checkpoints(tmp_path) == []
-
-
-def test_a_checkpoint_cut_between_two_renames_is_put_back(tmp_path):
-    root = tmp_path / "checkpoints"
-    (root / ".step-4.old-abc").mkdir(parents=True)  # the fallback swap, cut after rename one
-    (root / ".step-4.new-def").mkdir()
-    removed = clean_checkpoints(tmp_path)
-    assert [p.name for p in removed] == [".step-4.new-def"]
-    assert sorted(p.name for p in root.iterdir()) == ["step-4"]
 
 
 def test_a_non_finite_adapter_is_never_written(tokenizer, data_file, tmp_path, monkeypatch):

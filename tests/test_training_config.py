@@ -111,3 +111,18 @@ def test_broken_or_hostile_yaml_is_a_lora_error(tmp_path, text):
     path.write_text(text)
     with pytest.raises(LoraError, match=str(path)):
         resolve_config(path)
+
+
+def test_the_resume_rule_names_what_a_resume_may_not_change():
+    from lorakit.training.config import resume_conflicts
+
+    saved = TrainConfig(data="a.jsonl", rank=4).to_dict()
+    del saved["dropout"]  # a setting added since the run started: it ran with the default
+    flags = {"rank": 8, "output": "elsewhere", "save_every": 5, "lr": saved["lr"], "seed": 3}
+    assert resume_conflicts(saved, flags) == ["rank", "seed"]  # in the order given
+    assert resume_conflicts(saved, {"dropout": 0.05}) == []  # the default it ran with
+    assert resume_conflicts(saved, {"dropout": 0.1}) == ["dropout"]
+    assert resume_conflicts(saved, {"batch_size": 4}) == ["batch_size"]
+    assert resume_conflicts(saved, {"batch_size": 4}, batch_size_free=True) == []
+    whole = TrainConfig(data="a.jsonl", rank=4, max_steps=9).to_dict()
+    assert resume_conflicts({**saved, "gone": 1}, whole) == ["max_steps", "gone"]

@@ -14,6 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from lorakit import LoraError, add_lora
+from lorakit.data.encode import TextCodec
 from lorakit.training.config import DEMO_DEFAULTS, TrainConfig, resolve_config
 from lorakit.training.loop import train
 from lorakit.training.step import lr_factor
@@ -199,7 +200,7 @@ def test_config_errors_list_every_problem(tmp_path):
 
 
 def test_an_unusable_output_or_data_path_fails_before_any_model_loads(data_file, tmp_path):
-    from lorakit.training.loop import check_inputs
+    from lorakit.training.inputs import check_inputs
 
     (tmp_path / "afile").write_text("x")
     cases = [
@@ -240,7 +241,7 @@ def test_lorakit_model_trains_under_hf_trainer(tokenizer, data_file, tmp_path):
     add_lora(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
     base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     before = _adapter(model)
-    dataset, _ = load_datasets(data_file, tokenizer, 64)
+    dataset, _ = load_datasets(data_file, TextCodec(tokenizer), 64)
     args = TrainingArguments(
         output_dir=str(tmp_path),
         max_steps=3,

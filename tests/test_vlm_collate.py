@@ -11,10 +11,9 @@ import torch
 from PIL import Image
 from vlm_tiny import FAMILIES, build
 
-from lorakit.data import IGNORE_INDEX
+from lorakit.data import IGNORE_INDEX, read_data
 from lorakit.errors import LoraError
-from lorakit.vlm.collate import encode_vlm, image_token_ids
-from lorakit.vlm.data import read_vlm_data
+from lorakit.vlm.collate import ImageCodec, image_token_ids
 
 # Image tokens per image, by hand, for a 32x32 and a 48x24 image:
 #  LLaVA: CLIP resizes and crops to 8x8, patches of 4 -> 2*2 = 4 (the CLS token dropped).
@@ -62,8 +61,8 @@ def data(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_expansion_and_labels(family, data, smollm2_tokenizer):
     model, processor = build(family, smollm2_tokenizer)
-    dataset = encode_vlm(read_vlm_data(data), processor, 512)
-    batch = dataset.collate([0, 1])
+    dataset = ImageCodec(processor).encode(read_data(data).examples, 512)
+    batch = dataset.collate([dataset[0], dataset[1]])
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
     tokenizer = processor.tokenizer
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN[family])
@@ -90,22 +89,22 @@ def test_expansion_and_labels(family, data, smollm2_tokenizer):
 @pytest.mark.parametrize("family", ["qwen2_vl", "idefics3"])
 def test_truncation_never_cuts_an_image(family, data, smollm2_tokenizer):
     _, processor = build(family, smollm2_tokenizer)
-    examples = read_vlm_data(data)
-    full = encode_vlm(examples, processor, 512)
+    examples = read_data(data).examples
+    full = ImageCodec(processor).encode(examples, 512)
     lengths = [len(labels) for labels in full.labels]
-    ids = full.collate([0, 1])["input_ids"]
+    ids = full.collate([full[0], full[1]])["input_ids"]
     image_ids = torch.tensor(sorted(image_token_ids(processor)))
     last_image = [int(torch.isin(row, image_ids).nonzero().max()) for row in ids]
     # One token short of record 1: its end-of-turn newline goes (truncated, kept), while the
     # limit falls inside record 0's second image, so record 0 is dropped (counted).
     limit = lengths[1] - 1
     assert last_image[1] < limit <= last_image[0]
-    cut = encode_vlm(examples, processor, limit)
+    cut = ImageCodec(processor).encode(examples, limit)
     assert (len(cut), cut.dropped, cut.truncated) == (1, 1, 1)
     assert "1 truncated, 1 dropped" in cut.summary()
-    batch = cut.collate([0])
+    batch = cut.collate([cut[0]])
     assert batch["input_ids"].shape[1] == limit
     assert torch.equal(batch["input_ids"][0], ids[1][:limit])
     # A limit that cuts every record through an image: refused, naming the flag.
     with pytest.raises(LoraError, match="every example was dropped at --seq-len 3"):
-        encode_vlm(examples, processor, 3)
+        ImageCodec(processor).encode(examples, 3)

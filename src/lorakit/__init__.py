@@ -22,7 +22,7 @@ from .io import load_adapter, save_adapter
 from .layers import lora_delta
 from .merge import merge, unload, unmerge
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "LoraConfig",

@@ -1,5 +1,9 @@
 """Generation with a chat template: batched greedy answers, exact match, streaming chat.
 
+Every function takes a codec (:class:`~lorakit.data.encode.TextCodec` over a tokenizer, or
+the image road's over a processor), which turns conversations into the model's inputs; images
+travel in the conversations' turns.
+
 What a model was trained with to answer well, its system prompt and chat template, is saved
 beside the adapter (:data:`GENERATION_FILE`) and used by ``generate``, ``chat`` and ``eval``
 unless overridden: an adapter then answers in the shape it learned without hidden knowledge.
@@ -11,13 +15,16 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .data import Conversation, Example, check_chat_template, with_system
 from .errors import LoraError
+
+if TYPE_CHECKING:
+    from .data.encode import TextCodec
 
 GENERATION_FILE = "generation_settings.json"
 
@@ -111,18 +118,10 @@ class _TokenProgress:
         self.bar.update(self.rows - self.done)
 
 
-def _prompt(tokenizer: Any, messages: Conversation) -> str:
-    if tokenizer.chat_template is None:
-        raise LoraError(
-            "The tokenizer has no chat template; use a chat (instruct) model for generation."
-        )
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
 @torch.no_grad()
 def generate_batch(
     model: nn.Module,
-    tokenizer: Any,
+    codec: TextCodec,
     conversations: Sequence[Conversation],
     max_new_tokens: int = 128,
     batch_size: int = 16,
@@ -130,34 +129,32 @@ def generate_batch(
 ) -> list[str]:
     """Greedy replies to each conversation (ending with a user turn), in order.
 
-    Prompts are padded on the left so every sequence's next token sits in the last column.
-    ``progress``: the label of a progress bar (rate, ETA) over the replies; ``None``: no bar.
+    Prompts are padded on the left (:meth:`TextCodec.prompts`) so every sequence's next token
+    sits in the last column. ``progress``: the label of a progress bar (rate, ETA) over the
+    replies; ``None``: no bar.
     """
-    was_training, side = model.training, tokenizer.padding_side
+    was_training = model.training
     model.eval()
-    tokenizer.padding_side = "left"
+    tokenizer = codec.tokenizer
     replies: list[str] = []
     bar = _bar(len(conversations), progress, "reply")
     try:
         for start in range(0, len(conversations), batch_size):
-            prompts = [_prompt(tokenizer, c) for c in conversations[start : start + batch_size]]
-            enc = tokenizer(
-                prompts, return_tensors="pt", padding=True, add_special_tokens=False
-            ).to(model.device)
+            chunk = conversations[start : start + batch_size]
+            enc = {k: v.to(model.device) for k, v in codec.prompts(chunk).items()}
             out = model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
                 use_cache=True,
-                streamer=None if bar.disable else _TokenProgress(bar, len(prompts), max_new_tokens),
+                streamer=None if bar.disable else _TokenProgress(bar, len(chunk), max_new_tokens),
             )
             # (B, prompt + new) -> the new tokens only
             new = out[:, enc["input_ids"].shape[1] :]
             replies += tokenizer.batch_decode(new, skip_special_tokens=True)
     finally:
         bar.close()
-        tokenizer.padding_side = side
         model.train(was_training)
     return replies
 
@@ -205,7 +202,7 @@ def split_references(examples: Sequence[Example]) -> tuple[list[Conversation], l
 
 def exact_match_score(
     model: nn.Module,
-    tokenizer: Any,
+    codec: TextCodec,
     examples: Sequence[Example],
     batch_size: int = 25,
     progress: str | None = None,
@@ -216,8 +213,9 @@ def exact_match_score(
     than the answers themselves. ``progress`` labels a progress bar (see :func:`generate_batch`).
     """
     prompts, references = split_references(examples)
-    longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references)
-    replies = generate_batch(model, tokenizer, prompts, longest + 8, batch_size, progress)
+    replies = generate_batch(
+        model, codec, prompts, _longest(codec, references) + 8, batch_size, progress
+    )
     hits = sum(exact_match(p, r) for p, r in zip(replies, references, strict=True))
     return hits / len(references)
 
@@ -243,7 +241,7 @@ def json_shape(text: str) -> Any:
 
 def shape_matches(
     model: nn.Module,
-    tokenizer: Any,
+    codec: TextCodec,
     examples: Sequence[Example],
     settings: GenerationSettings,
     progress: str | None = None,
@@ -255,8 +253,8 @@ def shape_matches(
     """
     prompts, references = split_references(examples)
     prompts = [settings.messages([m for m in p if m["role"] != "system"]) for p in prompts]
-    longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references)
-    replies = generate_batch(model, tokenizer, prompts, longest + 8, len(prompts), progress)
+    longest = _longest(codec, references)
+    replies = generate_batch(model, codec, prompts, longest + 8, len(prompts), progress)
     hits = sum(
         json_shape(p) is not None and json_shape(p) == json_shape(r)
         for p, r in zip(replies, references, strict=True)
@@ -264,15 +262,20 @@ def shape_matches(
     return hits, len(references)
 
 
+def _longest(codec: TextCodec, references: Sequence[str]) -> int:
+    """Tokens in the longest reference reply."""
+    tokenizer = codec.tokenizer
+    return max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references)
+
+
 def stream_reply(
-    model: nn.Module, tokenizer: Any, messages: Conversation, max_new_tokens: int = 256
+    model: nn.Module, codec: TextCodec, messages: Conversation, max_new_tokens: int = 256
 ) -> str:
     """Print the reply to ``messages`` token by token as it is generated; return it."""
     from transformers import TextStreamer
 
-    enc = tokenizer(_prompt(tokenizer, messages), return_tensors="pt", add_special_tokens=False).to(
-        model.device
-    )
+    enc = {k: v.to(model.device) for k, v in codec.prompts([messages]).items()}
+    tokenizer = codec.tokenizer
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     with torch.no_grad():
         out = model.generate(
@@ -283,44 +286,3 @@ def stream_reply(
             streamer=streamer,
         )
     return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-
-
-def print_table(
-    before: dict[str, float],
-    after: dict[str, float],
-    eval_losses: dict,
-    shape: tuple[int, int] | None = None,
-) -> None:
-    """Print the before/after table of a training run (the CLI's user output).
-
-    ``shape``: (hits, total) of :func:`shape_matches`, a row for the answers ``generate`` gives.
-    """
-    rows = []
-    if "exact_match" in before or "exact_match" in after:
-        rows.append(
-            (
-                "exact match (test)",
-                f"{before['exact_match']:.0%}" if "exact_match" in before else "-",
-                f"{after['exact_match']:.0%}" if "exact_match" in after else "-",
-            )
-        )
-    if eval_losses:
-        first, last = min(eval_losses), max(eval_losses)
-        rows.append(
-            (
-                "val loss",
-                f"{eval_losses[first]:.4f}" if first == 0 else "-",
-                f"{eval_losses[last]:.4f}",
-            )
-        )
-    if shape is not None:
-        rows.append(("JSON shape, generate", "-", f"{shape[0]}/{shape[1]}"))
-    print(f"\n{'':<22}{'before':>10}{'after':>10}")
-    for name, b, a in rows:
-        print(f"{name:<22}{b:>10}{a:>10}")
-    if shape is not None:
-        print(
-            f"(JSON shape: {shape[1]} test requests with no system prompt, prompted as "
-            "`lorakit generate` does with the saved settings)"
-        )
-    print()

@@ -26,10 +26,10 @@ Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Na
 
 
 def _commands() -> dict[str, Command]:
-    from . import adapters, export, lowrank, serve, tune
+    from . import adapters, export, lowrank, serve, train, tune
 
     commands: dict[str, Command] = {}
-    for module in (tune, lowrank, adapters, serve, export):
+    for module in (train, tune, lowrank, adapters, serve, export):
         commands.update(module.COMMANDS)
     return commands
 

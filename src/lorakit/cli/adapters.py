@@ -3,31 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from ..errors import LoraError
-
-_SEPARATORS = {"/", os.sep}  # in a path, never in an adapter name
-
-
-def parse_named_adapters(values: list[str]) -> dict[str, str]:
-    """``["a=DIR1", "b=DIR2"]`` -> ``{"a": "DIR1", "b": "DIR2"}``; a bare DIR is named "default".
-
-    An existing path wins over NAME=DIR, so ``runs/lr=0.01`` is a folder when it exists; so is
-    a value whose part before ``=`` holds a path separator (no adapter name does).
-    """
-    named: dict[str, str] = {}
-    for value in values:
-        name, sep, folder = value.partition("=")
-        if not sep or Path(value).exists() or any(s in name for s in _SEPARATORS):
-            name, folder = "default", value
-        if not name or not folder or name in named:
-            raise LoraError(
-                f"--adapter {value!r}: give each adapter once as NAME=DIR (e.g. --adapter a=runs/a)."
-            )
-        named[name] = folder
-    return named
+from .common import (
+    check_adapter_folder,
+    check_model_spec,
+    load_adapters,
+    model_name,
+    parse_named_adapters,
+)
 
 
 def add_combine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +39,6 @@ def run_combine(args: argparse.Namespace) -> int:
     """Combine weighted adapters into one (cat: exact; svd: truncated to --rank; linear)."""
     from .. import combine, save_adapter
     from ..models.load import load_model
-    from .common import check_adapter_folder, check_model_spec, load_adapters, model_name
 
     adapters = parse_named_adapters(args.adapter)
     for folder in adapters.values():

@@ -1,5 +1,6 @@
-"""Helpers shared by the subcommands: cheap input checks, status lines, adapter loading,
-the generation settings in use, threads, and reading a chat message.
+"""Helpers shared by the subcommands: cheap input checks, ``--adapter NAME=DIR`` values,
+status lines, adapter loading, the generation settings in use, threads, and reading a chat
+message.
 
 Everything here that runs before a model loads stays cheap (file system and JSON only), so a
 wrong path or flag is reported in a second, not after the model has loaded.
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from ..data import DataFile
 
 ADAPTER_CONFIG = "adapter_config.json"
+_SEPARATORS = {"/", os.sep}  # in a path, never in an adapter name
 
 
 def status(message: str) -> None:
@@ -134,13 +136,31 @@ def set_threads() -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
 
 
+def parse_named_adapters(values: list[str]) -> dict[str, str]:
+    """``["a=DIR1", "b=DIR2"]`` -> ``{"a": "DIR1", "b": "DIR2"}``; a bare DIR is named "default".
+
+    An existing path wins over NAME=DIR, so ``runs/lr=0.01`` is a folder when it exists; so is
+    a value whose part before ``=`` holds a path separator (no adapter name does).
+    """
+    named: dict[str, str] = {}
+    for value in values:
+        name, sep, folder = value.partition("=")
+        if not sep or Path(value).exists() or any(s in name for s in _SEPARATORS):
+            name, folder = "default", value
+        if not name or not folder or name in named:
+            raise LoraError(
+                f"--adapter {value!r}: give each adapter once as NAME=DIR (e.g. --adapter a=runs/a)."
+            )
+        named[name] = folder
+    return named
+
+
 def adapter_folders(args: argparse.Namespace) -> dict[str, str]:
     """``--adapter`` values as name -> folder, each checked; ``--model`` may be a run folder."""
-    from .adapters import parse_named_adapters
-
-    if args.adapter is None and args.model and (Path(args.model) / ADAPTER_CONFIG).is_file():
-        args.adapter = [args.model]  # a lorakit train output: its base model and its adapter
-    adapters = parse_named_adapters(args.adapter or [])
+    given = args.adapter
+    if given is None and args.model and (Path(args.model) / ADAPTER_CONFIG).is_file():
+        given = [args.model]  # a lorakit train output: its base model and its adapter
+    adapters = parse_named_adapters(given or [])
     for folder in adapters.values():
         check_adapter_folder(folder)
     return adapters
@@ -152,6 +172,9 @@ def generation_settings(args: argparse.Namespace, adapters: dict[str, str]) -> A
     from ..data import read_chat_template
     from ..generate import GENERATION_FILE, GenerationSettings, read_generation_settings
 
+    # merge has no --system / --chat-template: the saved ones always go into its folder.
+    system_flag = getattr(args, "system", None)
+    template_flag = getattr(args, "chat_template", None)
     names = [n.strip() for n in args.use.split(",")] if args.use else list(adapters)[-1:]
     folders = [adapters[n] for n in names if n in adapters] or [args.model or ""]
     # A folder without the file (a PEFT adapter, an old run) has no say.
@@ -161,8 +184,8 @@ def generation_settings(args: argparse.Namespace, adapters: dict[str, str]) -> A
         if f and (Path(f) / GENERATION_FILE).is_file()
     }
     system = template = None
-    if args.system is not None:
-        system = args.system or None  # '' turns the saved one off
+    if system_flag is not None:
+        system = system_flag or None  # '' turns the saved one off
     else:
         systems = {s.system for s in saved.values()}
         if len(systems) > 1:
@@ -171,7 +194,7 @@ def generation_settings(args: argparse.Namespace, adapters: dict[str, str]) -> A
                 f"({', '.join(map(str, saved))}); pass --system to choose one ('' for none)."
             )
         system = systems.pop() if systems else None
-    if args.chat_template is None:
+    if template_flag is None:
         templates = {s.chat_template for s in saved.values()}
         if len(templates) > 1:
             raise LoraError(
@@ -180,7 +203,7 @@ def generation_settings(args: argparse.Namespace, adapters: dict[str, str]) -> A
             )
         template = templates.pop() if templates else None
     else:
-        template = read_chat_template(args.chat_template)
+        template = read_chat_template(template_flag)
     return GenerationSettings(system, template)
 
 

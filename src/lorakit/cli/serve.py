@@ -66,8 +66,7 @@ def run(args: argparse.Namespace) -> int:
     for different adapters decode together in one forward pass. Ctrl-C lets running
     requests finish, then exits.
     """
-    from .adapters import parse_named_adapters
-    from .common import check_adapter_folder, check_model_spec
+    from .common import check_adapter_folder, check_model_spec, parse_named_adapters
 
     if importlib.util.find_spec("uvicorn") is None or importlib.util.find_spec("starlette") is None:
         raise LoraError(

@@ -1,17 +1,18 @@
-"""``lorakit train | eval | generate | chat | merge``: fine-tune, measure and use adapters.
+"""``lorakit eval | generate | chat | merge``: measure and use adapters.
 
-``train``'s flags are generated from :class:`lorakit.train_config.TrainConfig`, so the YAML keys, the
-flags and their defaults in ``--help`` cannot drift apart.
+One code path for text and vision-language models: each command chooses its road once
+(:func:`lorakit.vlm.modality.choose_modality`) and the road loads the model and its codec.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..data.images import IMAGE
 from ..errors import LoraError
 from .common import (
     adapter_folders,
@@ -25,130 +26,6 @@ from .common import (
     set_threads,
     status,
 )
-
-# --- train ----------------------------------------------------------------------------------------
-
-
-def _train_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..training.config import iter_config_help
-
-    parser.add_argument(
-        "config", nargs="?", default=None, help="YAML file with the same keys; flags override it"
-    )
-    for name, default, help_text in iter_config_help():
-        flag = "--" + name.replace("_", "-")
-        # SUPPRESS: only flags given on the command line reach the config, over the YAML file.
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": name}
-        shown = ",".join(default) if isinstance(default, list) else default
-        kwargs["help"] = f"{help_text} (default: {shown})".replace("%", "%%")
-        flags = [flag]
-        if isinstance(default, bool):
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif isinstance(default, list):
-            # Comma-separated and repeatable: --task a=x.jsonl --task b=y.jsonl.
-            kwargs["type"] = lambda s: [t.strip() for t in s.split(",") if t.strip()]
-            kwargs["action"] = "extend"
-            flags.append(flag.removesuffix("s"))
-        elif isinstance(default, (int, float)):
-            kwargs["type"] = type(default)
-        parser.add_argument(*flags, **kwargs)
-    parser.add_argument(
-        "--demo",
-        choices=["vlm"],
-        default=None,
-        help="vlm: the vision-language demo (a SmolVLM-shaped model assembled from the bundled "
-        "SmolLM2 learns to name coloured shapes); without it and --data, the text demo",
-    )
-    parser.add_argument(
-        "--nproc",
-        type=_process_count,
-        default=1,
-        help="processes (GPUs) on this machine: launches torchrun --nproc-per-node N for you; "
-        "for several machines run torchrun -m lorakit train yourself (see docs/distributed.md)",
-    )
-
-
-def _process_count(text: str) -> int:
-    """``--nproc``: a whole number of processes, at least 1."""
-    try:
-        count = int(text)
-    except ValueError:
-        count = 0
-    if count < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of processes, 1 or more: {text}")
-    return count
-
-
-def _flags(overrides: dict[str, Any]) -> list[str]:
-    """Command-line flags that give ``overrides`` back (for relaunching under torchrun)."""
-    flags = []
-    for name, value in overrides.items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            flags.append(flag if value else "--no-" + flag[2:])
-        elif isinstance(value, list):
-            flags += [flag, ",".join(value)]
-        elif value is not None:
-            flags += [flag, str(value)]
-    return flags
-
-
-def _launch(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    """Run this same ``lorakit train`` in ``args.nproc`` processes under torchrun."""
-    import subprocess
-    import sys
-
-    if "WORLD_SIZE" in os.environ:
-        raise LoraError(
-            "--nproc given inside a torchrun launch; drop --nproc (torchrun sets the processes)."
-        )
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc-per-node", str(args.nproc), "-m", "lorakit", "train"]
-    command += ([args.config] if args.config else []) + _flags(overrides)
-    command += ["--debug"] if getattr(args, "debug", False) else []  # each process shows its own
-    return subprocess.run(command, check=False).returncode
-
-
-def run_train(args: argparse.Namespace) -> int:
-    """Fine-tune a LoRA adapter (no arguments: the bundled model on the bundled demo task).
-
-    Under torchrun (or with --nproc N) it trains data-parallel: DDP, or FSDP2 with --fsdp.
-    --resume OUTPUT alone continues that run with its own settings.
-
-    Prints the settings, a progress bar and, at the end, a before/after table; writes the
-    adapter, generation_settings.json (system prompt, chat template), metrics.jsonl, loss.png,
-    train_config.yaml and checkpoints to --output.
-    """
-    from ..training.config import config_fields, resolve_config
-    from ..training.loop import check_inputs, train
-
-    overrides = {f.name: getattr(args, f.name) for f in config_fields() if hasattr(args, f.name)}
-    if args.demo == "vlm":
-        from ..vlm.demo import demo_config
-
-        config = demo_config(args.config, overrides)
-    else:
-        config = resolve_config(args.config, overrides)  # bad settings fail here, before launching
-    from ..vlm.cli import wants_vlm
-
-    if wants_vlm(config):  # a VLM folder, or image data: lorakit.vlm's set-up, the same loop
-        from ..vlm.train import train_vlm
-
-        if args.nproc > 1:
-            raise LoraError("--nproc with a vision-language model is not implemented yet.")
-        set_threads()
-        result = train_vlm(config)
-        print(f"done: {result.steps} steps, adapter in {result.output}")
-        return 0
-    if args.nproc > 1:
-        check_inputs(config)  # every process would find the same problem, after a model load
-        return _launch(args, overrides)
-    set_threads()
-    result = train(config)
-    if "RANK" not in os.environ or os.environ["RANK"] == "0":
-        print(f"done: {result.steps} steps, adapter in {result.output}")
-    return 0
-
 
 # --- shared by eval, generate, chat, merge --------------------------------------------------------
 
@@ -215,39 +92,58 @@ def _prompt_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    """The base model (given, or the first adapter's) with the adapters, if any, loaded, its
-    tokenizer (with the chat template in use) and the generation settings.
+@dataclass(frozen=True)
+class _Loaded:
+    """What eval, generate, chat and merge run on: the model with its adapters, the codec,
+    the generation settings in use and the road (text or images)."""
 
-    ``--model`` may be a ``lorakit train`` output folder: its base model and its adapter load.
-    Everything cheap (folders, the model spec, settings files) is checked before the load.
+    model: Any
+    codec: Any
+    settings: Any
+    modality: Any
+
+
+def _road(args: argparse.Namespace, spec: str | None = None) -> tuple[str, dict[str, str], Any]:
+    """The model spec, the adapter folders and the road, all checked before any load.
+
+    ``spec`` overrides ``--model`` (merge's ``--base-weights``). ``--model`` may be a
+    ``lorakit train`` output folder: its base model and its adapter load.
     """
-    from ..adapters import set_adapter
-    from ..models.load import DEFAULT_MODEL, load_model
+    from ..models.load import DEFAULT_MODEL
+    from ..vlm.modality import IMAGES, choose_modality
 
     adapters = adapter_folders(args)
-    spec = args.model or next(iter(adapters.values()), None) or DEFAULT_MODEL
+    spec = spec or args.model or next(iter(adapters.values()), None) or DEFAULT_MODEL
     check_model_spec(spec, "--model" if args.model else "the adapter's base model")
+    modality = choose_modality(spec, getattr(args, "data", None))
+    modality.refuse(args)
+    if getattr(args, "image", None) and modality is not IMAGES:
+        raise LoraError("--image needs a vision-language model (--model VLM_FOLDER).")
+    return spec, adapters, modality
+
+
+def _load(
+    args: argparse.Namespace, spec: str | None = None, quantize: str | None = None
+) -> _Loaded:
+    """The base model (given, or the first adapter's) with the adapters, if any, loaded, its
+    codec (with the chat template in use) and the generation settings.
+
+    Everything cheap (folders, the model spec, the road, settings files) is checked before
+    the load. ``spec`` and ``quantize`` override ``--model`` and ``--quantize``.
+    """
+    from ..adapters import set_adapter
+
+    spec, adapters, modality = _road(args, spec)
     settings = generation_settings(args, adapters)
     set_threads()
-    model, tokenizer = load_model(
-        spec, args.dtype, args.quantize, trust_remote_code=args.trust_remote_code
+    model, processor = modality.load(
+        spec, args.dtype, quantize or args.quantize, trust_remote_code=args.trust_remote_code
     )
     load_adapters(model, adapters, model_name(model, spec))
     if args.use:
         set_adapter(model, [n.strip() for n in args.use.split(",")])
-    settings.apply_template(tokenizer)
-    return model.eval(), tokenizer, settings
-
-
-def _vlm_base(args: argparse.Namespace) -> str | None:
-    """The vision-language model folder the command is for, if it is one (lorakit.vlm.cli)."""
-    from ..vlm.cli import base_spec
-
-    spec = base_spec(args)
-    if spec is None and getattr(args, "image", None):
-        raise LoraError("--image needs a vision-language model (--model VLM_FOLDER).")
-    return spec
+    settings.apply_template(processor)
+    return _Loaded(model.eval(), modality.codec(processor), settings, modality)
 
 
 # --- eval -----------------------------------------------------------------------------------------
@@ -270,19 +166,15 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """Loss and perplexity on a data file, plus exact match for chat/alpaca/sharegpt records.
+    """Loss and perplexity on a data file, plus exact match for conversations (with images
+    on a vision-language model).
 
     Conversations without a system message get the adapter's saved one (or --system), as in
     training.
     """
-    vlm = _vlm_base(args)
-    if vlm is not None:
-        from ..vlm import cli
-
-        return cli.run_eval(args, vlm)
     from collections import Counter
 
-    from ..data import encode_examples, skip_report
+    from ..data import skip_report
     from ..generate import exact_match_score, split_references
     from ..training.step import evaluate_loss
 
@@ -291,27 +183,25 @@ def run_eval(args: argparse.Namespace) -> int:
     chats = not isinstance(examples[0], str)
     if chats:
         split_references(examples)  # every record needs the reply to compare with
-    model, tokenizer, settings = _load(args)
-    examples = [settings.messages(e) if chats else e for e in examples]
-    dataset = encode_examples(
-        examples,
-        tokenizer,
-        args.seq_len,
-        sources=data.sources,
-        skip_bad_records=args.skip_bad_records,
+    loaded = _load(args)
+    examples = [loaded.settings.messages(e) if chats else e for e in examples]
+    dataset = loaded.codec.encode(
+        examples, args.seq_len, sources=data.sources, skip_bad_records=args.skip_bad_records
     )
     refused = set(dataset.refused)  # by the chat template: no reply to generate from either
     examples = [e for i, e in enumerate(examples) if i not in refused]
     skipped = skip_report(data.skipped + Counter(dataset.skipped), data.records, args.data)
     if skipped:
         status(skipped)
-    loss = evaluate_loss(model, dataset, args.batch_size, tokenizer.pad_token_id, "loss")
-    print(f"examples:    {len(examples)}")
+    pad_id = loaded.codec.tokenizer.pad_token_id
+    loss = evaluate_loss(loaded.model, dataset, args.batch_size, pad_id, "loss")
+    dropped = f" ({dataset.dropped} dropped at --seq-len)" if dataset.dropped else ""
+    print(f"examples:    {len(examples)}{dropped}")
     print(f"loss:        {loss:.4f}")
     print(f"perplexity:  {math.exp(min(loss, 50)):.3f}")
     if chats:
         label = f"exact match ({len(examples)} greedy replies)"
-        score = exact_match_score(model, tokenizer, examples, progress=label)
+        score = exact_match_score(loaded.model, loaded.codec, examples, progress=label)
         print(f"exact match: {score:.1%}")
     return 0
 
@@ -338,19 +228,32 @@ def run_generate(args: argparse.Namespace) -> int:
     """Reply to one prompt with the chat template, streaming tokens as they come.
 
     The system prompt and chat template saved with the adapter by lorakit train are used
-    unless --system / --chat-template say otherwise.
+    unless --system / --chat-template say otherwise. Each ``--image`` (a vision-language
+    model) is an ``<image>`` before the prompt unless the prompt places them.
     """
-    vlm = _vlm_base(args)
-    if vlm is not None:
-        from ..vlm import cli
-
-        return cli.run_generate(args, vlm)
     from ..generate import stream_reply
 
-    model, tokenizer, settings = _load(args)
-    messages = settings.messages([{"role": "user", "content": " ".join(args.prompt)}])
-    stream_reply(model, tokenizer, messages, args.max_new_tokens)
+    images = _check_images(args.image or [])
+    loaded = _load(args)
+    text = " ".join(args.prompt)
+    if images and IMAGE not in text:
+        text = IMAGE * len(images) + text
+    turn: dict[str, Any] = {"role": "user", "content": text}
+    if images:
+        turn["images"] = images
+    stream_reply(loaded.model, loaded.codec, loaded.settings.messages([turn]), args.max_new_tokens)
     return 0
+
+
+def _check_images(paths: list[str]) -> list[Path]:
+    """``--image`` files, each checked to open as an image (as data records' images are)."""
+    from ..data.images import check_image
+
+    for path in paths:
+        if not Path(path).is_file():
+            raise LoraError(f"--image {path}: file not found.")
+        check_image(Path(path), f"--image {path}", "--image")
+    return [Path(path) for path in paths]
 
 
 def _chat_arguments(parser: argparse.ArgumentParser) -> None:
@@ -363,19 +266,27 @@ def run_chat(args: argparse.Namespace) -> int:
     """Chat in the terminal (streamed replies); an empty line or Ctrl-D ends it.
 
     The system prompt and chat template saved with the adapter are used unless overridden.
+    With a vision-language model, ``/image PATH`` attaches an image to the next message.
     """
-    vlm = _vlm_base(args)
-    if vlm is not None:
-        from ..vlm import cli
-
-        return cli.run_chat(args, vlm)
     from ..generate import stream_reply
+    from ..vlm.modality import IMAGES
 
-    model, tokenizer, settings = _load(args)
-    messages = settings.messages([])
+    loaded = _load(args)
+    messages, pending = loaded.settings.messages([]), []
+    if loaded.modality is IMAGES:
+        print("(/image PATH attaches an image to your next message)")
     while (text := read_message()) is not None:
-        messages.append({"role": "user", "content": text})
-        reply = stream_reply(model, tokenizer, messages, args.max_new_tokens)
+        if text.startswith("/image") and loaded.modality is IMAGES:
+            try:
+                pending += _check_images([text.removeprefix("/image").strip()])
+            except LoraError as error:
+                print(error)
+            continue
+        turn: dict[str, Any] = {"role": "user", "content": IMAGE * len(pending) + text}
+        if pending:
+            turn["images"], pending = pending, []
+        messages.append(turn)
+        reply = stream_reply(loaded.model, loaded.codec, messages, args.max_new_tokens)
         messages.append({"role": "assistant", "content": reply})
     return 0
 
@@ -396,18 +307,19 @@ def _merge_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _recorded_quantization(adapters: dict[str, str]) -> str | None:
-    """The ``quantize`` a ``lorakit train`` run recorded beside its adapter, if any."""
-    import yaml
+    """The ``quantize`` a ``lorakit train`` run recorded beside its adapter, if any.
 
-    from ..training.config import CONFIG_FILE
+    Raises:
+        LoraError: the run's ``train_config.yaml`` is damaged (see ``read_run_config``).
+    """
+    from ..training.run_folder import read_run_config
 
     for folder in adapters.values():
-        for config in (Path(folder) / CONFIG_FILE, Path(folder).parent / CONFIG_FILE):
-            try:
-                recorded = yaml.safe_load(config.read_text())
-            except (OSError, yaml.YAMLError):
-                continue  # no run settings here (a PEFT adapter): nothing recorded
-            if isinstance(recorded, dict) and recorded.get("quantize"):
+        # The adapter's own folder (OUTPUT, a checkpoint), or OUTPUT for a task's OUTPUT/NAME.
+        for run in (Path(folder), Path(folder).parent):
+            # None: no run settings here (a PEFT adapter), so nothing recorded.
+            recorded = read_run_config(run, required=False) or {}
+            if recorded.get("quantize"):
                 return str(recorded["quantize"])
     return None
 
@@ -415,39 +327,34 @@ def _recorded_quantization(adapters: dict[str, str]) -> str | None:
 def run_merge(args: argparse.Namespace) -> int:
     """Fold an adapter into its base model and save a plain Hugging Face model folder.
 
-    The folder (safetensors, config, tokenizer) loads with
-    transformers.AutoModelForCausalLM.from_pretrained, without lorakit. The adapter's chat
-    template goes into the tokenizer, and its generation_settings.json is copied along.
+    The folder (safetensors, config, tokenizer or processor) loads with transformers'
+    ``from_pretrained``, without lorakit. The adapter's chat template goes into the tokenizer,
+    and its generation_settings.json is copied along.
 
     After a quantized run (--quantize recorded in its train_config.yaml, or a quantized base
     folder) the base loads quantized as in training and the folder holds float weights
     dequant(W) + dW, never re-quantized; --base-weights MODEL merges into MODEL's float
     weights instead (W + dW).
     """
-    vlm = _vlm_base(args)
-    if vlm is not None:
-        from ..vlm import cli
-
-        return cli.run_merge(args, vlm)
     from ..layers.quantized import is_quantized
     from ..merge import dequantize_merge
     from ..models.load import save_model_folder
     from ..models.precision import resolve_dtype
 
-    args.system = args.chat_template = None
     out = check_empty_output(args.output)  # before the slow part
     if args.base_weights and args.quantize:
         raise LoraError("--base-weights merges into float weights; drop --quantize.")
-    if args.base_weights:
-        args.model = args.base_weights
-    else:
-        args.quantize = args.quantize or _recorded_quantization(adapter_folders(args))
-    model, tokenizer, settings = _load(args)
+    quantize = None  # --base-weights: the float model, never quantized
+    if not args.base_weights:
+        quantize = args.quantize or _recorded_quantization(adapter_folders(args))
+    loaded = _load(args, args.base_weights, quantize)
+    model = loaded.model
     quantized = is_quantized(model)
     dequantize_merge(model, resolve_dtype(args.dtype))  # a float base: a plain merge
     model.config.use_cache = True
+    settings = loaded.settings
     kept = settings if settings.system or settings.chat_template else None
-    save_model_folder(model, tokenizer, out, kept)
+    save_model_folder(model, loaded.codec.processor, out, kept)
     if quantized:
         status(
             "note: the base was quantized, so the merged weights are the dequantized base "
@@ -461,7 +368,6 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "train": (_train_arguments, run_train),
     "eval": (_eval_arguments, run_eval),
     "generate": (_generate_arguments, run_generate),
     "chat": (_chat_arguments, run_chat),

@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from ..errors import LoraError
-from .encode import EncodedDataset, encode_examples
-from .records import DataFile, Example, read_data
+from .encode import EncodedDataset
+from .files import read_data
+from .records import DataFile, Example
 
-if TYPE_CHECKING:  # reading and checking data files needs no transformers
-    from transformers import PreTrainedTokenizerBase
+if TYPE_CHECKING:
+    from .encode import TextCodec
 
 
 T = TypeVar("T")
@@ -66,7 +67,7 @@ def split_examples(
 
 def load_datasets(
     train_path: str | Path,
-    tokenizer: PreTrainedTokenizerBase,
+    codec: TextCodec,
     seq_len: int,
     *,
     val_path: str | Path | None = None,
@@ -80,7 +81,8 @@ def load_datasets(
 ) -> tuple[EncodedDataset, EncodedDataset | None]:
     """Read, split and encode the training data and the validation data, if any.
 
-    Validation comes from ``val_path`` or, with ``val_fraction``, from the training file
+    ``codec`` encodes: :class:`~lorakit.data.encode.TextCodec` for a tokenizer, its image
+    subclass for a processor (:mod:`lorakit.vlm.collate`). Validation comes from ``val_path`` or, with ``val_fraction``, from the training file
     (see :func:`split_examples`). It is never packed, so its loss does not depend on
     ``pack``. ``data_format`` applies to both files; without it each file is detected alone.
     ``system`` goes first in every conversation that has no system message (:func:`with_system`).
@@ -92,7 +94,7 @@ def load_datasets(
 
     Raises:
         LoraError: both ``val_path`` and ``val_fraction`` given, or as in
-            :func:`read_examples`, :func:`split_examples` and :func:`encode_examples`.
+            :func:`read_data`, :func:`split_examples` and ``codec.encode``.
     """
     if val_path is not None and val_fraction:
         raise LoraError("Give a validation file or a validation fraction, not both.")
@@ -106,9 +108,8 @@ def load_datasets(
         train, val = split_examples(train, val_fraction, seed)
 
     def encode(pairs: list[tuple[Example, str]], data: DataFile, pack: bool) -> EncodedDataset:
-        encoded = encode_examples(
+        encoded = codec.encode(
             [e for e, _ in pairs],
-            tokenizer,
             seq_len,
             train_on_prompt=train_on_prompt,
             pack=pack,

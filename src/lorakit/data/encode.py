@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -233,6 +233,19 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: Conversation, prompt: 
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
 
 
+def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: Conversation) -> str:
+    """``messages`` rendered by the chat template, ending with the prompt for a reply.
+
+    Raises:
+        LoraError: the tokenizer has no chat template.
+    """
+    if tokenizer.chat_template is None:
+        raise LoraError(
+            "The tokenizer has no chat template; use a chat (instruct) model for generation."
+        )
+    return _render(tokenizer, messages, prompt=True)
+
+
 def _encode_conversation(
     messages: Conversation, tokenizer: PreTrainedTokenizerBase, train_on_prompt: bool
 ) -> tuple[list[int], list[int]]:
@@ -312,3 +325,39 @@ def collate(batch: Sequence[Mapping[str, Sequence[int]]], pad_id: int) -> dict[s
         "attention_mask": torch.tensor(attention_mask, dtype=torch.long),
         "labels": torch.tensor(labels, dtype=torch.long),
     }
+
+
+class TextCodec:
+    """A tokenizer's side of a run: examples to training sequences, prompts to model inputs.
+
+    The image road's :class:`~lorakit.vlm.collate.ImageCodec` has the same methods over a
+    processor, so training, evaluation and generation take either.
+
+    Attributes:
+        tokenizer: the model's tokenizer (with the chat template in use).
+        processor: what saves beside a merged model: here the tokenizer itself.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self.processor: Any = tokenizer
+
+    def encode(self, examples: Sequence[Example], seq_len: int, **options: Any) -> EncodedDataset:
+        """Training sequences: :func:`encode_examples` with ``options`` (``train_on_prompt``,
+        ``pack``, ``sources``, ``skip_bad_records``)."""
+        return encode_examples(examples, self.tokenizer, seq_len, **options)
+
+    def prompts(self, conversations: Sequence[Conversation]) -> dict[str, torch.Tensor]:
+        """Each conversation (ending before the reply) rendered with the generation prompt,
+        tokenised and padded on the left, so every row's next token is in the last column:
+        ``input_ids`` and ``attention_mask``, ``(B, T)``."""
+        texts = [render_prompt(self.tokenizer, c) for c in conversations]
+        return dict(
+            self.tokenizer(
+                texts,
+                return_tensors="pt",
+                padding=True,
+                padding_side="left",
+                add_special_tokens=False,
+            )
+        )

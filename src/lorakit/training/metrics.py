@@ -85,6 +85,7 @@ class Metrics:
                 self.writer.add_scalar(f"train/loss_{task}", value, step)
 
     def eval(self, step: int, loss: float) -> None:
+        """Log the validation loss at ``step`` (and its perplexity, exp(loss) capped at e^50)."""
         self.eval_losses[step] = loss
         self._write({"step": step, "eval_loss": loss, "perplexity": math.exp(min(loss, 50))})
         if self.writer is not None:
@@ -133,5 +134,6 @@ class Metrics:
         tmp.replace(path)
 
     def close(self) -> None:
+        """Flush and close the TensorBoard writer, if any; ``metrics.jsonl`` needs no closing."""
         if self.writer is not None:
             self.writer.close()

@@ -4,7 +4,7 @@ The loss of a step is the sum of next-token cross-entropy over the target tokens
 micro-batches divided by their count (:func:`step_loss`), so batch ``b`` with ``k``
 accumulation steps gives the same update as one batch of ``b * k``. Data comes as an endless
 stream of shuffled indices (:class:`BatchStream`) whose position is two integers, so a resumed
-run sees the same batches as an uninterrupted one. :mod:`lorakit.train` runs the loop.
+run sees the same batches as an uninterrupted one. :mod:`.loop` runs the loop.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import IGNORE_INDEX, EncodedDataset
+from ..targeting import lora_layers
 from .config import TrainConfig
 
 
@@ -55,6 +56,7 @@ class BatchStream:
         return torch.randperm(self.size, generator=generator).tolist()
 
     def next_batch(self) -> list[int]:
+        """The next ``batch_size`` indices, moving into the next epoch's order when one ends."""
         indices: list[int] = []
         while len(indices) < self.batch_size:
             order = self._order(self.epoch)
@@ -66,9 +68,11 @@ class BatchStream:
         return indices
 
     def state_dict(self) -> dict[str, int]:
+        """The position, ``{"epoch", "offset"}``: all a checkpoint needs to replay the stream."""
         return {"epoch": self.epoch, "offset": self.offset}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Go back to a position :meth:`state_dict` gave."""
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
 
 
@@ -205,14 +209,7 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     Weight decay applies to matrices only (never biases and norms, which are 1-D). With LoRA+
     the B matrices learn ``loraplus_ratio`` times faster than the rest.
     """
-    from ..layers import LoraLayer
-
-    b_params = {
-        id(p)
-        for module in model.modules()
-        if isinstance(module, LoraLayer)
-        for p in module.lora_B.values()
-    }
+    b_params = {id(p) for _, layer in lora_layers(model) for p in layer.lora_B.values()}
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for param in model.parameters():
         if param.requires_grad:

@@ -1,5 +1,9 @@
 """Image + text conversations to model inputs: the processor expands images, we mask labels.
 
+:class:`ImageCodec` is the image road's codec (the text road's is
+:class:`lorakit.data.encode.TextCodec`): training sequences, batches and generation prompts
+through the model's processor.
+
 The model's processor does everything family-specific: its chat template places each image's
 marker, and calling it replaces every marker by the image's tokens (a count that depends on the
 image's size for Qwen2-VL, on tiling for Idefics3) and returns whatever the model takes beside
@@ -19,15 +23,16 @@ its end.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..data import IGNORE_INDEX
+from ..data import IGNORE_INDEX, IMAGE, Conversation, EncodedDataset, images_of
+from ..data.encode import TextCodec
+from ..data.images import ImageSource, load_image
 from ..errors import LoraError
-from .data import IMAGE, VlmExample, load_image
 
 Parts = list[dict[str, Any]]  # a turn's content parts, as processors' chat templates take them
 
@@ -82,69 +87,34 @@ def image_token_ids(processor: Any) -> set[int]:
 
 
 @dataclass
-class VlmDataset:
-    """Encoded conversations: each item is a rendered text, its images and its labels.
+class ImageDataset(EncodedDataset):
+    """Encoded conversations with images: token ids and labels as the processor expands them,
+    and what a batch needs to run the processor again (the rendered texts and the images).
 
-    Items are collated by :meth:`collate`, which runs the processor on the batch, so pixels are
-    read from disk per batch rather than held in memory.
+    Batches are made by :meth:`collate`, which runs the processor, so pixels are read from
+    disk per batch rather than held in memory.
 
     Attributes:
-        examples: the kept examples.
-        texts: each kept example rendered by the chat template.
-        labels: each kept example's labels, at most ``seq_len`` long.
+        texts: each sequence's conversation rendered by the chat template.
+        images: each sequence's images, in order.
         processor: the model's processor.
-        seq_len: the most tokens a sequence holds.
-        truncated: examples whose text was cut at the end (images all kept).
-        dropped: examples dropped: an image past ``seq_len``, or no reply token left.
-        source: the data file, for :meth:`summary`.
     """
 
-    examples: list[VlmExample]
-    texts: list[str]
-    labels: list[list[int]]
-    processor: Any
-    seq_len: int
-    truncated: int = 0
-    dropped: int = 0
-    source: str = "the data"
-    image_count: int = field(init=False)
+    texts: list[str] = field(default_factory=list)
+    images: list[list[ImageSource]] = field(default_factory=list)
+    processor: Any = None
 
-    def __post_init__(self) -> None:
-        self.image_count = sum(len(e.images) for e in self.examples)
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = super().__getitem__(index)
+        return {**item, "text": self.texts[index], "images": self.images[index]}
 
-    def __len__(self) -> int:
-        return len(self.examples)
+    def collate(self, items: Sequence[Mapping[str, Any]], pad_id: int | None = None) -> dict:
+        """A batch: the processor's outputs for the items, cut to ``seq_len``, and labels.
 
-    def __getitem__(self, index: int) -> int:
-        return index
-
-    @property
-    def tokens(self) -> int:
-        return sum(len(labels) for labels in self.labels)
-
-    @property
-    def target_tokens(self) -> int:
-        return sum(label != IGNORE_INDEX for labels in self.labels for label in labels)
-
-    def summary(self) -> str:
-        """One line for logs: examples, images, tokens, what was cut or dropped."""
-        kept = len(self.examples)
-        return (
-            f"{kept + self.dropped} examples ({self.image_count} images) -> {kept} sequences "
-            f"(<= {self.seq_len} tokens): {self.tokens:,} tokens, {self.target_tokens:,} with "
-            f"loss; {self.truncated} truncated, {self.dropped} dropped (an image past "
-            "--seq-len, or no reply left)"
-        )
-
-    def collate(self, items: Sequence[int], pad_id: int | None = None) -> dict[str, torch.Tensor]:
-        """A batch of items (indices): the processor's outputs, cut to ``seq_len``, + labels.
-
-        ``pad_id`` is unused (the processor pads); it keeps the signature of
-        :func:`lorakit.data.collate`.
+        ``pad_id`` is unused (the processor pads on the right).
         """
-        texts = [self.texts[i] for i in items]
-        images = [[load_image(s) for s in self.examples[i].images] for i in items]
-        batch = process(self.processor, texts, images)
+        images = [[load_image(s) for s in item["images"]] for item in items]
+        batch = process(self.processor, [item["text"] for item in items], images)
         ids = batch["input_ids"]  # (B, T)
         if ids.shape[1] > self.seq_len:
             # Right padding: past seq_len lie only cut text and padding (images were checked).
@@ -153,74 +123,108 @@ class VlmDataset:
                     batch[key] = value[:, : self.seq_len]
         width = batch["input_ids"].shape[1]
         labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
-        for row, i in enumerate(items):
-            labels[row, : len(self.labels[i])] = torch.tensor(self.labels[i])
+        for row, item in enumerate(items):
+            labels[row, : len(item["labels"])] = torch.tensor(item["labels"])
         batch["labels"] = labels
         return batch
 
+    def summary(self) -> str:
+        """One line for logs, with the images counted."""
+        count = sum(len(images) for images in self.images)
+        return super().summary().replace(" examples -> ", f" examples ({count} images) -> ", 1)
 
-def encode_vlm(
-    examples: list[VlmExample],
-    processor: Any,
-    seq_len: int,
-    *,
-    train_on_prompt: bool = False,
-    source: str = "the data",
-) -> VlmDataset:
-    """Render, expand and label every example (see the module docstring).
 
-    Raises:
-        LoraError: a chat template that renders a conversation differently from its
-            beginning (naming the record), or no example left within ``seq_len``.
-    """
-    masked = image_token_ids(processor)
-    kept, texts, all_labels, truncated, dropped = [], [], [], 0, 0
-    for example in examples:
-        text = render(processor, example.messages)
-        ids, labels = _labels(processor, example, text, train_on_prompt)
-        labels = [
-            IGNORE_INDEX if i in masked else label for i, label in zip(ids, labels, strict=True)
-        ]
-        last_image = max((p for p, i in enumerate(ids) if i in masked), default=-1)
-        if last_image >= seq_len or all(label == IGNORE_INDEX for label in labels[:seq_len]):
-            dropped += 1
-            continue
-        truncated += len(ids) > seq_len
-        kept.append(example)
-        texts.append(text)
-        all_labels.append(labels[:seq_len])
-    if not kept:
-        raise LoraError(
-            f"{source}: every example was dropped at --seq-len {seq_len}: cutting them would cut "
-            "through an image's tokens or leave no reply. Raise --seq-len (or use smaller "
-            "images)."
-        )
-    return VlmDataset(kept, texts, all_labels, processor, seq_len, truncated, dropped, source)
+class ImageCodec(TextCodec):
+    """A processor's side of a run: :class:`TextCodec`'s methods, images included."""
+
+    def __init__(self, processor: Any) -> None:
+        super().__init__(processor.tokenizer)
+        self.processor = processor
+
+    def encode(
+        self,
+        examples: Sequence[Conversation],
+        seq_len: int,
+        *,
+        train_on_prompt: bool = False,
+        sources: Sequence[str] | None = None,
+        **options: Any,
+    ) -> ImageDataset:
+        """Render, expand and label every example (see the module docstring).
+
+        ``options`` (``pack``, ``skip_bad_records``) are refused before a run reaches here
+        (:mod:`lorakit.modality`).
+
+        Raises:
+            LoraError: a chat template that renders a conversation differently from its
+                beginning (naming the record), or no example left within ``seq_len``.
+        """
+        masked = image_token_ids(self.processor)
+        data = ImageDataset([], [], seq_len, len(examples), processor=self.processor)
+        for number, example in enumerate(examples):
+            where = sources[number] if sources is not None else f"example {number + 1}"
+            text = render(self.processor, example)
+            ids, labels = _labels(self.processor, example, text, train_on_prompt, where)
+            labels = [IGNORE_INDEX if i in masked else y for i, y in zip(ids, labels, strict=True)]
+            last_image = max((p for p, i in enumerate(ids) if i in masked), default=-1)
+            if last_image >= seq_len or all(y == IGNORE_INDEX for y in labels[:seq_len]):
+                data.dropped += 1
+                continue
+            data.truncated += len(ids) > seq_len
+            data.input_ids.append(ids[:seq_len])
+            data.labels.append(labels[:seq_len])
+            data.texts.append(text)
+            data.images.append(images_of(example))
+        if not data.input_ids:
+            source = sources[0].rsplit(", ", 1)[0] if sources else "the data"
+            raise LoraError(
+                f"{source}: every example was dropped at --seq-len {seq_len}: cutting them would cut "
+                "through an image's tokens or leave no reply. Raise --seq-len (or use smaller "
+                "images)."
+            )
+        return data
+
+    def prompts(self, conversations: Sequence[Conversation]) -> dict[str, torch.Tensor]:
+        """The processor's inputs for each conversation with the generation prompt, padded on
+        the left; the placeholders and the images must agree in number.
+
+        Raises:
+            LoraError: a conversation whose ``<image>`` placeholders and images differ in count.
+        """
+        for conversation in conversations:
+            placeholders = sum(m["content"].count(IMAGE) for m in conversation)
+            if placeholders != len(images_of(conversation)):
+                raise LoraError(
+                    f"{placeholders} {IMAGE} placeholder(s) for "
+                    f"{len(images_of(conversation))} image(s)."
+                )
+        texts = [render(self.processor, c, prompt=True) for c in conversations]
+        images = [[load_image(s) for s in images_of(c)] for c in conversations]
+        return process(self.processor, texts, images, side="left")
 
 
 def _labels(
-    processor: Any, example: VlmExample, text: str, train_on_prompt: bool
+    processor: Any, example: Conversation, text: str, train_on_prompt: bool, where: str
 ) -> tuple[list[int], list[int]]:
     """``(input_ids, labels)`` of one example, image tokens expanded by the processor."""
-    images = [load_image(s) for s in example.images]
+    images = [load_image(s) for s in images_of(example)]
     ids = process(processor, [text], [images])["input_ids"][0].tolist()
     if train_on_prompt:
         return ids, list(ids)
     labels = [IGNORE_INDEX] * len(ids)
     eos = processor.tokenizer.eos_token_id
-    seen = 0  # images in the turns so far: a prefix is processed with exactly those
-    for i, message in enumerate(example.messages):
-        seen += message["content"].count(IMAGE)
+    for i, message in enumerate(example):
         if message["role"] != "assistant":
             continue
+        seen = len(images_of(example[:i]))  # a prefix is processed with its own images
         spans = []
-        for prompt, turns in ((True, example.messages[:i]), (False, example.messages[: i + 1])):
+        for prompt, turns in ((True, example[:i]), (False, example[: i + 1])):
             prefix = process(processor, [render(processor, turns, prompt)], [images[:seen]])
             spans.append(prefix["input_ids"][0].tolist())
         before, through = spans
         if ids[: len(before)] != before or ids[: len(through)] != through:
             raise LoraError(
-                f"{example.where}: the chat template renders this conversation differently "
+                f"{where}: the chat template renders this conversation differently "
                 "from its beginning, so the assistant's tokens cannot be told apart. Train on "
                 "every token instead (--train-on-prompt)."
             )

@@ -211,7 +211,8 @@ def _cache_name(stem: str) -> str:
 
 def demo_base() -> Path:
     """The demo's base VLM folder, assembled once from the bundled SmolLM2 and cached."""
-    from ..models.load import DEFAULT_MODEL, cache_dir, load_model, save_model_folder
+    from ..models.gguf import DEFAULT_MODEL, cache_dir
+    from ..models.load import load_model, save_model_folder
 
     folder = cache_dir() / _cache_name("smolvlm-demo")
     if not (folder / "config.json").is_file():
@@ -228,7 +229,7 @@ def demo_data() -> dict[str, Path]:
         split name -> data file.
     """
     from ..atomic import atomic_folder
-    from ..models.load import cache_dir
+    from ..models.gguf import cache_dir
 
     folder = cache_dir() / _cache_name("vlm-demo-data")
     if not folder.is_dir():  # a killed write leaves only a hidden temporary folder
@@ -238,7 +239,7 @@ def demo_data() -> dict[str, Path]:
 
 
 def demo_config(yaml_path: str | None, overrides: dict[str, Any]) -> Any:
-    """The demo run's :class:`~lorakit.train_config.TrainConfig`: the generated data (written
+    """The demo run's :class:`~lorakit.training.config.TrainConfig`: the generated data (written
     once, beside the base), the assembled base and :data:`DEMO_DEFAULTS` under the flags."""
     from ..training.config import resolve_config
 

@@ -11,13 +11,14 @@ import torch
 from PIL import Image
 from vlm_tiny import FAMILIES, build
 
+from lorakit.data import read_data
 from lorakit.errors import LoraError
 from lorakit.io import load_adapter
+from lorakit.models.load import save_model_folder
 from lorakit.training.config import TrainConfig
-from lorakit.vlm.collate import encode_vlm
-from lorakit.vlm.data import read_vlm_data
+from lorakit.training.loop import train
+from lorakit.vlm.collate import ImageCodec
 from lorakit.vlm.targeting import find_parts
-from lorakit.vlm.train import train_vlm
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def test_vision_frozen_and_peft_round_trip(family, data, tmp_path, smollm2_token
     vision = find_parts(model).vision
     before = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith(vision)}
     projector = family != "qwen2_vl"  # Qwen2-VL's projector is inside its vision encoder
-    result = train_vlm(_config(data, tmp_path, train_projector=projector), model, processor)
+    result = train(_config(data, tmp_path, train_projector=projector), model, processor)
     after = dict(model.named_parameters())
     assert all(torch.equal(after[n], value) for n, value in before.items())  # bit-identical
     assert result.steps == 2 and all(
@@ -64,7 +65,8 @@ def test_vision_frozen_and_peft_round_trip(family, data, tmp_path, smollm2_token
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert any(p.abs().sum() > 0 for p in lora_b)  # it trained
 
-    batch = encode_vlm(read_vlm_data(data), processor, 256).collate([0, 1, 2])
+    dataset = ImageCodec(processor).encode(read_data(data).examples, 256)
+    batch = dataset.collate([dataset[0], dataset[1], dataset[2]])
     model.eval()
     ours = _logits(model, batch)
     peft = PeftModel.from_pretrained(build(family, smollm2_tokenizer)[0], tmp_path).eval()
@@ -87,4 +89,66 @@ def test_refused_by_name(extra, message, data, tmp_path, smollm2_tokenizer):
     model, processor = build("llava", smollm2_tokenizer)
     settings = {"data": str(data), **extra}
     with pytest.raises(LoraError, match=message):
-        train_vlm(TrainConfig(output=str(tmp_path), **settings), model, processor)
+        train(TrainConfig(output=str(tmp_path), **settings), model, processor)
+
+
+def _records(folder: Path, name: str, extra: list[dict], system: str | None = None) -> Path:
+    """The four good records of ``data`` (their images copied beside), plus ``extra``."""
+    rows = []
+    for i, colour in enumerate(["red", "blue"] * 2):
+        Image.new("RGB", (32, 32), colour).save(folder / f"{i}.png")
+        messages = [
+            {"role": "user", "content": "<image>Which colour?"},
+            {"role": "assistant", "content": f"{colour} {i}"},
+        ]
+        if system:
+            messages.insert(0, {"role": "system", "content": system})
+        rows.append({"messages": messages, "images": [f"{i}.png"]})
+    path = folder / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows + extra))
+    return path
+
+
+_MISSING_IMAGE = {
+    "messages": [
+        {"role": "user", "content": "<image>Which colour?"},
+        {"role": "assistant", "content": "green"},
+    ],
+    "images": ["gone.png"],
+}
+
+
+def test_image_records_are_read_before_the_model_loads(tmp_path, smollm2_tokenizer, monkeypatch):
+    import lorakit.vlm.modality as images_road
+
+    model, processor = build("llava", smollm2_tokenizer)
+    folder = tmp_path / "vlm"
+    save_model_folder(model, processor, folder)
+    bad = _records(tmp_path, "bad.jsonl", [_MISSING_IMAGE])
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was read")
+
+    monkeypatch.setattr(images_road, "load_vlm", loaded)
+    config = _config(bad, tmp_path / "out", model=str(folder))
+    with pytest.raises(LoraError, match=r"bad\.jsonl, line 5: image gone\.png not found"):
+        train(config)
+
+
+def test_skipped_image_records_are_reported(tmp_path, smollm2_tokenizer, capsys):
+    model, processor = build("llava", smollm2_tokenizer)
+    data = _records(tmp_path, "data.jsonl", [_MISSING_IMAGE])
+    train(_config(data, tmp_path / "out", skip_bad_records=True), model, processor)
+    assert f"skipped 1 bad records of 5 in {data}: 1 missing image" in capsys.readouterr().out
+
+
+def test_image_runs_save_the_system_prompt_their_records_share(tmp_path, smollm2_tokenizer):
+    model, processor = build("llava", smollm2_tokenizer)
+    data = _records(tmp_path, "data.jsonl", [], system="Name the colour.")
+    out = tmp_path / "out"
+    result = train(_config(data, out, test_data=str(data)), model, processor)
+    assert json.loads((out / "generation_settings.json").read_text())["system"] == (
+        "Name the colour."
+    )
+    # The test records are prompted before and after training, as in a text run.
+    assert set(result.before) == set(result.after) == {"exact_match"}

@@ -1,4 +1,4 @@
-"""Image + text conversations: reading records, checking their images, loading them.
+"""Image records, one more data format: conversations whose user turns carry images.
 
 Two conventions are read, in JSON or JSONL files, and may be mixed in one file:
 
@@ -9,10 +9,12 @@ Two conventions are read, in JSON or JSONL files, and may be mixed in one file:
   ...}``, ``{"type": "image", "image": PATH}`` and ``{"type": "image_url", "image_url":
   {"url": PATH_OR_DATA_URL}}`` parts (a bare ``{"type": "image"}`` takes the next of ``images``).
 
-Paths are relative to the data file. Each record becomes a :class:`VlmExample`: a conversation
-of plain strings with one ``<image>`` per image (the text checks of :mod:`lorakit.data` apply
-to it unchanged) and its image sources, each checked to exist and open as an image, so a bad
-record is named by file and line before a model loads.
+Paths are relative to the data file. Each record becomes a conversation like every other
+format's (the text checks of :mod:`lorakit.data.records` apply to it unchanged) in which a
+user turn's text holds one ``<image>`` per image and the turn's ``"images"`` key lists them
+in order (:func:`images_of` gives a conversation's). So images travel with their turns
+through system prompts, splits and prompts cut before a reply. Each image is checked to
+exist and open, so a bad record is named by file and line before a model loads.
 """
 
 from __future__ import annotations
@@ -20,72 +22,24 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data.records import BadRecord, Conversation, parse_chat, read_records
-from ..errors import LoraError
+from .records import BadRecord, Conversation, parse_chat
 
 IMAGE = "<image>"  # the placeholder of one image in a turn's text
 _SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
 ImageSource = Path | bytes  # a file, or the bytes of a data URL
 
 
-@dataclass
-class VlmExample:
-    """One conversation with its images.
-
-    Attributes:
-        messages: ``{"role", "content": str}`` turns; ``content`` holds one :data:`IMAGE` per
-            image, in the order of ``images``.
-        images: a path (resolved against the data file's folder) or the bytes of a data URL.
-        where: ``"FILE, line N"``, for messages about this record.
-    """
-
-    messages: Conversation
-    images: list[ImageSource]
-    where: str
-
-
-def read_vlm_data(path: str | Path, *, skip_bad_records: bool = False) -> list[VlmExample]:
-    """The image + text conversations of a data file, every record and image checked.
-
-    Raises:
-        LoraError: an unreadable file, or a bad record (named by file:line): a placeholder
-            count that differs from the image count, a missing or unreadable image, a content
-            part of an unknown type, or any problem :mod:`lorakit.data` finds in a chat record.
-    """
-    path = Path(path)
-    records = read_records(path)
-    if not records:
-        raise LoraError(f"{path} holds no examples: write one JSON object a line or a JSON list.")
-    examples, skipped = [], Counter()
-    for where, record in records:
-        try:
-            if isinstance(record, BadRecord):
-                raise record
-            examples.append(_parse(record, where, path.parent))
-        except BadRecord as bad:
-            if not skip_bad_records:
-                raise
-            skipped[bad.reason] += 1
-    if not examples:
-        raise LoraError(f"{path}: no usable record ({dict(skipped)}). Fix the records.")
-    return examples
-
-
-def has_images(path: str | Path) -> bool:
-    """Whether a data file's first record has images (an ``images`` list or image parts)."""
-    records = read_records(Path(path))
-    if not records or not isinstance(records[0][1], dict):
+def is_image_record(record: Any) -> bool:
+    """Whether a record has images: an ``images`` list, or image content parts in a turn."""
+    if not isinstance(record, dict):
         return False
-    record = records[0][1]
     turns = record.get("messages") or record.get("conversations") or []
     parts = [
         part
-        for turn in turns
+        for turn in (turns if isinstance(turns, list) else [])
         if isinstance(turn, dict) and isinstance(turn.get("content"), list)
         for part in turn["content"]
     ]
@@ -99,8 +53,14 @@ def _part_type(part: Any) -> str | None:
     return part.get("type") if isinstance(part, dict) else None
 
 
-def _parse(record: Any, where: str, folder: Path) -> VlmExample:
-    """A record as a :class:`VlmExample`: turns flattened to text, images resolved."""
+def images_of(conversation: Conversation) -> list[ImageSource]:
+    """The images of a conversation's turns, in order (none for text records)."""
+    return [image for turn in conversation for image in turn.get("images", ())]
+
+
+def parse_image_record(record: Any, where: str, folder: Path) -> Conversation:
+    """A record as a conversation: turns flattened to text, each user turn's images resolved
+    (against ``folder``, the data file's) under its ``"images"`` key."""
     if not isinstance(record, dict):
         raise BadRecord(where, "not an object", "the record must be a JSON object.")
     listed = record.get("images", [])
@@ -110,7 +70,7 @@ def _parse(record: Any, where: str, folder: Path) -> VlmExample:
     turns = record.get(key)
     if not isinstance(turns, list):
         raise BadRecord(where, "no turns", f"field {key!r} must be a list of turns.")
-    flat, sources = [], []  # sources: one per placeholder, None = the next of 'images'
+    flat, sources = [], []  # sources: per turn, one per placeholder (None: the next listed)
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise BadRecord(where, "not an object", f"field '{key}[{i}]' must be an object.")
@@ -124,8 +84,8 @@ def _parse(record: Any, where: str, folder: Path) -> VlmExample:
                 f"field '{key}[{i}]' ({role}) holds an image; images go in user turns.",
             )
         flat.append({"role": role, "content": text})
-        sources += found
-    placeholders = sources.count(None)
+        sources.append(found)
+    placeholders = sum(found.count(None) for found in sources)
     if placeholders != len(listed):
         raise BadRecord(
             where,
@@ -133,10 +93,13 @@ def _parse(record: Any, where: str, folder: Path) -> VlmExample:
             f"{placeholders} {IMAGE} placeholder(s) for {len(listed)} image(s) in 'images': "
             f"every image needs exactly one {IMAGE} in a user turn, in order.",
         )
-    queue = iter(listed)
-    images = [next(queue) if source is None else source for source in sources]
     messages = parse_chat({"messages": flat}, where)  # the text checks of lorakit.data
-    return VlmExample(messages, [_resolve(s, folder, where) for s in images], where)
+    queue = iter(listed)
+    for message, found in zip(messages, sources, strict=True):
+        if found:
+            chosen = [next(queue) if source is None else source for source in found]
+            message["images"] = [_resolve(s, folder, where) for s in chosen]
+    return messages
 
 
 def _flatten(content: Any, name: str, where: str) -> tuple[Any, list[str | None]]:

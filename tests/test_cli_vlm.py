@@ -14,9 +14,9 @@ import torch
 from vlm_tiny import build
 
 from lorakit.cli import main
+from lorakit.data import images_of, read_data
 from lorakit.models.load import save_model_folder
-from lorakit.vlm.collate import encode_vlm
-from lorakit.vlm.data import read_vlm_data
+from lorakit.vlm.collate import ImageCodec
 from lorakit.vlm.demo import COLOURS, PLACES, SHAPES, write_demo_data
 
 
@@ -46,14 +46,14 @@ def trained(vlm_folder, demo_data, tmp_path_factory) -> tuple[Path, str]:
 
 
 def test_demo_records(demo_data):
-    examples = read_vlm_data(demo_data["train"])
+    examples = read_data(demo_data["train"]).examples
     for example in examples:
-        (user, reply) = example.messages
+        (user, reply) = example
         assert user["content"] == "<image>What is in the picture?"
         words = reply["content"].split()  # "a red circle at the top left"
         assert words[0] == "a" and words[1] in COLOURS and words[2] in SHAPES
         assert " ".join(words[5:]) in PLACES
-        assert example.images[0].is_file()
+        assert images_of(example)[0].is_file()
 
 
 def test_train_prints_the_plan_and_table(trained, capsys):
@@ -69,7 +69,7 @@ def test_eval_generate_chat(trained, demo_data, monkeypatch, capsys):
     assert main(["eval", "--adapter", str(out), "--data", str(demo_data["test"])]) == 0
     printed = capsys.readouterr().out
     assert "loss:" in printed and "exact match:" in printed
-    image = str(read_vlm_data(demo_data["test"])[0].images[0])
+    image = str(images_of(read_data(demo_data["test"]).examples[0])[0])
     argv = ["generate", "--adapter", str(out), "--image", image, "--max-new-tokens", "2"]
     assert main([*argv, "What is in the picture?"]) == 0
     lines = iter(["/image " + image, "What is in the picture?", ""])
@@ -88,7 +88,8 @@ def test_merge_loads_in_plain_transformers(trained, vlm_folder, demo_data, tmp_p
     assert main(["merge", "--adapter", str(out), "--output", str(merged)]) == 0
     model, processor = load_vlm(vlm_folder)
     load_adapter(model, out)
-    batch = encode_vlm(read_vlm_data(demo_data["test"]), processor, 128).collate([0, 1])
+    dataset = ImageCodec(processor).encode(read_data(demo_data["test"]).examples, 128)
+    batch = dataset.collate([dataset[0], dataset[1]])
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     plain = AutoModelForImageTextToText.from_pretrained(merged, local_files_only=True).eval()
     with torch.no_grad():
@@ -98,7 +99,7 @@ def test_merge_loads_in_plain_transformers(trained, vlm_folder, demo_data, tmp_p
 
 
 def test_bad_input(demo_data, tmp_path, capsys):
-    image = str(read_vlm_data(demo_data["test"])[0].images[0])
+    image = str(images_of(read_data(demo_data["test"]).examples[0])[0])
     assert main(["generate", "--image", image, "hi"]) == 2
     assert "--image needs a vision-language model" in capsys.readouterr().err
     argv = ["train", "--data", str(demo_data["train"]), "--output", str(tmp_path)]

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from lorakit.data import images_of, read_data
+from lorakit.data.files import has_images
+from lorakit.data.images import load_image
 from lorakit.errors import LoraError
-from lorakit.vlm.data import has_images, load_image, read_vlm_data
 
 
 def _write(folder: Path, records: list) -> Path:
@@ -54,14 +56,15 @@ def test_placeholders_and_content_parts(folder, monkeypatch, tmp_path_factory):
         ],
     )
     monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))  # paths follow the file, not cwd
-    first, second, third = read_vlm_data(path)
-    assert first.messages[0]["content"] == "<image>What colour? <image>"
-    assert first.images == [folder / "img/red.png", folder / "img/blue.png"]
-    assert second.messages[0]["content"] == "<image>and<image><image>"
-    assert second.images == [folder / "img/red.png", png, folder / "img/blue.png"]
-    assert load_image(second.images[1]).size == (6, 2)
-    assert third.images == [] and third.messages[1] == {"role": "assistant", "content": "yo"}
-    assert first.where == f"{path}, line 1"
+    data = read_data(path)
+    first, second, third = data.examples
+    assert first[0]["content"] == "<image>What colour? <image>"
+    assert images_of(first) == [folder / "img/red.png", folder / "img/blue.png"]
+    assert second[0]["content"] == "<image>and<image><image>"
+    assert images_of(second) == [folder / "img/red.png", png, folder / "img/blue.png"]
+    assert load_image(images_of(second)[1]).size == (6, 2)
+    assert images_of(third) == [] and third[1] == {"role": "assistant", "content": "yo"}
+    assert data.sources[0] == f"{path}, line 1"
     assert has_images(path)
 
 
@@ -88,7 +91,7 @@ def test_bad_records_are_named_by_line(folder, record, message):
     (folder / "img" / "notes.png").write_text("not an image")
     path = _write(folder, [_chat("<image>fine", images=["img/red.png"]), record])
     with pytest.raises(LoraError, match="data.jsonl, line 2") as error:
-        read_vlm_data(path)
+        read_data(path)
     assert message in str(error.value)
     assert "Fix or remove the record" in str(error.value)
 
@@ -96,4 +99,4 @@ def test_bad_records_are_named_by_line(folder, record, message):
 def test_skip_bad_records(folder):
     good = _chat("<image>fine", images=["img/red.png"])
     path = _write(folder, [good, _chat("<image>x", images=["img/gone.png"]), good])
-    assert len(read_vlm_data(path, skip_bad_records=True)) == 2
+    assert len(read_data(path, skip_bad_records=True).examples) == 2
