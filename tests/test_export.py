@@ -28,6 +28,7 @@ from lorakit.export import check_vllm, export_adapter, to_gguf, to_gguf_model, t
 from lorakit.export.archs import ArchMap
 from lorakit.export.gguf_model import model_tensors
 from lorakit.export.gguf_read import Header
+from lorakit.state import adapter_configs
 from lorakit.targeting import lora_layers
 
 DATA = Path(__file__).parent / "data" / "llamacpp_lora"
@@ -353,7 +354,7 @@ def test_merged_needs_a_source_of_the_same_model(tmp_path):
 
 def test_bundled_smollm2_maps_onto_its_own_gguf(smollm2):
     """Every SmolLM2 weight has the name and shape of its tensor in the shipped GGUF."""
-    from lorakit.models.load import bundled_gguf
+    from lorakit.models.gguf import bundled_gguf
 
     model, _ = smollm2
     with torch.no_grad():
@@ -398,6 +399,28 @@ def test_vllm_folder_is_exact_in_peft_and_under_vllms_one_scale(tmp_path):
         key = f"base_model.model.{path}"
         A, B = tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"]
         torch.testing.assert_close(scale * B.double() @ A.double(), delta)
+
+
+def test_vllm_json_is_the_adapter_files_with_one_scale_and_writes_no_adapter_first(monkeypatch):
+    """vLLM's JSON comes from the config (``LoraConfig.to_peft_file``), not from an adapter
+    saved to a temporary folder and read back."""
+    import lorakit.io
+    from lorakit.export.vllm import vllm_files
+
+    def no_saving(*args, **kwargs):
+        raise AssertionError("vllm_files saved an adapter")
+
+    monkeypatch.setattr(lorakit.io, "write_adapter_files", no_saving)
+    model = adapted_llama(use_rslora=True, rank_pattern={"q_proj": 2}, init="pissa")
+    config, _ = vllm_files(model)
+    saved = adapter_configs(model)["default"].on_original_weight()  # PiSSA: rank 2r
+    g = saved.scale
+    assert (config["r"], config["use_rslora"]) == (8, False)
+    assert config["lora_alpha"] == pytest.approx(g * 8)
+    assert config["rank_pattern"] == {"q_proj": 4}
+    assert config["alpha_pattern"] == {  # rank 4 given the same global scale g
+        rf"model\.layers\.{i}\.self_attn\.q_proj": pytest.approx(g * 4) for i in (0, 1)
+    }
 
 
 VLLM_FAILS = {

@@ -207,6 +207,48 @@ def test_exclusion_makes_peft_adapt_the_same_modules(tmp_path):
     assert theirs == ours and len(ours) == 4
 
 
+def test_the_json_is_built_by_the_config_from_the_facts_io_gathers(tmp_path):
+    from lorakit.io import file_facts
+
+    model = tiny.llama()
+    config = LoraConfig(
+        r=2,
+        alpha=4,
+        target_modules=["q_proj", "v_proj"],
+        fused_slices={"layers.0.self_attn.q_proj": [True, True]},
+        exclude_modules=["layers.1"],
+        base_model_name_or_path="org/base",
+    )
+    add_lora(model, config)
+    save_adapter(model, tmp_path / "a")
+    written = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    facts = file_facts(model)
+    assert written == config.to_peft_file(facts)
+    assert facts.ranks == {"model.layers.0.self_attn.q_proj": 4}  # two slices: one wide pair
+    assert written["alpha_pattern"] == {r"model\.layers\.0\.self_attn\.q_proj": 8.0}  # scale 2
+    assert written["base_model_name_or_path"] == "org/base"  # as recorded: io resolves nothing
+    save_adapter(model, tmp_path / "b", base_model="/models/base")  # what the caller resolved
+    assert (
+        json.loads((tmp_path / "b" / "adapter_config.json").read_text())["base_model_name_or_path"]
+        == "/models/base"
+    )
+
+
+def test_load_adapter_plans_the_model_once(tmp_path, monkeypatch):
+    import lorakit.inject as inject
+
+    model = tiny.llama()
+    config = LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"], bias="all")
+    add_lora(model, config)
+    tiny.randomize_adapters(model)
+    save_adapter(model, tmp_path)
+    walks, find_targets = [], inject.find_targets
+    monkeypatch.setattr(inject, "find_targets", lambda m, c: walks.append(c) or find_targets(m, c))
+    loaded = load_adapter(tiny.llama(), tmp_path)
+    assert len(walks) == 1
+    assert tiny.max_diff(tiny.logits(loaded), tiny.logits(model)) == 0
+
+
 def test_file_layout_and_metadata(tmp_path):
     model = tiny.llama()
     add_lora(
@@ -424,13 +466,15 @@ def test_bundled_base_is_recorded_as_a_folder_transformers_and_peft_load_offline
     import sys
     from pathlib import Path
 
-    from lorakit.models.load import DEFAULT_MODEL, cache_dir, resolve_model_spec
+    from lorakit.models.gguf import DEFAULT_MODEL, cache_dir, transformers_path
+    from lorakit.models.load import resolve_model_spec
 
     model = copy.deepcopy(smollm2[0])  # the fixture is shared
     config = LoraConfig(r=4, target_modules=["q_proj", "down_proj"])
     add_lora(model, config.replace(base_model_name_or_path=model.name_or_path))
     tiny.randomize_adapters(model, std=0.02)
-    save_adapter(model, tmp_path / "adapter")
+    # The caller resolves the base as transformers loads it (io reaches no model loading).
+    save_adapter(model, tmp_path / "adapter", base_model=transformers_path(model.name_or_path))
     recorded = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     base = Path(recorded["base_model_name_or_path"])  # the converted folder, not the alias
     assert base.parent == cache_dir() and (base / "config.json").is_file()

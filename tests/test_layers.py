@@ -15,7 +15,11 @@ from lorakit.layers import (
     LoraFused,
     LoraLinear,
     LoraParameter,
+    ModulesToSave,
+    TrainableTokens,
+    iter_adapter_modules,
     lora_delta,
+    unwrap,
 )
 
 
@@ -254,3 +258,60 @@ def test_half_precision_base_trains_fp32_adapters():
     assert layer.lora_A["a"].dtype == torch.float32
     out = layer(torch.randn(2, 8, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16
+
+
+# --- the wrapper contract: what io, inject, merge and export ask of every wrapper ---------------
+WRAPPERS = {  # kind -> (its base module, add_adapter's settings, its extras)
+    "lora": (LoraLinear, lambda: nn.Linear(6, 4), {"r": 2, "scale": 0.5}, []),
+    "dora": (
+        LoraLinear,
+        lambda: nn.Linear(6, 4),
+        {"r": 2, "scale": 0.5, "use_dora": True},
+        ["use_dora"],
+    ),
+    "copy": (ModulesToSave, lambda: nn.Linear(6, 4), {}, ["modules_to_save"]),
+    "tokens": (
+        TrainableTokens,
+        lambda: nn.Embedding(10, 3),
+        {"indices": [1, 7]},
+        ["trainable_token_indices"],
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", WRAPPERS)
+def test_each_wrapper_is_what_its_class_predicts_before_wrapping(kind):
+    """The plan's class methods (asked before anything is wrapped) agree with the wrapper
+    built from the same settings: PEFT tensor names and shapes, trainable size, fingerprint."""
+    cls, make, settings, extras = WRAPPERS[kind]
+    base = make()
+    shapes = cls.peft_shapes(base, settings)
+    count = cls.trainable_count(base, settings)
+    wrapper = cls(base)
+    assert cls.existing(base) is None and cls.existing(wrapper) is wrapper
+    wrapper.add_adapter("a", **settings)
+    tensors = wrapper.peft_tensors("a")
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == shapes
+    trained = [p for p in wrapper.adapter_parameters("a") if p.dim() > 1 or not cls.is_lora]
+    assert sum(p.numel() for p in trained) == count  # a LoRA's count is A and B, as PEFT's
+    assert wrapper.extras("a") == extras
+    assert (wrapper.base_shape() is None) == cls.whole_copy
+    assert wrapper.adapter_names() == ["a"] and wrapper.active == ["a"]
+    wrapper.set_active([])
+    assert wrapper.active == [] and unwrap(wrapper) is base
+
+
+@pytest.mark.parametrize("kind", WRAPPERS)
+def test_each_wrapper_loads_what_it_saves_and_unloads_to_its_base(kind):
+    cls, make, settings, _ = WRAPPERS[kind]
+    model = nn.Sequential(make())
+    base = model[0]
+    model[0] = wrapper = cls(base)
+    wrapper.add_adapter("a", **settings)
+    gen = torch.Generator().manual_seed(0)
+    new = {k: torch.randn(v.shape, generator=gen) for k, v in wrapper.peft_tensors("a").items()}
+    wrapper.load_peft_tensors("a", new)
+    for key, value in wrapper.peft_tensors("a").items():
+        torch.testing.assert_close(value.detach(), new[key], rtol=0, atol=0)
+    assert [p for p, _ in iter_adapter_modules(model)] == ["0"]
+    assert wrapper.unloaded(merge=False) is base

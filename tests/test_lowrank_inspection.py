@@ -10,8 +10,8 @@ from torch import nn
 
 from lorakit import LoraConfig, LoraError, add_lora, save_adapter
 from lorakit.cli import lowrank as cli
-from lorakit.inject import iter_adapter_modules
 from lorakit.lowrank.inspection import inspect_adapter, plot_spectra
+from lorakit.targeting import iter_adapter_modules
 
 
 def _one_linear(weight, r, alpha):

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .config import LoraConfig
+from .config import LoraConfig, alpha_for_scale
 from .errors import LoraError
 from .inject import add_lora, replace_module
 from .layers import LoraLayer
@@ -95,11 +95,7 @@ def route(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
     wrappers = [
         (p, m) for p, m in iter_adapter_modules(model) if set(known) & set(m.adapter_names())
     ]
-    refused = sorted(
-        f"{p} ({type(m).__name__})"
-        for p, m in wrappers
-        if not (isinstance(m, LoraLayer) and m.supports_routing)
-    )
+    refused = sorted(f"{p} ({type(m).__name__})" for p, m in wrappers if not m.supports_routing)
     if refused:
         raise LoraError(
             f"Cannot route these adapters: {refused} serve one adapter per forward (a "
@@ -231,6 +227,7 @@ def _combine_layer(
 def _combined_config(layers: list, ranks: dict[str, int]) -> LoraConfig:
     """Config of a combined adapter: exactly these modules, each with scale 1 at its rank."""
     modules, parameters, slices, rank_pattern = [], [], {}, {}
+    r = max(ranks.values())
     for path, layer in layers:
         target = re.escape(layer.target_name(path))
         rank_pattern[target] = ranks[path]
@@ -241,11 +238,13 @@ def _combined_config(layers: list, ranks: dict[str, int]) -> LoraConfig:
         if "slices" in layer.options:
             slices[path] = layer.options["slices"]
     return LoraConfig(
-        r=max(ranks.values()),
-        alpha=max(ranks.values()),
+        r=r,
+        alpha=alpha_for_scale(1.0, r, use_rslora=False),
         target_modules="|".join(modules) if modules else None,
         target_parameters=parameters or None,
         rank_pattern=rank_pattern,
-        alpha_pattern={k: float(v) for k, v in rank_pattern.items()},
+        alpha_pattern={
+            k: alpha_for_scale(1.0, v, use_rslora=False) for k, v in rank_pattern.items()
+        },
         fused_slices=slices,
     )

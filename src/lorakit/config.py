@@ -1,9 +1,15 @@
-"""LoraConfig: what to adapt and how, validated on construction.
+"""LoraConfig: what to adapt and how, validated on construction; the scale rule; the JSON.
 
-The JSON form is PEFT's ``adapter_config.json``: ``to_peft_dict`` writes the keys PEFT reads
-(``peft_type``, ``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``, ...), and
+The JSON form is PEFT's ``adapter_config.json``, and this module is its one writer:
+``to_peft_dict`` gives the keys PEFT reads for the config alone (``peft_type``, ``r``,
+``lora_alpha``, ``lora_dropout``, ``target_modules``, ...), ``to_peft_file`` the whole file
+``save_adapter`` writes (the config plus ``FileFacts``, what the model adds), and
 ``from_peft_dict`` reads a file PEFT wrote. Field names differ from PEFT's where PEFT's are
 historical (``alpha`` for ``lora_alpha``, ``init`` for ``init_lora_weights``).
+
+The scale rule, PEFT's, is written once (``lora_scale``, inverted by ``alpha_for_scale``)::
+
+    scale = alpha / r                 scale = alpha / sqrt(r)   with use_rslora
 """
 
 from __future__ import annotations
@@ -23,6 +29,30 @@ INIT_MODES = ("kaiming", "gaussian", "random", "pissa", "olora")
 # Inits that take A, B from the base weight and leave the residual in it (LoRA layers only).
 WEIGHT_INITS = ("pissa", "olora")
 ALL_LINEAR = "all-linear"
+
+
+def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
+    """The scale of a rank-``r`` adapter: ``alpha / r``, or ``alpha / sqrt(r)`` (rsLoRA)."""
+    return alpha / (math.sqrt(r) if use_rslora else r)
+
+
+def alpha_for_scale(scale: float, r: int, use_rslora: bool) -> float:
+    """The alpha that gives a rank-``r`` adapter ``scale`` (the inverse of ``lora_scale``)."""
+    return scale * (math.sqrt(r) if use_rslora else r)
+
+
+@dataclass(frozen=True)
+class FileFacts:
+    """What an adapter file's JSON says besides the config: facts of the model it was saved
+    from, gathered by the writer (``lorakit.io``) and put into the JSON by ``to_peft_file``."""
+
+    base_model: str | None = None  # the base as transformers loads it; None: the config's
+    task_type: str | None = None  # PEFT's task type for the model's class
+    fan_in_fan_out: bool = False  # a GPT-2 Conv1D is adapted
+    # Module path -> the rank PEFT must see there, where it is not the config's (a fused-slice
+    # pair is wider in the file), and -> the scale the file must give it (alpha follows).
+    ranks: dict[str, int] = field(default_factory=dict)
+    scales: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -188,9 +218,33 @@ class LoraConfig:
         return self.alpha_pattern[key] if key is not None else self.alpha
 
     def scale_for(self, path: str) -> float:
-        """The LoRA scale of ``path``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
-        r = self.rank_for(path)
-        return self.alpha_for(path) / (math.sqrt(r) if self.use_rslora else r)
+        """The LoRA scale of ``path`` (``lora_scale`` of its rank and alpha)."""
+        return lora_scale(self.alpha_for(path), self.rank_for(path), self.use_rslora)
+
+    @property
+    def scale(self) -> float:
+        """The scale of a module no pattern names (``lora_scale`` of ``alpha`` and ``r``)."""
+        return lora_scale(self.alpha, self.r, self.use_rslora)
+
+    def on_original_weight(self) -> LoraConfig:
+        """The config an adapter is saved with: itself, or for PiSSA / OLoRA (whose layers
+        save a rank-2r pair on the weight before the init, ``original_weight_pair``) rank 2r
+        and a kaiming init at the same scales."""
+        if self.init not in WEIGHT_INITS:
+            return self
+
+        def doubled(alpha: float) -> float:
+            # lora_scale(alpha · c, 2r) = lora_scale(alpha, r) for c = 2 (rsLoRA: sqrt 2),
+            # the factor alpha_for_scale gives at rank 2.
+            return alpha_for_scale(alpha, 2, self.use_rslora)
+
+        return self.replace(
+            r=2 * self.r,
+            alpha=doubled(self.alpha),
+            rank_pattern={k: 2 * v for k, v in self.rank_pattern.items()},
+            alpha_pattern={k: doubled(v) for k, v in self.alpha_pattern.items()},
+            init="kaiming",
+        )
 
     def replace(self, **changes: Any) -> LoraConfig:
         """A validated copy with ``changes`` applied."""
@@ -221,6 +275,32 @@ class LoraConfig:
             "lora_bias": self.lora_bias,
             "fan_in_fan_out": False,
             "inference_mode": True,
+        }
+
+    def to_peft_file(self, facts: FileFacts) -> dict[str, Any]:
+        """The ``adapter_config.json`` that ``save_adapter`` writes with this config (an
+        adapter's ``on_original_weight`` config) for a model described by ``facts``.
+
+        Beyond ``to_peft_dict``: the base as transformers loads it, the model's task type and
+        ``fan_in_fan_out``; ``exclude_modules`` as a regex that excludes whole subtrees, as
+        lorakit does (PEFT excludes only the module named); and exact-path ``rank_pattern`` /
+        ``alpha_pattern`` entries, first (PEFT takes the first pattern that matches), for the
+        modules whose rank or scale in the file is not the config's.
+        """
+        ranks = {re.escape(path): rank for path, rank in facts.ranks.items()}
+        alphas = {
+            re.escape(path): alpha_for_scale(
+                scale, facts.ranks.get(path) or self.rank_for(path), self.use_rslora
+            )
+            for path, scale in facts.scales.items()
+        }
+        return self.to_peft_dict() | {
+            "base_model_name_or_path": facts.base_model or self.base_model_name_or_path,
+            "task_type": facts.task_type,
+            "exclude_modules": _subtree_regex(self.exclude_modules),
+            "rank_pattern": {**ranks, **self.rank_pattern},
+            "alpha_pattern": {**alphas, **self.alpha_pattern},
+            "fan_in_fan_out": facts.fan_in_fan_out,
         }
 
     @classmethod
@@ -376,6 +456,15 @@ def _token_problems(indices: Any) -> list[str]:
                 f"module name -> such a list; got {indices!r}"
             ]
     return []
+
+
+def _subtree_regex(spec: list[str] | str | None) -> str | None:
+    """``exclude_modules`` for PEFT, which excludes only the module named where lorakit
+    excludes its whole subtree: a regex that also matches everything below says the same."""
+    if not spec:
+        return None
+    core = spec if isinstance(spec, str) else r"(?:.*\.)?(?:" + "|".join(map(re.escape, spec)) + ")"
+    return rf"(?:{core})(?:\..*)?"
 
 
 def first_pattern_match(patterns: dict[str, Any], path: str) -> str | None:

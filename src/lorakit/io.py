@@ -4,8 +4,9 @@ Tensor names are PEFT's (``base_model.model.<path>.lora_A.weight``, ``lora_embed
 ``<path>.<param>`` for ``modules_to_save`` copies), so ``peft.PeftModel.from_pretrained``
 reads what ``save_adapter`` writes and ``load_adapter`` reads what PEFT writes.
 
-Each layer class owns its tensor names and layout (``peft_tensors`` / ``peft_shapes``); this
-module assembles the file. Layouts PEFT lacks are written as equivalent plain LoRA: a
+Each layer class owns its tensor names and layout (``peft_tensors`` / ``peft_shapes``) and
+``LoraConfig.to_peft_file`` the JSON; this module gathers what the model adds (``file_facts``)
+and assembles the files. Layouts PEFT lacks are written as equivalent plain LoRA: a
 fused-slice adapter becomes one rank ``n_on · r`` pair on the whole projection
 (``rank_pattern`` and ``alpha_pattern`` keep the scale), a grouped convolution's block A is
 written dense, and 3D expert adapters use PEFT's stacked layout. lorakit's
@@ -16,9 +17,7 @@ safetensors metadata, so a lorakit file loads back exactly and onto the right mo
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -27,14 +26,13 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .atomic import atomic_folder
-from .config import WEIGHT_INITS, LoraConfig
+from .config import FileFacts, LoraConfig
 from .errors import LoraError
-from .inject import PlanEntry, add_lora, plan
-from .layers import LoraLayer, ModulesToSave, TrainableTokens
-from .layers.tokens import PEFT_KEY as TOKENS_KEY
+from .inject import PlanEntry, apply_plan, plan
+from .layers import Wrapper
 from .merge import check_adapter_names
 from .state import adapter_configs
-from .targeting import iter_adapter_modules, unwrap, walk
+from .targeting import inside, iter_adapter_modules, unwrap, walk
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -42,37 +40,7 @@ LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 
 
-# --- config: what PEFT needs to rebuild the same layers ------------------------------------
-def _pattern_overrides(config: LoraConfig, model: nn.Module, name: str) -> dict:
-    """rank/alpha patterns for layers whose PEFT rank differs from the config's.
-
-    A fused-slice adapter is one wider pair in PEFT's file (``LoraFused.to_peft``); the
-    pattern gives PEFT that rank with alpha scaled so scale = alpha / r is unchanged.
-    """
-    rank, alpha = {}, {}
-    for path, layer in top_level(model, name):
-        if not isinstance(layer, LoraLayer) or layer.peft_rank(name) == config.rank_for(path):
-            continue
-        wide, scale = layer.peft_rank(name), layer.scale[name]
-        rank[re.escape(path)] = wide
-        # alpha at the wider rank that keeps scale = alpha / r (alpha / sqrt(r) with rsLoRA)
-        alpha[re.escape(path)] = scale * (math.sqrt(wide) if config.use_rslora else wide)
-    # Exact-path patterns go first: PEFT takes the first pattern that matches.
-    return {
-        "rank_pattern": {**rank, **config.rank_pattern},
-        "alpha_pattern": {**alpha, **config.alpha_pattern},
-    }
-
-
-def _peft_exclude(spec: list[str] | str | None) -> str | None:
-    # PEFT excludes only the named module; lorakit excludes its whole subtree. A regex that
-    # also matches everything below says the same thing to PEFT.
-    if not spec:
-        return None
-    core = spec if isinstance(spec, str) else r"(?:.*\.)?(?:" + "|".join(map(re.escape, spec)) + ")"
-    return rf"(?:{core})(?:\..*)?"
-
-
+# --- what the file says about the model ----------------------------------------------------
 # transformers' head class suffix -> PEFT's task_type (AutoPeftModel picks its class by it).
 _TASK_TYPES = {
     "ForCausalLM": "CAUSAL_LM",
@@ -94,19 +62,32 @@ def task_type(model: nn.Module) -> str | None:
     return next(task for suffix, task in _TASK_TYPES.items() if name.endswith(suffix))
 
 
-# --- PiSSA / OLoRA: saved as a plain LoRA on the original weights --------------------------
-def _plain_config(config: LoraConfig) -> LoraConfig:
-    """The config of ``_plain_pair``'s adapter: rank 2r at the same scale, a plain init."""
-    if config.init not in WEIGHT_INITS:
-        return config
-    # scale = alpha / r (alpha / sqrt(r) with rsLoRA) stays the same at rank 2r.
-    factor = math.sqrt(2) if config.use_rslora else 2.0
-    return config.replace(
-        r=2 * config.r,
-        alpha=config.alpha * factor,
-        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
-        alpha_pattern={k: v * factor for k, v in config.alpha_pattern.items()},
-        init="kaiming",
+def file_facts(
+    model: nn.Module, adapter_name: str = "default", base_model: str | None = None
+) -> FileFacts:
+    """What adapter ``adapter_name``'s JSON says about ``model`` (``LoraConfig.to_peft_file``).
+
+    Args:
+        base_model: the base as transformers and PEFT load it (a GGUF's converted folder, say),
+            resolved by the caller; None keeps the config's ``base_model_name_or_path``.
+
+    Layers whose pair is wider in PEFT's file than the saved config's rank (a fused-slice
+    adapter is one pair of rank n_on · r, ``LoraFused.to_peft``) get that rank and their scale.
+    """
+    saved = adapter_configs(model)[adapter_name].on_original_weight()
+    ranks, scales = {}, {}
+    for path, layer in top_level(model, adapter_name):
+        if layer.is_lora and layer.peft_rank(adapter_name) != saved.rank_for(path):
+            ranks[path] = layer.peft_rank(adapter_name)
+            scales[path] = layer.scale[adapter_name]
+    return FileFacts(
+        base_model=base_model,
+        task_type=task_type(model),
+        fan_in_fan_out=any(
+            getattr(m, "fan_in_fan_out", False) for _, m in iter_adapter_modules(model)
+        ),
+        ranks=ranks,
+        scales=scales,
     )
 
 
@@ -116,19 +97,20 @@ def _bias_keys(
 ) -> dict[str, nn.Parameter]:
     """PEFT key -> bias parameter that ``config.bias`` puts in the file.
 
-    ``adapted``: paths of the adapter's LoRA modules; ``saved``: its modules_to_save paths
-    (their biases travel with the copy). Works before or after wrapping: a wrapped module's
-    bias is named ``<path>.base_layer.bias`` in the file, as in PEFT.
+    ``adapted``: paths of the adapter's wrappers that are not whole copies; ``saved``: its
+    ``modules_to_save`` paths. The biases inside any whole copy travel with the copy. Works
+    before or after wrapping: a wrapped module's bias is named ``<path>.base_layer.bias`` in
+    the file, as in PEFT.
     """
     if config.bias == "none":
         return {}
-    wrapped = adapted | {p for p, m in iter_adapter_modules(model) if isinstance(m, LoraLayer)}
+    wrappers = list(iter_adapter_modules(model))
+    wrapped = adapted | {p for p, _ in wrappers}
+    saved = saved | {p for p, m in wrappers if m.whole_copy}
     keys = {}
     for path, module in walk(model):
         bias = getattr(unwrap(module), "bias", None)
-        if not isinstance(bias, nn.Parameter) or any(
-            path == s or path.startswith(s + ".") for s in saved
-        ):
+        if not isinstance(bias, nn.Parameter) or any(inside(path, s) for s in saved):
             continue
         if config.bias == "lora_only" and path not in adapted:
             continue
@@ -136,13 +118,13 @@ def _bias_keys(
     return keys
 
 
-def top_level(model: nn.Module, name: str | None = None) -> list[tuple[str, nn.Module]]:
+def top_level(model: nn.Module, name: str | None = None) -> list[tuple[str, Wrapper]]:
     """Wrappers that own their PEFT tensors (holding adapter ``name``): all but nested ones.
 
     A layer's ``nested_layers`` (MultiheadAttention's ``out_proj``) are saved by that layer.
     """
     wrappers = list(iter_adapter_modules(model))
-    nested = {id(n) for _, m in wrappers if isinstance(m, LoraLayer) for n in m.nested_layers()}
+    nested = {id(n) for _, m in wrappers for n in m.nested_layers()}
     return [
         (path, m)
         for path, m in wrappers
@@ -159,41 +141,45 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     for path, module in top_level(model, adapter_name):
         for key, value in module.peft_tensors(adapter_name).items():
             tensors[f"{PREFIX}{path}.{key}"] = value
-        (saved if isinstance(module, ModulesToSave) else adapted).add(path)
-    saved |= {p for p, m in iter_adapter_modules(model) if isinstance(m, ModulesToSave)}
+        (saved if module.whole_copy else adapted).add(path)
     tensors.update(_bias_keys(model, config, adapted, saved))
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-
-
-def _target(module: nn.Module, path: str) -> str:
-    return module.target_name(path) if isinstance(module, LoraLayer) else path
 
 
 def _fingerprint(model: nn.Module, adapter_name: str) -> dict[str, list[int]]:
     """Adapted target -> base weight shape: what the adapter was made for."""
     prints = {}
     for path, module in top_level(model, adapter_name):
-        if not isinstance(module, ModulesToSave):
-            prints[_target(module, path)] = list(module.base_shape())
+        shape = module.base_shape()
+        if shape is not None:
+            prints[module.target_name(path)] = list(shape)
     return prints
 
 
 def save_adapter(
-    model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default"
+    model: nn.Module,
+    directory: str | os.PathLike,
+    adapter_name: str = "default",
+    *,
+    base_model: str | None = None,
 ) -> Path:
     """Write adapter ``adapter_name`` to ``directory`` in PEFT's format; return the folder.
 
     Files: ``adapter_config.json`` and ``adapter_model.safetensors`` (with lorakit's config, a
     copy of the JSON, and the base model fingerprint in its metadata). The pair is replaced as
     one unit (``lorakit.atomic``): a kill or a full disk at any moment leaves the old adapter
-    or the new one, and other files in the folder are kept. A PiSSA / OLoRA adapter
-    is written as a plain rank-2r LoRA (see ``LoraLinear.plain_pair``): it loads, in PEFT or lorakit,
-    onto the unchanged base model, not onto the residual this model now holds.
+    or the new one, and other files in the folder are kept. A PiSSA / OLoRA adapter is
+    written as a plain rank-2r LoRA (see ``LoraLinear.original_weight_pair``): it loads, in
+    PEFT or lorakit, onto the unchanged base model, not onto the residual this model now holds.
+
+    Args:
+        base_model: the base model as transformers and PEFT load it, to record in the JSON
+            (default: the config's ``base_model_name_or_path``); see ``file_facts``.
     """
     out = Path(directory)
     try:
         with atomic_folder(out) as new:
-            write_adapter_files(model, new, adapter_name)
+            write_adapter_files(model, new, adapter_name, base_model=base_model)
     except OSError as err:  # a full disk, a read-only or missing mount
         raise LoraError(
             f"Could not write the adapter to {out} ({err.strerror or err}); what was there "
@@ -202,25 +188,21 @@ def save_adapter(
     return out
 
 
-def write_adapter_files(model: nn.Module, folder: Path, adapter_name: str = "default") -> None:
+def write_adapter_files(
+    model: nn.Module,
+    folder: Path,
+    adapter_name: str = "default",
+    *,
+    base_model: str | None = None,
+) -> None:
     """The two files of :func:`save_adapter` written straight into ``folder``, for a writer
     that makes a whole folder atomic itself (a training checkpoint)."""
     tensors = adapter_state_dict(model, adapter_name)
-    config = _plain_config(adapter_configs(model)[adapter_name])
-    peft = config.to_peft_dict()
-    peft.update(_pattern_overrides(config, model, adapter_name))
-    peft["exclude_modules"] = _peft_exclude(config.exclude_modules)
-    peft["task_type"] = task_type(model)
-    if config.base_model_name_or_path:  # a path transformers and PEFT load offline
-        from .models.load import transformers_path  # lazily: models sits above io (its GGUF cache)
-
-        peft["base_model_name_or_path"] = transformers_path(config.base_model_name_or_path)
-    peft["fan_in_fan_out"] = any(
-        getattr(m, "fan_in_fan_out", False) for _, m in iter_adapter_modules(model)
-    )
+    saved = adapter_configs(model)[adapter_name].on_original_weight()
+    peft = saved.to_peft_file(file_facts(model, adapter_name, base_model))
     metadata = {
         "format": "pt",
-        "lorakit.config": json.dumps(config.to_dict()),
+        "lorakit.config": json.dumps(saved.to_dict()),
         "lorakit.peft_config": json.dumps(peft),  # what the JSON must still say when read
         "lorakit.fingerprint": json.dumps(_fingerprint(model, adapter_name)),
     }
@@ -344,23 +326,6 @@ def _check_values(folder: Path, tensors: dict[str, Tensor]) -> None:
         )
 
 
-def _entry_base(model: nn.Module, entry: PlanEntry) -> nn.Module:
-    module = model.get_submodule(entry.path) if entry.path else model
-    return module if entry.is_lora and entry.layer.nests else unwrap(module)
-
-
-def _entry_shapes(model: nn.Module, entry: PlanEntry, config: LoraConfig) -> dict[str, tuple]:
-    """PEFT tensor name (under the entry's path) -> shape, for one plan entry."""
-    base = _entry_base(model, entry)
-    if entry.layer is ModulesToSave:
-        return {name: tuple(p.shape) for name, p in base.named_parameters()}
-    if entry.layer is TrainableTokens:
-        return {TOKENS_KEY: (len(entry.options["indices"]), base.weight.shape[1])}
-    return entry.layer.peft_shapes(
-        base, entry.r, use_dora=config.use_dora, lora_bias=config.lora_bias, **entry.options
-    )
-
-
 def _expected(model: nn.Module, entries: list[PlanEntry], config: LoraConfig) -> dict:
     """PEFT key -> (entry or None, name under the entry, shape) for every tensor in the file.
 
@@ -370,14 +335,15 @@ def _expected(model: nn.Module, entries: list[PlanEntry], config: LoraConfig) ->
     expected: dict[str, tuple[PlanEntry | None, str, tuple[int, ...]]] = {}
     for i, entry in enumerate(entries):
         path = entry.path
-        if entry.is_lora and entry.layer.nests:
+        if entry.layer.nests:
             # PEFT nests one wrapper per parameter; the first one targeted is innermost.
             later = sum(1 for e in entries[i + 1 :] if e.layer is entry.layer and e.path == path)
             path += ".base_layer" * later
-        for key, shape in _entry_shapes(model, entry, config).items():
+        shapes = entry.layer.peft_shapes(entry.base_in(model), entry.settings, **entry.options)
+        for key, shape in shapes.items():
             expected[f"{PREFIX}{path}.{key}"] = (entry, key, tuple(shape))
-    adapted = {e.path for e in entries if e.layer is not ModulesToSave}
-    saved = {e.path for e in entries if e.layer is ModulesToSave}
+    adapted = {e.path for e in entries if not e.layer.whole_copy}
+    saved = {e.path for e in entries if e.layer.whole_copy}
     for key, bias in _bias_keys(model, config, adapted, saved).items():
         expected[key] = (None, "bias", tuple(bias.shape))
     return expected
@@ -390,7 +356,8 @@ def load_adapter(
 
     Strict: missing or unexpected tensors, shape mismatches and a base-model fingerprint that
     does not match raise one ``LoraError`` listing every problem, before the model changes.
-    The loaded adapter becomes the active one.
+    The loaded adapter becomes the active one. The model is planned once: the plan the file
+    is checked against is the one applied.
     """
     config, tensors, fingerprint = read_adapter(directory)
     try:
@@ -400,23 +367,10 @@ def load_adapter(
             _check_base(model, config, fingerprint, {}, directory)
         raise LoraError(f"Cannot load adapter from {directory}: {err}") from None
     if fingerprint:
-        mine = {e.target: list(e.shape) for e in result.entries if e.layer is not ModulesToSave}
+        mine = {e.target: list(e.shape) for e in result.entries if not e.layer.whole_copy}
         _check_base(model, config, fingerprint, mine, directory)
-    problems = []
     expected = _expected(model, result.entries, config)
-    for key, (_, _, shape) in expected.items():
-        if key not in tensors:
-            problems.append(f"missing tensor {key}")
-        elif tuple(tensors[key].shape) != shape:
-            problems.append(
-                f"{key}: file has shape {tuple(tensors[key].shape)}, model expects {shape}"
-            )
-    embeddings = _embedding_weights(model, result.entries)
-    for key in sorted(set(tensors) - set(expected)):
-        if key in embeddings and tuple(tensors[key].shape) == tuple(embeddings[key].shape):
-            expected[key] = (None, "embedding", tuple(embeddings[key].shape))
-        elif not _peft_duplicate(key, result.entries):
-            problems.append(f"unexpected tensor {key}")
+    problems = _tensor_problems(model, tensors, expected, result.entries)
     if problems:
         more = [f"... and {len(problems) - 10} more"] if len(problems) > 10 else []
         raise LoraError(
@@ -424,9 +378,31 @@ def load_adapter(
             + "\n  - ".join(problems[:10] + more)
             + "\nCheck that the adapter was made for this base model."
         )
-    add_lora(model, config, adapter_name)
+    apply_plan(model, result)
     _copy_in(model, tensors, expected, adapter_name)
     return model
+
+
+def _tensor_problems(
+    model: nn.Module, tensors: dict[str, Tensor], expected: dict, entries: list[PlanEntry]
+) -> list[str]:
+    """Missing, misshapen and unexpected tensors of the file; whole embedding weights PEFT
+    saves alongside an adapted embedding are added to ``expected`` (loading copies them)."""
+    problems = []
+    for key, (_, _, shape) in expected.items():
+        if key not in tensors:
+            problems.append(f"missing tensor {key}")
+        elif tuple(tensors[key].shape) != shape:
+            problems.append(
+                f"{key}: file has shape {tuple(tensors[key].shape)}, model expects {shape}"
+            )
+    embeddings = _embedding_weights(model, entries)
+    for key in sorted(set(tensors) - set(expected)):
+        if key in embeddings and tuple(tensors[key].shape) == tuple(embeddings[key].shape):
+            expected[key] = (None, "embedding", tuple(embeddings[key].shape))
+        elif not _peft_duplicate(key, entries):
+            problems.append(f"unexpected tensor {key}")
+    return problems
 
 
 def _check_base(
@@ -450,7 +426,7 @@ def _check_base(
 def _embedding_weights(model: nn.Module, entries: list[PlanEntry]) -> dict[str, nn.Parameter]:
     """PEFT key -> weight for the input/output embeddings, which PEFT saves in full when an
     embedding is adapted (to carry a resized vocabulary); loading them does what PEFT does."""
-    wrapped = {e.path for e in entries if e.layer is not ModulesToSave}
+    wrapped = {e.path for e in entries if not e.layer.whole_copy}
     weights = {}
     for path, module in walk(model):
         if isinstance(unwrap(module), nn.Embedding) or path == "lm_head":
@@ -460,12 +436,12 @@ def _embedding_weights(model: nn.Module, entries: list[PlanEntry]) -> dict[str, 
 
 
 def _peft_duplicate(key: str, entries: list[PlanEntry]) -> bool:
-    # PEFT with bias="all" also saves the biases inside its modules_to_save wrapper.
+    """Whether PEFT saved ``key`` besides the tensors the file holds for an entry (its
+    wrapper's own copies, e.g. the biases of a modules_to_save copy with bias="all")."""
     return any(
-        key.startswith(f"{PREFIX}{e.path}.original_module.")
-        or key.startswith(f"{PREFIX}{e.path}.modules_to_save.")
+        key.startswith(f"{PREFIX}{e.path}.{prefix}")
         for e in entries
-        if e.layer is ModulesToSave
+        for prefix in e.layer.peft_duplicates
     )
 
 
@@ -479,13 +455,5 @@ def _copy_in(model: nn.Module, tensors: dict, expected: dict, adapter_name: str)
             else:
                 per_entry.setdefault(id(entry), (entry, {}))[1][name] = tensors[key]
     for entry, found in per_entry.values():
-        wrapper = model.get_submodule(entry.path)
-        if entry.is_lora:
-            wrapper = entry.layer.existing(wrapper, **entry.options)
-        if entry.layer is ModulesToSave:
-            copy = wrapper.modules_to_save[adapter_name]
-            with torch.no_grad():
-                for name, value in found.items():
-                    copy.get_parameter(name).copy_(value)
-        else:
-            wrapper.load_peft_tensors(adapter_name, found)
+        wrapper = entry.layer.existing(model.get_submodule(entry.path), **entry.options)
+        wrapper.load_peft_tensors(adapter_name, found)

@@ -17,15 +17,15 @@ from torch import nn
 
 from .errors import LoraError
 from .inject import replace_module
-from .layers import LoraLayer, LoraQuantizedLinear, ModulesToSave, layer_class_for
+from .layers import LoraQuantizedLinear, Wrapper, iter_adapter_modules, layer_class_for
 from .layers.quantized import float_linear
 from .state import AdapterState, adapter_configs
-from .targeting import iter_adapter_modules
 
 
-def _mergeable(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every wrapper that folds into a weight: LoRA layers (nested too) and trainable rows."""
-    return [(p, m) for p, m in iter_adapter_modules(model) if not isinstance(m, ModulesToSave)]
+def _mergeable(model: nn.Module) -> list[tuple[str, Wrapper]]:
+    """Every wrapper that folds into a weight: LoRA layers (nested too) and trainable rows,
+    not whole copies (``unload`` swaps those in)."""
+    return [(p, m) for p, m in iter_adapter_modules(model) if not m.whole_copy]
 
 
 def check_adapter_names(model: nn.Module, names: Sequence[str]) -> None:
@@ -128,11 +128,14 @@ def dequantize_merge(
     """
     base_weights = base_weights or {}
     for path, module in list(iter_adapter_modules(model)):
+        # The one kind that rewraps itself onto a float base (the wrapper contract has no
+        # ``to_float``: no other kind has a base to dequantize).
         if isinstance(module, LoraQuantizedLinear):
             original = base_weights.get(f"{path}.weight")
             replace_module(model, path, module.to_float(dtype, original))
     for path, module in list(model.named_modules()):
-        if layer_class_for(module) is LoraQuantizedLinear:  # quantized, no adapter
+        # A bitsandbytes layer without adapters: the registry names its kind.
+        if layer_class_for(module) is LoraQuantizedLinear:
             replace_module(
                 model, path, float_linear(module, dtype, base_weights.get(f"{path}.weight"))
             )
@@ -153,12 +156,10 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         _merge(model, active_adapters(model))
     else:
         unmerge(model)
-        for _, layer in iter_adapter_modules(model):
-            if isinstance(layer, LoraLayer):
-                for name in layer.adapter_names():
-                    layer.restore_base(name)
+        for _, wrapper in iter_adapter_modules(model):
+            for name in wrapper.adapter_names():
+                wrapper.restore_base(name)
     for path, module in reversed(list(iter_adapter_modules(model))):
-        plain = module.unloaded(merge) if isinstance(module, ModulesToSave) else module.base_layer
-        replace_module(model, path, plain)
+        replace_module(model, path, module.unloaded(merge))
     AdapterState.drop(model)
     return model

@@ -38,7 +38,7 @@ def add_combine_arguments(parser: argparse.ArgumentParser) -> None:
 def run_combine(args: argparse.Namespace) -> int:
     """Combine weighted adapters into one (cat: exact; svd: truncated to --rank; linear)."""
     from .. import combine, save_adapter
-    from ..models.load import load_model
+    from ..models.load import base_model_name, load_model
 
     adapters = parse_named_adapters(args.adapter)
     for folder in adapters.values():
@@ -55,7 +55,7 @@ def run_combine(args: argparse.Namespace) -> int:
     errors = combine(
         model, dict(zip(adapters, weights, strict=True)), "combined", args.method, args.rank
     )
-    save_adapter(model, args.output, "combined")
+    save_adapter(model, args.output, "combined", base_model=base_model_name(model))
     print(
         f"combined {dict(zip(adapters, weights, strict=True))} with method={args.method} -> {args.output}"
     )

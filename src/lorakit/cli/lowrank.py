@@ -96,7 +96,7 @@ def run_extract(args: argparse.Namespace) -> int:
     """
     from ..io import save_adapter
     from ..lowrank import extract_adapter
-    from ..models.load import load_model
+    from ..models.load import base_model_name, load_model
 
     check_size(args.rank, args.energy)
     check_model_spec(args.base, "--base")
@@ -113,7 +113,8 @@ def run_extract(args: argparse.Namespace) -> int:
         keep_untargeted=args.keep_untargeted,
     )
     print(report)
-    print(f"adapter written to {save_adapter(base, args.output)}")
+    written = save_adapter(base, args.output, base_model=base_model_name(base))
+    print(f"adapter written to {written}")
     return 0
 
 
@@ -133,7 +134,7 @@ def run_resize(args: argparse.Namespace) -> int:
     """
     from ..io import load_adapter, save_adapter
     from ..lowrank import resize_adapter
-    from ..models.load import load_model
+    from ..models.load import base_model_name, load_model
 
     check_size(args.rank, args.energy)
     check_adapter_folder(args.adapter, "adapter")
@@ -144,7 +145,8 @@ def run_resize(args: argparse.Namespace) -> int:
     load_adapter(model, args.adapter)
     status("resizing: one SVD of each module's delta B A")
     print(resize_adapter(model, args.rank, energy=args.energy))
-    print(f"adapter written to {save_adapter(model, args.output)}")
+    written = save_adapter(model, args.output, base_model=base_model_name(model))
+    print(f"adapter written to {written}")
     return 0
 
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import LoraError
 from ..io import CONFIG_NAME, PREFIX, adapter_state_dict, read_adapter
+from ..layers import ModulesToSave
 
 TARGETS = ("gguf", "vllm")
 
@@ -21,7 +22,7 @@ def full_weights(model: nn.Module, tensors: dict) -> list[str]:
     """Whole base weights the adapter file replaced on loading: PEFT saves an adapted
     embedding (and the head) in full when its rows changed, e.g. a resized vocabulary."""
     held = set(adapter_state_dict(model))
-    copies = (".modules_to_save.", ".original_module.")  # PEFT's duplicates of saved modules
+    copies = tuple(f".{p}" for p in ModulesToSave.peft_duplicates)  # PEFT's copies of saved ones
     return sorted(
         k.removeprefix(PREFIX) for k in tensors if k not in held and not any(c in k for c in copies)
     )

@@ -24,6 +24,7 @@ import gguf
 import numpy as np
 from torch import Tensor, nn
 
+from ..config import lora_scale
 from ..errors import LoraError
 from ..targeting import unwrap
 from .archs import ArchMap
@@ -36,7 +37,7 @@ MERGED_HINT = "or export the whole model merged (--merged; Python: to_gguf_model
 def llama_scale(alpha: float, rank: int) -> float:
     """The scale llama.cpp applies to a pair of this rank (``get_scale`` in llama-adapter.h)."""
     alpha32 = float(np.float32(alpha))  # the file stores alpha as float32
-    return alpha32 / rank if alpha32 else 1.0
+    return lora_scale(alpha32, rank, use_rslora=False) if alpha32 else 1.0
 
 
 def refusals(found: Collected) -> list[str]:

@@ -34,7 +34,7 @@ SKIPPED_KEYS = ("general.architecture", "general.file_type", "general.alignment"
 
 def source_gguf(model: nn.Module) -> Path | None:
     """The GGUF file ``model`` was loaded from (``lorakit.models.load_model``), if any."""
-    from ..models.load import gguf_source
+    from ..models.gguf import gguf_source
 
     return gguf_source(str(getattr(model, "name_or_path", "") or ""))
 

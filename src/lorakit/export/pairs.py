@@ -15,7 +15,6 @@ from torch import Tensor, nn
 
 from ..config import LoraConfig
 from ..io import top_level
-from ..layers import LoraLayer, ModulesToSave, TrainableTokens
 from ..merge import check_adapter_names
 from ..state import adapter_configs
 
@@ -51,6 +50,17 @@ class Collected:
     tokens: list[str] = field(default_factory=list)  # trainable_token_indices: replaced rows
     other: list[str] = field(default_factory=list)  # "path (what)": not one 2-D pair
 
+    def add_extra(self, option: str, path: str) -> None:
+        """Record that ``path`` uses config option ``option`` beyond plain pairs (a wrapper's
+        ``extras``), in the list of that option."""
+        lists = {
+            "use_dora": self.dora,
+            "lora_bias": self.lora_bias,
+            "modules_to_save": self.saved,
+            "trainable_token_indices": self.tokens,
+        }
+        lists[option].append(path)
+
 
 def collect(model: nn.Module, name: str = "default") -> Collected:
     """Adapter ``name`` of ``model`` as plain pairs, plus what a plain pair cannot express.
@@ -59,31 +69,15 @@ def collect(model: nn.Module, name: str = "default") -> Collected:
     """
     check_adapter_names(model, [name])
     found = Collected(adapter_configs(model)[name])
-    for path, layer in top_level(model, name):
-        if isinstance(layer, ModulesToSave):
-            found.saved.append(path)
-        elif isinstance(layer, TrainableTokens):
-            found.tokens.append(path)
-        elif isinstance(layer, LoraLayer):
-            _add_layer(found, path, layer, name)
+    for path, wrapper in top_level(model, name):
+        for option in wrapper.extras(name):
+            found.add_extra(option, path)
+        if not wrapper.is_lora:
+            continue  # a whole copy or trainable rows: named by its extras alone
+        pair = wrapper.peft_pair(name)
+        if pair is None:
+            kind = type(wrapper.base_layer).__name__
+            found.other.append(f"{path} ({kind}: its LoRA is not one 2-D A/B pair)")
         else:
-            found.other.append(f"{path} ({type(layer).__name__})")
+            found.pairs.append(Pair(path, *pair, wrapper.scale[name], tuple(wrapper.peft_keys)))
     return found
-
-
-def _add_layer(found: Collected, path: str, layer: LoraLayer, name: str) -> None:
-    if layer.is_dora(name):
-        found.dora.append(path)
-    if name in layer.lora_bias:
-        found.lora_bias.append(path)
-    tensors = layer.peft_tensors(name)
-    pair = [tensors.get(key) for key in layer.peft_keys]
-    # A plain pair: exactly PEFT's two 2-D tensors (conv kernels, expert stacks and
-    # MultiheadAttention's several pairs are not).
-    extra = set(tensors) - set(layer.peft_keys) - {"lora_B.bias", "lora_magnitude_vector"}
-    if extra or any(t is None or t.dim() != 2 for t in pair):
-        kind = type(layer.base_layer).__name__
-        found.other.append(f"{path} ({kind}: its LoRA is not one 2-D A/B pair)")
-        return
-    A, B = (t.detach().float().cpu() for t in pair)
-    found.pairs.append(Pair(path, A, B, layer.scale[name], tuple(layer.peft_keys)))

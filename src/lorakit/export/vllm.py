@@ -36,11 +36,10 @@ false and ``alpha_pattern`` gives every module of another rank the global scale,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
-import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,8 +47,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..atomic import atomic_folder
+from ..config import alpha_for_scale
 from ..errors import LoraError
-from ..io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, save_adapter
+from ..io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, file_facts
 from ..tables import format_table
 from ..targeting import unwrap
 from .pairs import Collected, collect
@@ -181,38 +181,36 @@ def check_vllm(
             f"retrain without them or {merge}",
         ),
         _rank_check(found, max_lora_rank),
-        _scaling_check(found, cfg.alpha / (math.sqrt(cfg.r) if cfg.use_rslora else cfg.r)),
+        _scaling_check(found, cfg.scale),
     ]
     return VllmReport(arch, checks)
-
-
-def _peft_config(model: nn.Module, adapter_name: str) -> dict:
-    """The adapter_config.json ``save_adapter`` writes for this adapter (PEFT's form)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        save_adapter(model, Path(tmp) / "adapter", adapter_name)
-        return json.loads((Path(tmp) / "adapter" / CONFIG_NAME).read_text())
 
 
 def vllm_files(model: nn.Module, adapter_name: str = "default") -> tuple[dict, dict]:
     """(adapter_config.json, tensors) with one scale for every module, as vLLM applies it.
 
-    Global scale g = lora_alpha / r of the written config (use_rslora false, so vLLM's and
-    PEFT's rule agree). Each module's B becomes B · s / g (s: its true scale), and a module of
-    rank r_m != r gets ``alpha_pattern`` g · r_m, so PEFT's alpha_m / r_m is g too.
+    Global scale g = the scale of the config ``save_adapter`` writes (``lora_alpha / r``, or
+    ``/ sqrt(r)``). The JSON is that file's with use_rslora false and ``lora_alpha`` g · r, so
+    vLLM's rule and PEFT's agree on g; each module's B becomes B · s / g (s: its true scale),
+    and a module of rank r_m != r gets ``alpha_pattern`` g · r_m, so PEFT's alpha_m / r_m is
+    g too.
     """
     found = collect(model, adapter_name)
-    config = _peft_config(model, adapter_name)
-    r, alpha = config["r"], config["lora_alpha"]
-    g = alpha / (math.sqrt(r) if config["use_rslora"] else r)
-    config.update(use_rslora=False, lora_alpha=g * r, alpha_pattern={})
+    saved = found.config.on_original_weight()
+    g, r = saved.scale, saved.r
     tensors = {}
     for pair in found.pairs:
         key = f"{PREFIX}{pair.path}."
         tensors[key + pair.keys[0]] = pair.A.contiguous()
         tensors[key + pair.keys[1]] = (pair.B * (pair.scale / g)).contiguous()
-        if pair.rank != r:
-            config["alpha_pattern"][re.escape(pair.path)] = g * pair.rank
-    return config, tensors
+    one_scale = saved.replace(
+        use_rslora=False, alpha=alpha_for_scale(g, r, False), alpha_pattern={}
+    )
+    facts = dataclasses.replace(
+        file_facts(model, adapter_name),
+        scales={pair.path: g for pair in found.pairs if pair.rank != r},
+    )
+    return one_scale.to_peft_file(facts), tensors
 
 
 def to_vllm(

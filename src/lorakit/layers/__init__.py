@@ -12,8 +12,11 @@ fused slices (config)  ``LoraFused``                   ``fused.py``
 a raw parameter        ``LoraParameter``               ``parameter.py``
 =====================  =============================  ============================
 
-``base.py`` holds the contract and everything the kinds share (adapters, DoRA, merging,
-PEFT tensors); ``modules_to_save.py`` and ``tokens.py`` hold the two non-LoRA wrappers.
+``wrapper.py`` holds the contract every wrapper fulfils, LoRA or not (what ``inject``, ``io``,
+``merge`` and ``export`` ask); ``kind.py`` what a LoRA kind says from its class (shapes,
+options, PEFT layout), read before wrapping; ``base.py`` everything the LoRA kinds share at
+run time (adapters, DoRA, merging, PEFT tensors); ``modules_to_save.py`` and ``tokens.py``
+hold the two non-LoRA wrappers.
 """
 
 from .attention import LoraMultiheadAttention
@@ -21,18 +24,20 @@ from .base import LoraLayer, lora_delta
 from .conv import LoraConv
 from .embedding import LoraEmbedding
 from .fused import LoraFused
+from .kind import LoraKind
 from .linear import LoraLinear, is_gpt2_conv1d, principal_init
 from .modules_to_save import ModulesToSave
 from .parameter import LoraParameter
 from .quantized import LoraQuantizedLinear
 from .registry import layer_class_for, register, supported_types
 from .tokens import TrainableTokens
-from .wrapper import Wrapper
+from .wrapper import Wrapper, iter_adapter_modules, unwrap
 
 __all__ = [
     "LoraConv",
     "LoraEmbedding",
     "LoraFused",
+    "LoraKind",
     "LoraLayer",
     "LoraLinear",
     "LoraMultiheadAttention",
@@ -42,9 +47,11 @@ __all__ = [
     "TrainableTokens",
     "Wrapper",
     "is_gpt2_conv1d",
+    "iter_adapter_modules",
     "layer_class_for",
     "lora_delta",
     "principal_init",
     "register",
     "supported_types",
+    "unwrap",
 ]

@@ -9,14 +9,16 @@ forward runs the module with W + ΔW swapped in for both weights, differentiably
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .base import LoraLayer, Shape, lora_delta
+from .base import LoraLayer, lora_delta
 from .linear import LoraLinear
 from .registry import register
+from .wrapper import Shape
 
 
 @register(nn.MultiheadAttention)
@@ -49,9 +51,11 @@ class LoraMultiheadAttention(LoraLayer):
         return "a MultiheadAttention (two projections, one of them nested)"
 
     @classmethod
-    def peft_shapes(cls, module: nn.Module, r: int, **flags: Any) -> dict[str, Shape]:
-        shapes = super().peft_shapes(module, r, **flags)
-        inner = LoraLinear.peft_shapes(module.out_proj, r, **flags)
+    def peft_shapes(
+        cls, module: nn.Module, settings: Mapping[str, Any], **options: Any
+    ) -> dict[str, Shape]:
+        shapes = super().peft_shapes(module, settings, **options)
+        inner = LoraLinear.peft_shapes(module.out_proj, settings)
         return shapes | {f"base_layer.out_proj.{k}": v for k, v in inner.items()}
 
     def __init__(self, base_layer: nn.Module, **options: Any) -> None:

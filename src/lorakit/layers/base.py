@@ -17,12 +17,13 @@ m (one value per output channel)::
 
 m starts at ‖W‖ (ΔW = 0 at init), so a new DoRA adapter leaves the output unchanged.
 
-A layer kind is a subclass that says, as class methods read without building a wrapper, what
-its matrix ΔW looks like (``matrix_shape``), its adapter shapes and their PEFT layout
-(``adapter_shapes``, ``peft_shapes``), and which options it supports; and, per instance, its
-delta in the base weight's layout (``delta_weight``) and its contribution to the output
-(``lora_output``). Everything else (adapters, activation, routing, DoRA, merging, PEFT tensors)
-lives here, and this class is the only writer of its state: other modules call its methods.
+A layer kind is a subclass that says, as class methods read without building a wrapper
+(``kind.LoraKind``), what its matrix ΔW looks like, its adapter shapes and their PEFT layout,
+and which options it supports; and, per instance, its delta in the base weight's layout
+(``delta_weight``) and its contribution to the output (``lora_output``). Everything else
+(adapters, activation, routing, DoRA, merging, PEFT tensors) lives here, and this class is
+the only writer of its state: other modules call its methods (the ``wrapper.Wrapper``
+contract, and the LoRA-only ones: ranks, scales, factors).
 
 Initialisation: A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's default ``kaiming_uniform_``
 with ``a=sqrt(5)``, as PEFT) or N(0, (1/r)²) for ``init="gaussian"``; B = 0.
@@ -40,9 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LoraError
-from .wrapper import Wrapper
-
-Shape = tuple[int, ...]
+from .kind import LoraKind
 
 
 def lora_delta(B: Tensor, A: Tensor, scale: float) -> Tensor:
@@ -54,104 +53,13 @@ def lora_delta(B: Tensor, A: Tensor, scale: float) -> Tensor:
     return torch.matmul(B.float(), A.float()) * scale
 
 
-class LoraLayer(Wrapper):
+class LoraLayer(LoraKind):
     """Base of all LoRA wrappers: named adapters, activation, routing, DoRA, merge state.
 
-    Subclasses set the class attributes below and implement ``matrix_shape``,
+    Subclasses set the class attributes of ``LoraKind`` and implement ``matrix_shape``,
     ``delta_weight`` and ``lora_output``; layouts that differ from PEFT's override
-    ``peft_shapes`` / ``to_peft`` / ``from_peft``.
+    ``to_peft`` / ``from_peft`` (and ``peft_tensors`` where a kind holds several pairs).
     """
-
-    # PEFT's tensor names for A and B under the module's path.
-    peft_keys: ClassVar[tuple[str, str]] = ("lora_A.weight", "lora_B.weight")
-    supports_routing: ClassVar[bool] = True
-    supports_dora: ClassVar[bool] = False
-    supports_lora_bias: ClassVar[bool] = False
-    supports_weight_init: ClassVar[bool] = False  # PiSSA / OLoRA
-    # "input": dropout acts on x; "ignored": no input to drop (token ids); "refused".
-    dropout_mode: ClassVar[str] = "input"
-    # The wrapped module's children are part of this kind (not separate targets).
-    owns_children: ClassVar[bool] = False
-    # Wrappers of this kind nest, one per target in one module (raw parameters, as in PEFT):
-    # class methods then get the module as it stands, wrappers included.
-    nests: ClassVar[bool] = False
-
-    # --- what the kind is (class methods: no wrapper is built to ask) ----------------------
-    @classmethod
-    def matrix_shape(cls, module: nn.Module, **options: Any) -> tuple[int, int]:
-        """(out, in) of one matrix ΔW = B A for ``module`` (per slice or expert)."""
-        raise NotImplementedError
-
-    @classmethod
-    def weight_shape(cls, module: nn.Module, **options: Any) -> Shape:
-        """Shape of the base weight the adapter changes (the base model's fingerprint)."""
-        return tuple(module.weight.shape)
-
-    @classmethod
-    def adapter_shapes(cls, module: nn.Module, r: int, **options: Any) -> tuple[Shape, Shape]:
-        """Shapes of A and B in lorakit's layout: (r, in), (out, r) unless overridden."""
-        out_features, in_features = cls.matrix_shape(module, **options)
-        return (r, in_features), (out_features, r)
-
-    @classmethod
-    def rank_limit(cls, module: nn.Module, **options: Any) -> int:
-        """The largest rank that adds capacity: min(out, in) of ``matrix_shape``."""
-        return min(cls.matrix_shape(module, **options))
-
-    @classmethod
-    def problems(cls, path: str, module: nn.Module, r: int, **options: Any) -> list[str]:
-        """What stops this kind from adapting ``module`` at rank ``r`` (empty when fine)."""
-        return []
-
-    @classmethod
-    def matrix_problem(cls, module: nn.Module, **options: Any) -> str | None:
-        """Why ΔW of this kind is not one (out, in) matrix that the low-rank tools can
-        refactor, if it is not (``factors`` / ``set_factors`` then refuse)."""
-        return None
-
-    @classmethod
-    def magnitude_shape(cls, module: nn.Module, **options: Any) -> Shape:
-        """Shape of the DoRA magnitude as PEFT stores it: one value per output channel."""
-        return (cls.matrix_shape(module, **options)[0],)
-
-    @classmethod
-    def peft_shapes(
-        cls,
-        module: nn.Module,
-        r: int,
-        *,
-        use_dora: bool = False,
-        lora_bias: bool = False,
-        **options,
-    ) -> dict[str, Shape]:
-        """PEFT tensor name (under the module's path) -> shape, for one adapter."""
-        shape_a, shape_b = cls.adapter_shapes(module, r, **options)
-        A, B = cls.to_peft(torch.empty(shape_a), torch.empty(shape_b), module, **options)
-        shapes = {cls.peft_keys[0]: tuple(A.shape), cls.peft_keys[1]: tuple(B.shape)}
-        if lora_bias:
-            shapes["lora_B.bias"] = (cls.matrix_shape(module, **options)[0],)
-        if use_dora:
-            shapes["lora_magnitude_vector"] = cls.magnitude_shape(module, **options)
-        return shapes
-
-    @classmethod
-    def to_peft(
-        cls, A: Tensor, B: Tensor, module: nn.Module, **options: Any
-    ) -> tuple[Tensor, Tensor]:
-        """(A, B) in lorakit's layout -> PEFT's layout (the same unless overridden)."""
-        return A, B
-
-    @classmethod
-    def from_peft(
-        cls, A: Tensor, B: Tensor, module: nn.Module, r: int, **options: Any
-    ) -> tuple[Tensor, Tensor]:
-        """Inverse of ``to_peft``."""
-        return A, B
-
-    @classmethod
-    def existing(cls, module: nn.Module, **options: Any) -> LoraLayer | None:
-        """The wrapper of this kind (and options) already standing at a module's place."""
-        return module if isinstance(module, cls) else None
 
     # --- construction ----------------------------------------------------------------------
     def __init__(self, base_layer: nn.Module, **options: Any) -> None:
@@ -239,9 +147,6 @@ class LoraLayer(Wrapper):
         """(A0, B0) a PiSSA / OLoRA adapter started from; None for other inits."""
         return None
 
-    def restore_base(self, name: str) -> None:
-        """Give back to the base weight what a weight-based init took out (none here)."""
-
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name`` (the caller unmerged it first)."""
         self.restore_base(name)
@@ -252,14 +157,6 @@ class LoraLayer(Wrapper):
             del store[name]
         if name in self._active:
             self._active.remove(name)
-
-    def target_name(self, path: str) -> str:
-        """What the user's config calls this layer's target, given the wrapper's path."""
-        return path
-
-    def nested_layers(self) -> list[LoraLayer]:
-        """Wrappers inside this one whose adapters it adds and saves (none by default)."""
-        return []
 
     def adapter_names(self) -> list[str]:
         """Names of the adapters this layer holds."""
@@ -275,18 +172,9 @@ class LoraLayer(Wrapper):
         return name in self.lora_magnitude
 
     @property
-    def active(self) -> list[str]:
-        """Adapters that add to the output (or are merged into the weight)."""
-        return list(self._active)
-
-    @property
     def merged(self) -> list[str]:
         """Adapters folded into the base weight, in merge order."""
         return list(self._merged)
-
-    def set_active(self, names: Sequence[str]) -> None:
-        """Make exactly ``names`` (those this layer holds) active, in that order."""
-        self._active = [n for n in names if n in self.lora_A]
 
     def set_route(self, groups: dict[str | None, list[int]], batch: int) -> None:
         """Route batch rows to adapters: ``groups`` maps a name (None: base) to its rows."""
@@ -316,16 +204,6 @@ class LoraLayer(Wrapper):
     def lora_output(self, name: str, x: Tensor) -> Tensor:
         """Adapter ``name``'s ``scale · (B A dropout(x) + b_B)`` for input x."""
         raise NotImplementedError
-
-    @classmethod
-    def to_matrix(cls, module: nn.Module, weight: Tensor, **options: Any) -> Tensor:
-        """A tensor laid out like the base weight as the (out, in) matrix B @ A gives."""
-        return weight
-
-    @classmethod
-    def from_matrix(cls, module: nn.Module, matrix: Tensor, **options: Any) -> Tensor:
-        """Inverse of ``to_matrix``."""
-        return matrix
 
     def as_matrix(self, weight: Tensor) -> Tensor:
         """``to_matrix`` for this layer's base module."""
@@ -358,17 +236,17 @@ class LoraLayer(Wrapper):
         bias = getattr(self.base_layer, "bias", None)
         return y if bias is None else y - self.channel(bias)
 
-    def dora_output(self, name: str, x: Tensor, base_plain: Tensor) -> Tensor:
+    def dora_output(self, name: str, x: Tensor, unbiased: Tensor) -> Tensor:
         """What DoRA adapter ``name`` adds to base(x): (g − 1)(base(x) − b) + g · lora(x).
 
-        ``base_plain`` is base(x) − b. With dropout in training the base term uses the
-        dropped input too, as PEFT does.
+        ``unbiased`` is base(x) − b. With dropout in training the base term uses the dropped
+        input too, as PEFT does.
         """
         g = self.channel(self.dora_factor(name))
         if self.dropout_mode == "input" and self.dropout[name] > 0 and self.training:
             x = self._dropped(name, x)
-            base_plain = self._without_bias(self.base_layer(x.to(base_plain.dtype)))
-        return (g - 1) * base_plain + g * self.lora_output(name, x)
+            unbiased = self._without_bias(self.base_layer(x.to(unbiased.dtype)))
+        return (g - 1) * unbiased + g * self.lora_output(name, x)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """base(x) plus every pending adapter, or each routed row's adapter."""
@@ -376,10 +254,10 @@ class LoraLayer(Wrapper):
         if self._route is not None:
             return self._routed_generic(x, result)
         names = self.pending()
-        base_plain = self._without_bias(result) if any(map(self.is_dora, names)) else None
+        unbiased = self._without_bias(result) if any(map(self.is_dora, names)) else None
         for name in names:
             if self.is_dora(name):
-                delta = self.dora_output(name, x, base_plain)
+                delta = self.dora_output(name, x, unbiased)
             else:
                 delta = self.lora_output(name, x)
             result = result + delta.to(result.dtype)
@@ -456,7 +334,7 @@ class LoraLayer(Wrapper):
     # --- PEFT's file layout ----------------------------------------------------------------
     def peft_tensors(self, name: str) -> dict[str, Tensor]:
         """Adapter ``name``'s tensors under PEFT's names (relative to this module's path)."""
-        A, B = self.plain_pair(name)
+        A, B = self.original_weight_pair(name)
         A, B = self.to_peft(A, B, self.base_layer, **self.options)
         tensors = {self.peft_keys[0]: A, self.peft_keys[1]: B}
         if name in self.lora_bias:
@@ -486,9 +364,25 @@ class LoraLayer(Wrapper):
         """The rank PEFT sees for adapter ``name`` (wider where the layout differs)."""
         return self.r[name]
 
-    def plain_pair(self, name: str) -> tuple[Tensor, Tensor]:
-        """(A, B) of adapter ``name`` as a plain LoRA on the weight before any init."""
+    def original_weight_pair(self, name: str) -> tuple[Tensor, Tensor]:
+        """(A, B) of adapter ``name`` as a LoRA on the weight before any init changed it
+        (what is saved; a PiSSA / OLoRA layer's differs from its trained A, B)."""
         return self.lora_A[name], self.lora_B[name]
+
+    def peft_pair(self, name: str) -> tuple[Tensor, Tensor] | None:
+        """(A (rank, in), B (out, rank)) as PEFT's file holds them, in fp32 on the CPU, when
+        adapter ``name`` is exactly one 2-D pair there (besides lora_bias and m); None for
+        conv kernels, expert stacks and attention's two pairs."""
+        tensors = self.peft_tensors(name)
+        pair = [tensors.get(key) for key in self.peft_keys]
+        extra = set(tensors) - set(self.peft_keys) - {"lora_B.bias", "lora_magnitude_vector"}
+        if extra or any(t is None or t.dim() != 2 for t in pair):
+            return None
+        A, B = (t.detach().float().cpu() for t in pair)
+        return A, B
+
+    def extras(self, name: str) -> list[str]:
+        return ["use_dora"] * self.is_dora(name) + ["lora_bias"] * (name in self.lora_bias)
 
     def factors(self, name: str) -> tuple[Tensor, Tensor]:
         """Adapter ``name`` as (B, A) with scale · B @ A = ``as_matrix(delta_weight)``:
@@ -508,6 +402,39 @@ class LoraLayer(Wrapper):
         self.r[name] = r
         if scale is not None:
             self.scale[name] = float(scale)
+
+    # --- rewrapping --------------------------------------------------------------------------
+    # The layer's state besides its child modules and buffers. Not listed: ``options`` and
+    # what a subclass derives from its base (the new wrapper derives its own), and routing,
+    # which lasts one ``route`` block.
+    moved_state: ClassVar[tuple[str, ...]] = (
+        "r",
+        "scale",
+        "dropout",
+        "_active",
+        "_merged",
+        "_merge_norms",
+    )
+
+    def move_state_to(self, other: LoraLayer) -> LoraLayer:
+        """Give ``other`` all of this layer's adapter state and return it: the same adapters
+        on another base that computes what this one does (a float copy of a quantized base).
+
+        Moved: every child module but the base (A, B, lora_bias, DoRA magnitudes, nested
+        wrappers), every buffer (PiSSA / OLoRA starting factors), ``moved_state`` (ranks,
+        scales, dropout, activation, merge records and DoRA's merge norms) and train / eval
+        mode. Tensors are shared, not copied; ``other``'s base must already hold what is
+        recorded as merged here.
+        """
+        for name, child in self.named_children():
+            if name != self.wrapped_attribute:
+                other.add_module(name, child)
+        for name, buffer in self._buffers.items():
+            persistent = name not in self._non_persistent_buffers_set
+            other.register_buffer(name, buffer, persistent=persistent)
+        for name in self.moved_state:
+            setattr(other, name, getattr(self, name).copy())
+        return other.train(self.training)
 
     def extra_repr(self) -> str:
         return f"adapters={self.r}, active={self._active}, merged={self._merged}"

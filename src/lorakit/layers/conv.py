@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LoraError
-from .base import LoraLayer, Shape, lora_delta
+from .base import LoraLayer, lora_delta
 from .registry import register
+from .wrapper import Shape
 
 _CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}  # by number of spatial dims
 

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import LoraLayer, Shape, lora_delta
+from .base import LoraLayer, lora_delta
 from .linear import LoraLinear
 from .registry import layer_class_for
+from .wrapper import Shape
 
 
 class LoraFused(LoraLayer):

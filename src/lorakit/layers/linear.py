@@ -46,6 +46,7 @@ def principal_init(weight: Tensor, r: int, scale: float, init: str) -> tuple[Ten
 class LoraLinear(LoraLayer):
     """LoRA on ``nn.Linear`` or GPT-2 ``Conv1D``: A (r, in), B (out, r)."""
 
+    is_linear = True
     supports_dora = True
     supports_lora_bias = True
     supports_weight_init = True
@@ -87,7 +88,7 @@ class LoraLinear(LoraLayer):
             B.copy_(B0)
             weight.copy_((weight.float() - self.delta_weight(name)).to(weight.dtype))
         # The starting point, kept so a trained adapter can be saved as a plain LoRA on the
-        # original weight (``plain_pair``); not part of the state dict.
+        # original weight (``original_weight_pair``); not part of the state dict.
         self.register_buffer(f"lora_A0_{name}", A0, persistent=False)
         self.register_buffer(f"lora_B0_{name}", B0, persistent=False)
 
@@ -109,8 +110,8 @@ class LoraLinear(LoraLayer):
         self._buffers.pop(f"lora_A0_{name}")
         self._buffers.pop(f"lora_B0_{name}")
 
-    def plain_pair(self, name: str) -> tuple[Tensor, Tensor]:
-        """PiSSA / OLoRA as a plain rank-2r LoRA on the weight before the init.
+    def original_weight_pair(self, name: str) -> tuple[Tensor, Tensor]:
+        """PiSSA / OLoRA as a rank-2r LoRA on the weight before the init.
 
         The init moved scale · B0 A0 out of the base: W = W_res + scale · B0 A0. The trained
         model is W_res + scale · B A = W + scale · [B, -B0] [A; A0] (PEFT's
@@ -146,7 +147,7 @@ class LoraLinear(LoraLayer):
         dora = [n for n in names if self.is_dora(n)]
         if (
             extra_args
-            or not self._plain_base()
+            or not self._fusable_base()
             or base.weight.requires_grad
             or base._forward_hooks
             or base._forward_pre_hooks
@@ -157,7 +158,7 @@ class LoraLinear(LoraLayer):
             return "generic"
         return "fused"
 
-    def _plain_base(self) -> bool:
+    def _fusable_base(self) -> bool:
         """Whether the base computes exactly x Wᵀ + b from ``_fused_weight`` (no subclass
         with its own forward), so the fused node may replace its call."""
         return type(self.base_layer) is nn.Linear or self.fan_in_fan_out

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-from .wrapper import Wrapper
+from .wrapper import Shape, Wrapper
 
 
 class ModulesToSave(Wrapper):
@@ -19,6 +20,27 @@ class ModulesToSave(Wrapper):
     """
 
     wrapped_attribute = "original_module"  # PEFT's name, kept for its state-dict keys
+    whole_copy = True
+    # PEFT with bias="all" also saves the biases inside its wrapper under these names.
+    peft_duplicates = ("original_module.", "modules_to_save.")
+
+    @classmethod
+    def weight_shape(cls, module: nn.Module, **options: Any) -> Shape:
+        return tuple(module.weight.shape) if hasattr(module, "weight") else ()
+
+    @classmethod
+    def peft_shapes(
+        cls, module: nn.Module, settings: Mapping[str, Any], **options: Any
+    ) -> dict[str, Shape]:
+        return {name: tuple(p.shape) for name, p in module.named_parameters()}
+
+    @classmethod
+    def trainable_count(cls, module: nn.Module, settings: Mapping[str, Any], **options: Any) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    @classmethod
+    def plan_label(cls, settings: Mapping[str, Any]) -> str:
+        return "full copy"
 
     def __init__(self, original_module: nn.Module) -> None:
         super().__init__()
@@ -31,15 +53,6 @@ class ModulesToSave(Wrapper):
     def base_layer(self) -> nn.Module:
         """The user's module (named like ``LoraLayer.base_layer`` for unwrapping)."""
         return self.original_module
-
-    @property
-    def active(self) -> list[str]:
-        """Adapters whose copy may serve the forward (the first one does)."""
-        return list(self._active)
-
-    def set_active(self, names: Sequence[str]) -> None:
-        """Make exactly ``names`` (those with a copy here) active."""
-        self._active = [n for n in names if n in self.modules_to_save]
 
     def add_adapter(self, name: str) -> None:
         """Copy the original module as adapter ``name``'s trainable module."""
@@ -66,6 +79,20 @@ class ModulesToSave(Wrapper):
     def peft_tensors(self, name: str) -> dict[str, Tensor]:
         """The copy's parameters under PEFT's names (relative to this module's path)."""
         return dict(self.modules_to_save[name].named_parameters())
+
+    def load_peft_tensors(self, name: str, tensors: dict[str, Tensor]) -> None:
+        """Copy checked values into adapter ``name``'s copy, parameter by parameter."""
+        copied = self.modules_to_save[name]
+        with torch.no_grad():
+            for key, value in tensors.items():
+                copied.get_parameter(key).copy_(value)
+
+    def base_shape(self) -> None:
+        """None: a whole copy is not part of the fingerprint (it replaces the module)."""
+        return None
+
+    def extras(self, name: str) -> list[str]:
+        return ["modules_to_save"]
 
     def unloaded(self, merge: bool) -> nn.Module:
         """The plain module that replaces this wrapper: the active copy if merging."""

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import LoraLayer, Shape, lora_delta
+from .base import LoraLayer, lora_delta
+from .wrapper import Shape
 
 
 def _owner(module: nn.Module) -> tuple[nn.Module, str]:

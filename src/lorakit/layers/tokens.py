@@ -11,14 +11,15 @@ PEFT's file holds the values as ``<path>.token_adapter.trainable_tokens_delta`` 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LoraError
-from .wrapper import Wrapper
+from .wrapper import Shape, Wrapper
 
 PEFT_KEY = "token_adapter.trainable_tokens_delta"
 
@@ -50,17 +51,24 @@ class TrainableTokens(Wrapper):
             ]
         return []
 
+    @classmethod
+    def peft_shapes(
+        cls, module: nn.Module, settings: Mapping[str, Any], **options: Any
+    ) -> dict[str, Shape]:
+        return {PEFT_KEY: (len(settings["indices"]), module.weight.shape[1])}
+
+    @classmethod
+    def trainable_count(cls, module: nn.Module, settings: Mapping[str, Any], **options: Any) -> int:
+        return len(settings["indices"]) * module.weight.shape[1]
+
+    @classmethod
+    def plan_label(cls, settings: Mapping[str, Any]) -> str:
+        return f"{len(settings['indices'])} rows"
+
     @property
     def base_weight(self) -> nn.Parameter:
+        """The embedding's (num_embeddings, dim) weight, whose rows a merge replaces."""
         return self.base_layer.weight
-
-    def base_shape(self) -> tuple[int, ...]:
-        """The embedding's (num_embeddings, dim), as an adapter's fingerprint records it."""
-        return tuple(self.base_weight.shape)
-
-    @property
-    def active(self) -> list[str]:
-        return list(self._active)
 
     @property
     def merged(self) -> list[str]:
@@ -85,8 +93,8 @@ class TrainableTokens(Wrapper):
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         return [self.token_values[name]]
 
-    def set_active(self, names: Sequence[str]) -> None:
-        self._active = [n for n in names if n in self.token_values]
+    def extras(self, name: str) -> list[str]:
+        return ["trainable_token_indices"]
 
     def pending(self) -> list[str]:
         return [n for n in self._active if n not in self._merged]
@@ -119,9 +127,6 @@ class TrainableTokens(Wrapper):
         )
 
     # --- merging: the same protocol as LoraLayer ---------------------------------------------
-    def merge_problem(self, names: Sequence[str]) -> str | None:
-        return None
-
     def merged_weight(self, name: str) -> tuple[Tensor, None]:
         return self.adapted_weight([name]).detach().float(), None
 

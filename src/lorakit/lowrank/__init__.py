@@ -5,9 +5,9 @@ The factors W ≈ B A of :mod:`.svd` serve two ideas:
 - additive (LoRA): the fine-tuned W' = W + B A, the low-rank part is a *change* to a weight that
   stays — :func:`extract_adapter` (from a full fine-tune), :func:`resize_adapter`;
 - replacement (DeepSeek-V2's ``q_a_proj`` / ``q_b_proj``): W itself becomes B A, two thinner
-  Linears — ``lorakit.factorize``.
+  Linears — :mod:`.factorize`.
 
-Spectra and the LoRA paper's amplification analysis of an adapter live in ``lorakit.inspect``.
+Spectra and the LoRA paper's amplification analysis of an adapter live in :mod:`.inspection`.
 """
 
 from .extract import extract_adapter

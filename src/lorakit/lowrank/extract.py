@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 
 import torch
 from torch import Tensor, nn
 
-from ..config import LoraConfig
+from ..config import LoraConfig, alpha_for_scale
 from ..inject import PlanEntry, add_lora, plan
 from ..progress import progress
-from ..targeting import unwrap, walk
+from ..targeting import inside, unwrap, walk
 from .report import FactorRow, LowRankReport, factor_row
 from .svd import low_rank, raise_problems, rank_limit_problems, rank_problems
 
@@ -26,8 +25,8 @@ def unit_scale_config(config: LoraConfig, ranks: dict[str, int]) -> LoraConfig:
     counts = Counter(ranks.values())
     r = max(counts, key=lambda k: (counts[k], k))
 
-    def alpha(rank: int) -> float:  # scale = alpha / r (rsLoRA: alpha / sqrt(r)) = 1
-        return math.sqrt(rank) if config.use_rslora else float(rank)
+    def alpha(rank: int) -> float:
+        return alpha_for_scale(1.0, rank, config.use_rslora)
 
     others = {re.escape(path): k for path, k in ranks.items() if k != r}
     return config.replace(
@@ -38,13 +37,13 @@ def unit_scale_config(config: LoraConfig, ranks: dict[str, int]) -> LoraConfig:
     )
 
 
-def _plain_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+def _unwrapped_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The user's parameters by name, tied ones under each name, lorakit wrappers looked through."""
     found = {}
     for path, module in walk(model):
-        plain = unwrap(module)
+        user = unwrap(module)
         # walk does not enter a wrapper: take the whole module it wraps.
-        for name, p in plain.named_parameters(recurse=plain is not module, remove_duplicate=False):
+        for name, p in user.named_parameters(recurse=user is not module, remove_duplicate=False):
             found[f"{path}.{name}" if path else name] = p
     return found
 
@@ -79,7 +78,7 @@ def _what_to_keep(
     changed biases of targeted modules need ``bias="lora_only"``.
     """
     owners = {n.rpartition(".")[0] for n in untargeted} - paths
-    saved = sorted(o for o in owners if o and not any(t.startswith(o + ".") for t in paths))
+    saved = sorted(o for o in owners if o and not any(inside(t, o) for t in paths))
     bias = "lora_only" if any(f"{p}.bias" in untargeted for p in paths) else "none"
     kept = [
         n
@@ -116,7 +115,7 @@ def extract_adapter(
             match nothing or are not supported, an adapter name already in use.
     """
     problems = rank_problems(rank, energy)
-    base, tuned = _plain_parameters(base_model), _plain_parameters(tuned_model)
+    base, tuned = _unwrapped_parameters(base_model), _unwrapped_parameters(tuned_model)
     problems += _architecture_problems(base, tuned)
     raise_problems("extract an adapter", problems)
     probe = LoraConfig(r=1, target_modules=target_modules)
@@ -198,8 +197,8 @@ def _copy_tuned_values(
 ) -> None:
     """The tuned values into the adapter's saved modules and into the base's kept biases."""
     for path in saved:
-        clone = model.get_submodule(path).modules_to_save[adapter_name]
-        for name, p in clone.named_parameters():
-            p.copy_(tuned[f"{path}.{name}"])
+        copied = model.get_submodule(path)
+        names = copied.peft_tensors(adapter_name)  # the copy's parameters, by name
+        copied.load_peft_tensors(adapter_name, {n: tuned[f"{path}.{n}"] for n in names})
     for name, p in biases.items():
         p.copy_(tuned[name])

@@ -122,6 +122,8 @@ def _factorize_entries(
     limits = {}
     for entry in entries:
         module = model.get_submodule(entry.path)
+        # Exactly a float Linear / Conv1D, whose W (out, in) is replaced: not a quantized
+        # Linear (its subclass), and no other kind's weight is one such matrix.
         if entry.layer is not LoraLinear:
             problems.append(f"{entry.path}: {entry.module_type} is not a Linear or Conv1D")
         elif owners[id(module.weight)] > 1:

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from ..errors import LoraError
-from .gguf import DEFAULT_MODEL, bundled_gguf, cached_conversion, converted_from
+from .gguf import DEFAULT_MODEL, bundled_gguf, cached_conversion, converted_from, transformers_path
 
 if TYPE_CHECKING:  # transformers loads only when a model does: `lorakit --help` stays fast
     from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -299,3 +300,18 @@ def save_model_folder(
             f"Could not write the model to {out} ({err.strerror or err}); nothing was left "
             "there. Free space or choose another folder."
         ) from err
+
+
+def base_model_name(model: nn.Module, spec: str | None = None) -> str | None:
+    """The base to record in an adapter's ``base_model_name_or_path``: the model's own name or
+    path as transformers loads it (a GGUF's converted folder), so PEFT finds the base too;
+    else ``spec`` resolved; ``None`` when neither names a model.
+    """
+    config = getattr(model, "config", None)
+    name = getattr(model, "name_or_path", None) or getattr(config, "name_or_path", None)
+    try:
+        if name:
+            return transformers_path(str(name))
+        return transformers_path(resolve_model_spec(spec)) if spec else None
+    except LoraError:
+        return None

@@ -45,8 +45,7 @@ from ..generate import (
 from ..inject import add_lora, trainable_parameters
 from ..layers.quantized import use_training_kernels
 from ..modality import Modality
-from ..models.gguf import transformers_path
-from ..models.load import resolve_model_spec
+from ..models.load import base_model_name
 from ..vlm.modality import choose_modality
 from . import distributed
 from .checkpoint import check_resumable, load_checkpoint, save_checkpoint
@@ -205,7 +204,7 @@ def _prepare(config: TrainConfig, model: nn.Module | None, processor: Any, dist:
 def _add_adapters(run: _Run) -> nn.Module:
     """Add one adapter per task, seeded as a run on that task alone; return the model to step."""
     config, model, dist = run.config, run.model, run.dist
-    lora = run.modality.targets(model, config.lora_config(_base_name(model, config.model)), config)
+    lora = run.modality.targets(model, config.lora_config(base_model_name(model, config.model)), config)
     plan = run.modality.describe(model, config)
     if plan:
         run.log(plan)
@@ -483,15 +482,3 @@ def _finish(run: _Run, metrics: Metrics, step: int) -> TrainResult:
         run.before,
         after,
     )
-
-
-def _base_name(model: nn.Module, spec: str) -> str | None:
-    """The base model spec to record in the adapter, resolvable again by ``load_model``: as
-    transformers loads it (a GGUF's converted folder), so PEFT finds the base too."""
-    name = getattr(model, "name_or_path", None) or getattr(model.config, "name_or_path", None)
-    if name:
-        return transformers_path(str(name))
-    try:
-        return transformers_path(resolve_model_spec(spec))
-    except LoraError:
-        return None
