@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from lorakit import load_adapter
+from lorakit import LoraError, load_adapter
 from lorakit.cli import lowrank as cli
 from lorakit.lowrank import extract_adapter
 from lorakit.lowrank.factorize import factorize
@@ -98,3 +98,61 @@ def test_cli_extract_resize_factorize(folders, finetune, capsys):
     reference = copy.deepcopy(finetune[0])
     factorize(reference, ["q_proj", "v_proj"], rank=3)
     assert tiny.max_diff(tiny.logits(loaded), tiny.logits(reference)) < 1e-6
+
+
+# --- where extract and resize may write ---------------------------------------------------------
+def _folder(root, name: str, *files: str):
+    folder = root / name
+    folder.mkdir()
+    for file in files:
+        (folder / file).write_text("{}")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("files", "kind"),
+    [
+        (("config.json", "model.safetensors"), "is not empty and holds no adapter"),
+        (("adapter_config.json", "config.json", "model.safetensors"), "holds a model"),
+        (
+            ("adapter_config.json", "adapter_model.safetensors", "train_config.yaml"),
+            "holds a run of lorakit train (its adapter, settings and checkpoints)",
+        ),
+        (("notes.txt",), "is not empty and holds no adapter"),
+    ],
+)
+def test_extract_and_resize_refuse_a_folder_of_another_kind_before_loading(
+    folders, tmp_path, monkeypatch, files, kind
+):
+    out = _folder(tmp_path, "out", *files)
+    before = sorted(p.name for p in out.iterdir())
+    import lorakit.models.load
+
+    monkeypatch.setattr(lorakit.models.load, "load_model", lambda *a, **k: pytest.fail("loaded"))
+    adapter = _folder(tmp_path, "adapter", "adapter_config.json")
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"base_model_name_or_path": str(folders / "base")})
+    )
+    calls = {
+        "extract": ["--base", str(folders / "base"), "--tuned", str(folders / "tuned")],
+        "resize": [str(adapter)],
+    }
+    for command, argv in calls.items():
+        with pytest.raises(LoraError) as error:
+            _call(command, [*argv, "--rank", "2", "--output", str(out)])
+        assert str(error.value) == (
+            f"--output {out} {kind}; the adapter written there would be mixed with it. Pass a "
+            "new or empty folder, or an adapter folder to replace."
+        )
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_an_adapter_folder_a_new_or_an_empty_one_is_a_fine_output(tmp_path):
+    adapter = _folder(tmp_path, "adapter", "adapter_config.json", "adapter_model.safetensors")
+    (adapter / "README.md").write_text("notes")
+    empty = _folder(tmp_path, "empty")
+    for out in (adapter, empty, tmp_path / "new"):
+        assert cli.check_adapter_output(out) == out
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(LoraError, match="is a file; pass a folder"):
+        cli.check_adapter_output(tmp_path / "file")

@@ -197,6 +197,17 @@ def test_chat_and_eval_use_the_saved_system_prompt(trained, files, tmp_path, mon
     assert [e[0] for e in scored[0]] == [{"role": "system", "content": SYSTEM}] * 2
 
 
+def test_chat_says_how_to_quit_and_refuses_image_on_a_text_model(trained, monkeypatch):
+    out, _ = trained
+    seen = _spy_replies(monkeypatch)
+    monkeypatch.setattr("sys.stdin", io.StringIO("/image cat.png\n7 pizzas\n/quit\nnot sent\n"))
+    code, printed = run_cli("chat", "--adapter", out, "--max-new-tokens", "2")
+    assert code == 0
+    assert printed.startswith("(an empty line, /quit or Ctrl-D ends the chat)\n")
+    assert "(not sent: /image needs a vision-language model, and " in printed
+    assert [m[-1]["content"] for m in seen] == ["7 pizzas"]  # /image was not sent as text
+
+
 def test_adapters_in_use_must_agree_on_their_system_prompt(trained, tmp_path, capsys, monkeypatch):
     import shutil
 
@@ -229,6 +240,32 @@ def test_merged_folder_keeps_the_settings(trained, tmp_path, monkeypatch):
     assert seen[0][0] == {"role": "system", "content": SYSTEM}
 
 
+def test_plain_transformers_on_the_merged_folder_answers_like_the_adapter(trained, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, _ = trained
+    merged = tmp_path / "merged"
+    assert run_cli("merge", "--adapter", out, "--output", merged)[0] == 0
+    code, expected = run_cli("generate", "--adapter", out, "--max-new-tokens", "12", "7 pizzas")
+    assert code == 0 and json_shape(expected.strip()) == json_shape('{"qty":1}'), expected
+    # Without lorakit, no system message: the template the folder carries supplies SYSTEM.
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    user = [{"role": "user", "content": "7 pizzas"}]
+    rendered = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    assert rendered == f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n7 pizzas" + (
+        "<|im_end|>\n<|im_start|>assistant\n"
+    )
+    enc = tokenizer(rendered, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        ids = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    reply = tokenizer.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert reply == expected.strip()
+    # The settings file keeps the template as trained: --system '' there still means none.
+    saved = json.loads((merged / GENERATION_FILE).read_text())
+    assert saved == {"system": SYSTEM, "chat_template": TEMPLATE}
+
+
 def test_chat_template_file_is_saved_and_used(files, tmp_path, monkeypatch):
     template = tmp_path / "plain.jinja"
     template.write_text(TEMPLATE.replace("<|im_start|>", "<|im_start|> "))
@@ -251,6 +288,46 @@ def test_chat_template_file_is_saved_and_used(files, tmp_path, monkeypatch):
     )
     assert run_cli("generate", "--adapter", out, "--max-new-tokens", "1", "hi")[0] == 0
     assert rendered[0].startswith("<|im_start|> system\n" + SYSTEM)
+
+
+# --- what a command shows: its own lines, no one else's bars -----------------------------------
+
+
+def test_generate_says_what_it_loads_before_it_loads(trained, files, capsys, monkeypatch):
+    import lorakit.models.load
+
+    out, _ = trained
+    real, shown = lorakit.models.load.load_model, []
+
+    def spy(*args, **kwargs):
+        shown.append(capsys.readouterr().err)  # what the user had read when the load began
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lorakit.models.load, "load_model", spy)
+    assert main(["generate", "--adapter", str(out), "--max-new-tokens", "1", "7 pizzas"]) == 0
+    assert shown == [f"loading {files['model'].resolve()} with the adapter {out}\n"]
+
+
+def test_merge_shows_no_transformers_bars(trained, tmp_path, capsys):
+    out, _ = trained
+    assert main(["merge", "--adapter", str(out), "--output", str(tmp_path / "m")]) == 0
+    err = capsys.readouterr().err
+    assert "Loading weights" not in err and "Writing model shards" not in err, err
+    assert "it/s]" not in err  # nor any other tqdm bar of theirs
+
+
+def test_a_training_log_in_a_file_holds_no_cursor_escapes(files, tmp_path, capsys):
+    # The val-loss bar opens inside the train bar; in a file tqdm would move the cursor up
+    # (ESC[A) at each of its redraws.
+    code, printed = run_cli(
+        "train", "--model", files["model"], "--data", files["train"], "--val-data",
+        files["test"], "--output", tmp_path, "--max-steps", "2", "--eval-every", "1",
+        "--batch-size", "2", "--seq-len", "64", "--warmup-steps", "0",
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 0 and "step 1: eval loss" in printed
+    assert "val loss:" in err and "train:" in err  # both bars were drawn ...
+    assert "\x1b[" not in err and "\x1b[" not in printed  # ... without escapes
 
 
 # --- fast start and cheap checks first ----------------------------------------------------------
@@ -299,6 +376,11 @@ def no_model_load(monkeypatch):
         (["eval", "--data", "{bad}"], "not valid JSON"),
         (["eval", "--adapter", "{empty}", "--data", "{train}"], "not an adapter folder"),
         (["generate", "--model", "org/name", "hi"], "--model org/name: 'org/name' is not a local"),
+        (
+            ["generate", "--model", "/nonexistent/model", "hi"],
+            "--model /nonexistent/model: not found (no such file or folder). Pass smollm2-135m "
+            "(the bundled model), a .gguf file, a Hugging Face model folder",
+        ),
         (["generate", "--adapter", "{fake}", "--chat-template", "t.jinja", "hi"], "t.jinja"),
         (["factorize", "--model", "{model}", "--rank", "2", "--output", "{model}"], "not empty"),
         (["factorize", "--model", "{model}", "--energy", "1.5", "--output", "o"], "(0, 1]"),
@@ -388,6 +470,12 @@ def test_resume_refuses_conflicting_flags_by_name(files, tmp_path, capsys):
 # --- messages ------------------------------------------------------------------------------------
 
 
+def test_a_missing_model_is_named_once(capsys, no_model_load):
+    assert main(["generate", "--model", "/nonexistent/model", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("/nonexistent/model") == 1 and "Pass smollm2-135m" in err, err
+
+
 def test_adapter_for_another_base_names_it_in_a_few_lines(trained, files, capsys):
     out, _ = trained
     argv = ["generate", "--model", str(files["other"]), "--adapter", str(out), "hi"]
@@ -453,13 +541,46 @@ def test_warmup_longer_than_the_run_warns(files, tmp_path):
         ),
         (["generate", "--max-tokens", "5", "hi"], "(did you mean --max-new-tokens?)"),
         (["trian"], "unknown command 'trian' (did you mean train?)"),
+        (["--debug", "trian"], "unknown command 'trian' (did you mean train?)"),
+        # A typo in a required flag: named, not "the following arguments are required".
+        (["eval", "--daata", "x.jsonl"], "unknown flag --daata (did you mean --data?)"),
+        (
+            ["merge", "--adapter", "a", "--ouput", "o"],
+            "unknown flag --ouput (did you mean --output?)",
+        ),
+        (["export", "runs/x", "--to=gguf", "--outptu=o"], "unknown flag --outptu (did you mean"),
+        # No prefix matching: --dat is not --data, --max-new is not --max-new-tokens.
+        (["eval", "--dat", "x.jsonl"], "unknown flag --dat (did you mean --data?)"),
+        (["generate", "--max-new", "5", "hi"], "unknown flag --max-new (did you mean"),
+        (["train", "--rank", "4", "--lr", "1", "--alph", "8"], "unknown flag --alph (did you mean"),
     ],
 )
 def test_unknown_flags_get_did_you_mean(argv, message, capsys, no_model_load):
     with pytest.raises(SystemExit) as exit:
         main(argv)
     assert exit.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err
+    assert "arguments are required" not in err
+
+
+def test_no_parser_takes_a_prefix_for_a_flag():
+    from lorakit.cli import build_parser
+
+    parser = build_parser()
+    (subparsers,) = parser._subparsers._group_actions
+    assert parser.allow_abbrev is False
+    assert {n for n, p in subparsers.choices.items() if p.allow_abbrev} == set()
+
+
+def test_a_value_that_looks_like_a_flag_is_a_value(capsys, no_model_load):
+    # argparse takes "--- terse" (a space in it) and what follows "--" as values: so does
+    # the check for mistyped flags.
+    argv = ["generate", "--system", "--- terse", "--adapter", "/nonexistent/run", "--", "--hi"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--adapter /nonexistent/run: not an adapter folder" in err
+    assert "unknown flag" not in err
 
 
 def test_unknown_yaml_key_gets_did_you_mean(tmp_path, capsys, no_model_load):

@@ -77,6 +77,27 @@ def test_eval_generate_chat(trained, demo_data, monkeypatch, capsys):
     assert main(["chat", "--adapter", str(out), "--max-new-tokens", "2"]) == 0
 
 
+def test_a_vlm_asked_without_an_image_warns(trained, demo_data, monkeypatch, capsys):
+    out, _ = trained
+    argv = ["generate", "--adapter", str(out), "--max-new-tokens", "1"]
+    assert main([*argv, "What is in the picture?"]) == 0
+    warning = "warning: this is a vision-language model and the prompt has no image"
+    assert warning in capsys.readouterr().err
+    image = str(images_of(read_data(demo_data["test"]).examples[0])[0])
+    assert main([*argv, "--image", image, "What is in the picture?"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    # chat: once for a first message without an image; a follow-up on an image is fine.
+    lines = iter(["hello", "/image " + image, "What is in it?", "And now?", ""])
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))
+    assert main(["chat", "--adapter", str(out), "--max-new-tokens", "1"]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.startswith(
+        "(an empty line, /quit or Ctrl-D ends the chat; /image PATH attaches an image to your "
+        "next message)\n"
+    )
+    assert printed.err.count("warning: this is a vision-language model and this message") == 1
+
+
 def test_merge_loads_in_plain_transformers(trained, vlm_folder, demo_data, tmp_path):
     from transformers import AutoModelForImageTextToText
 
@@ -98,6 +119,35 @@ def test_merge_loads_in_plain_transformers(trained, vlm_folder, demo_data, tmp_p
         )
 
 
+def test_vlm_demo_says_what_it_prepares_then_its_config(vlm_folder, tmp_path, capsys, monkeypatch):
+    import lorakit.models.load
+    from lorakit.vlm import demo
+
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(demo, "SPLITS", {"train": 4, "val": 2, "test": 2})
+    told = []
+
+    def assembled(*args, **kwargs):  # the demo's base: the tiny VLM instead of SmolLM2's
+        told.append(capsys.readouterr().err)  # what the user read before the slow part
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lorakit.models.load, "load_model", assembled)
+    argv = ["train", "--demo", "vlm", "--max-steps", "1", "--output", str(tmp_path / "run")]
+    assert main(argv) == 130
+    cache = tmp_path / "cache"
+    (data,) = cache.glob("vlm-demo-data-*")
+    assert told[0].splitlines() == [
+        f"drawing the demo's 8 images, once; cached at {data}",
+        "assembling the demo's base model, once: SmolLM2-135M with a 2-layer vision encoder and "
+        f"a projector; cached at {cache / demo._cache_name('smolvlm-demo')}",
+    ]
+    monkeypatch.setattr(demo, "demo_base", lambda: vlm_folder)
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert main(argv) == 0
+    assert printed.getvalue().startswith(f"config: model={vlm_folder}, data={data / 'train.jsonl'}")
+    assert "drawing" not in capsys.readouterr().err  # drawn once, then cached
+
+
 def test_bad_input(demo_data, tmp_path, capsys):
     image = str(images_of(read_data(demo_data["test"]).examples[0])[0])
     assert main(["generate", "--image", image, "hi"]) == 2
@@ -107,3 +157,13 @@ def test_bad_input(demo_data, tmp_path, capsys):
     assert "has images but --model smollm2-135m is not a vision-language model" in (
         capsys.readouterr().err
     )
+
+
+def test_a_damaged_image_flag_is_named_as_a_flag(vlm_folder, tmp_path, capsys):
+    damaged = tmp_path / "notes.png"
+    damaged.write_text("not an image")
+    argv = ["generate", "--model", str(vlm_folder), "--image", str(damaged), "hi"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--image {damaged}" in err and "Pass another image file." in err
+    assert "record" not in err and "--skip-bad-records" not in err

@@ -504,11 +504,15 @@ def test_load_datasets_with_fraction_and_with_file(tmp_path, smollm2_tokenizer):
     val_path = write_jsonl(tmp_path / "val.jsonl", [{"messages": TINY_CHAT}])
     train, val = load_datasets(train_path, TextCodec(smollm2_tokenizer), 32, val_fraction=0.2)
     assert (train.examples, val.examples) == (8, 2)
-    train, val = load_datasets(train_path, TextCodec(smollm2_tokenizer), 32, val_path=val_path, pack=True)
+    train, val = load_datasets(
+        train_path, TextCodec(smollm2_tokenizer), 32, val_path=val_path, pack=True
+    )
     assert (train.examples, len(train), val.examples) == (10, 1, 1)  # only train is packed
     assert load_datasets(train_path, TextCodec(smollm2_tokenizer), 32)[1] is None
     with pytest.raises(LoraError, match="not both"):
-        load_datasets(train_path, TextCodec(smollm2_tokenizer), 32, val_path=val_path, val_fraction=0.2)
+        load_datasets(
+            train_path, TextCodec(smollm2_tokenizer), 32, val_path=val_path, val_fraction=0.2
+        )
 
 
 def test_load_datasets_skips_and_reports_bad_records(tmp_path, smollm2_tokenizer):

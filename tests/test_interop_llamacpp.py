@@ -1,4 +1,6 @@
-"""llama.cpp itself runs lorakit's GGUF exports: the same greedy text, logits and perplexity.
+"""llama.cpp itself runs lorakit's GGUF exports: the same greedy text, logits and perplexity,
+from a GGUF base and from a Hugging Face folder (tokenizer and hyperparameters written by
+lorakit, no llama.cpp converter).
 
 Runs with ``make interop`` only (LORAKIT_INTEROP=1): it needs ``llama-cpp-python``, which
 builds llama.cpp from source (the Makefile builds its wheel once and caches it).
@@ -193,6 +195,89 @@ def test_merged_gguf_in_llama_cpp(setup, llama_cpp):
     assert differ == 0 and worst < F16_TOL
     to_gguf_model(model, folder / "merged.q8_0.gguf", outtype="q8_0")
     compare("merged q8_0", model, tokenizer, open_llama(llama_cpp, folder / "merged.q8_0.gguf"))
+
+
+def test_merged_gguf_of_a_hugging_face_base_in_llama_cpp(setup, llama_cpp, smollm2):
+    """No GGUF anywhere on the way: SmolLM2 as a Hugging Face folder (its weights saved with
+    save_pretrained, its own tokenizer.json's digit-first splitting), the same adapter, and the
+    merged GGUF's tokenizer and hyperparameters written by lorakit from that folder. llama.cpp
+    tokenizes every prompt to transformers' ids and answers with lorakit's greedy text."""
+    import export_families
+
+    from lorakit import load_adapter
+    from lorakit.export import to_gguf_model
+    from lorakit.export.gguf_read import Header
+    from lorakit.models.load import load_model
+
+    model, tokenizer, folder = setup
+    hf = folder / "hf-base"
+    smollm2[0].save_pretrained(hf)
+    export_families.smollm2_tokenizer_json(tokenizer).save_pretrained(hf)
+    base, hf_tokenizer = load_model(str(hf))
+    load_adapter(base, folder / "adapter")
+    out = to_gguf_model(base, folder / "merged-hf.f32.gguf", outtype="f32", in_place=True)
+    assert Header(out).get("tokenizer.ggml.pre") == "smollm"
+    llm = open_llama(llama_cpp, out)
+    for messages in PROMPTS:
+        text = hf_tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        theirs = llm.tokenize(text.encode(), add_bos=False, special=True)
+        assert theirs == hf_tokenizer(text, add_special_tokens=False)["input_ids"]
+    differ, worst = compare("merged f32 of a Hugging Face folder", model, tokenizer, llm)
+    assert differ == 0 and worst < LOGIT_TOL
+
+
+@pytest.fixture(scope="module")
+def families():
+    import export_families
+
+    return export_families
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "llama",
+        "llama-spm",
+        "mistral-spm",
+        "qwen2",
+        "qwen3",
+        "gpt2",
+        "gemma2-spm",
+        "gemma3",
+        "gemma3-spm",
+        "phi3-spm",
+    ],
+)
+def test_every_family_runs_in_llama_cpp(llama_cpp, families, smollm2, tmp_path, name):
+    """Each family's tiny merged GGUF (tests/export_families.py): llama.cpp tokenizes as
+    transformers does and continues greedily as lorakit does, logits within LOGIT_TOL."""
+    from lorakit import load_adapter, unload
+    from lorakit.cli import main
+    from lorakit.models.load import load_model
+
+    base = families.base_folder(name, tmp_path / "base", smollm2[1])
+    # general.name comes from the adapter folder; llama.cpp gives a "phi3" name Phi-3's
+    # special tokens (<|endoftext|>), which the tiny vocabulary has not
+    adapter = families.adapter_folder(name, base, tmp_path / "tiny-adapter")
+    out = tmp_path / "merged.gguf"
+    argv = ["export", str(adapter), "--to", "gguf", "--merged", "--outtype", "f32"]
+    assert main([*argv, "--output", str(out)]) == 0
+    model, tokenizer = load_model(str(base))
+    load_adapter(model, adapter)
+    model = unload(model, merge=True).eval()
+    llm = open_llama(llama_cpp, out)
+    text = "Order for 12 Elm St: two large pepperoni pizzas, 3 colas!"
+    ids = tokenizer(text)["input_ids"]
+    add_bos = ids[:1] == [tokenizer.bos_token_id]
+    assert llm.tokenize(text.encode(), add_bos=add_bos, special=False) == ids
+    ours, our_logits = torch_run(model, ids)
+    theirs, their_logits = llama_run(llm, ids, ours)
+    RESULTS[f"{name}: greedy equal, max |Δlogit|"] = (
+        f"{ours == theirs}, {np.abs(our_logits - their_logits).max():.2e}"
+    )
+    assert ours == theirs and np.abs(our_logits - their_logits).max() < LOGIT_TOL
 
 
 def perplexity(logits: np.ndarray, ids: list[int], start: int) -> tuple[float, int]:

@@ -497,3 +497,45 @@ def test_bundled_base_is_recorded_as_a_folder_transformers_and_peft_load_offline
     logits = load_file(out)
     for loader in ("transformers", "peft"):
         torch.testing.assert_close(logits[loader], expected, rtol=0, atol=1e-5)
+
+
+# --- reloading in place (what resuming a Trainer run needs) ----------------------------------
+
+
+def test_reload_adapter_copies_values_into_the_same_parameters(tmp_path):
+    from lorakit.io import reload_adapter
+
+    saved = tiny.llama()
+    config = LoraConfig(r=4, alpha=8, target_modules="all-linear", bias="lora_only", init="random")
+    add_lora(saved, config)
+    save_adapter(saved, tmp_path)
+    model = tiny.llama()
+    add_lora(model, LoraConfig(r=4, alpha=8, target_modules="all-linear", bias="lora_only"))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert tiny.max_diff(_out(model, TOKENS), _out(saved, TOKENS)) > 1e-3
+    reload_adapter(model, tmp_path)
+    assert tiny.max_diff(_out(model, TOKENS), _out(saved, TOKENS)) < 1e-6
+    assert all(p is params[n] for n, p in model.named_parameters() if p.requires_grad), (
+        "an optimizer holding the parameters must see the reloaded values"
+    )
+
+
+def test_reload_adapter_refuses_another_adapter_listing_every_difference(tmp_path):
+    from lorakit.io import reload_adapter
+
+    other = tiny.llama()
+    add_lora(other, LoraConfig(r=2, alpha=8, target_modules=["q_proj", "v_proj"]))
+    save_adapter(other, tmp_path)
+    model = tiny.llama()
+    add_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj"]))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(
+        LoraError,
+        match=r"(?s)r: the file has 2, the adapter 4.*unexpected tensor.*v_proj.*load_adapter",
+    ):
+        reload_adapter(model, tmp_path)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), "changed nothing"
+    pissa = tiny.llama()
+    add_lora(pissa, LoraConfig(r=2, target_modules=["q_proj"], init="pissa"), "p")
+    with pytest.raises(LoraError, match=r"init='pissa' adapter is saved as an equivalent pair"):
+        reload_adapter(pissa, tmp_path, "p")

@@ -1,7 +1,10 @@
-"""The fused LoRA linear path (``LoraLinearFunction``) against the plain formula.
+"""The fused LoRA paths against the plain formulas.
 
-Every case compares the output and the gradients of x, every A and B, and the bias when it
-trains, with y = x Wᵀ + b + Σᵢ sᵢ (dᵢ(x) Aᵢᵀ) Bᵢᵀ computed by hand, at 1e-5 in fp32.
+``LoraLinearFunction``: every case compares the output and the gradients of x, every A and B,
+and the bias when it trains, with y = x Wᵀ + b + Σᵢ sᵢ (dᵢ(x) Aᵢᵀ) Bᵢᵀ computed by hand, at
+1e-5 in fp32. ``GroupedLoraFunction`` (routed experts): per expert group, y = x Wₑ +
+Σᵢ sᵢ (x Pᵢₑ) Qᵢₑ by a loop over the experts, forward and backward, through torch's grouped
+GEMM and through the per-group fallback.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from transformers.pytorch_utils import Conv1D
 from lorakit import LoraConfig, add_lora
 from lorakit.adapters import route
 from lorakit.layers import LoraLinear
-from lorakit.layers.kernels import input_grad
+from lorakit.layers.kernels import Groups, grouped_lora, input_grad
 from lorakit.merge import merge
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -273,3 +276,78 @@ def test_input_grad_is_g_times_w_in_any_layout(dtype: torch.dtype, transposed: b
     # Exact inputs, one rounding of the result (plus fp32 accumulation for half precision).
     tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}[dtype]
     torch.testing.assert_close(got.double(), expected, atol=tol * 20, rtol=tol)
+
+
+def test_fused_output_can_be_modified_in_place_under_autograd() -> None:
+    # Llama-4's MoE does ``out = shared_expert(x); out.add_(routed)``: the fused node's output
+    # must not be a view it made, and the gradients must be those of the plain formula.
+    layer = make_layer({"a": (4, 2.0, 0.0)}).train()
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    extra = torch.randn(3, 5, 12, requires_grad=True)
+    y = layer(x)
+    assert type(y.grad_fn).__name__ == "LoraLinearFunctionBackward" and y._base is None
+    y.add_(extra)
+    y.view(-1, 12).mul_(2.0)  # a view made outside the node may be written too
+    g = torch.randn(3, 5, 12)
+    reference = 2.0 * (plain(layer, x, ["a"]) + extra)
+    params = [x, extra, layer.lora_A["a"], layer.lora_B["a"]]
+    torch.testing.assert_close(y, reference, **TOL)
+    for fast, ref in zip(
+        torch.autograd.grad(y, params, g), torch.autograd.grad(reference, params, g), strict=True
+    ):
+        torch.testing.assert_close(fast, ref, **TOL)
+
+
+def grouped_by_hand(x, weight, counts, pairs):
+    """y = x Wₑ + Σᵢ sᵢ (x Pᵢₑ) Qᵢₑ, one expert at a time."""
+    rows, start = [], 0
+    for e, n in enumerate(counts.tolist()):
+        xe = x[start : start + n]
+        ye = xe @ weight[e]
+        for P, Q, s in pairs:
+            ye = ye + s * ((xe.to(P.dtype) @ P[e]) @ Q[e]).to(ye.dtype)
+        rows.append(ye)
+        start += n
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("r", [4, 3])  # 4: torch's grouped GEMM takes it; 3: one mm per group
+@pytest.mark.parametrize("counts", [[3, 0, 5, 4], [0, 0, 12, 0]])  # empty experts too
+def test_grouped_lora_matches_the_loop_over_experts(r: int, counts: list[int]) -> None:
+    torch.manual_seed(0)
+    experts, inp, out = 4, 8, 12
+    counts = torch.tensor(counts)
+    x = torch.randn(int(counts.sum()), inp, requires_grad=True)
+    weight = torch.randn(experts, inp, out)  # frozen, applied as x @ W
+    factors = [
+        (
+            torch.randn(experts, inp, r, requires_grad=True),
+            torch.randn(experts, r, out, requires_grad=True),
+            scale,
+        )
+        for scale in (0.5, 2.0)
+    ]
+    y = grouped_lora(x, weight, Groups(counts), factors)
+    expected = grouped_by_hand(x, weight, counts, factors)
+    torch.testing.assert_close(y, expected, **TOL)
+    params = [x, *(t for P, Q, _ in factors for t in (P, Q))]
+    g = torch.randn_like(y)
+    for fast, ref in zip(
+        torch.autograd.grad(y, params, g), torch.autograd.grad(expected, params, g), strict=True
+    ):
+        torch.testing.assert_close(fast, ref, **TOL)
+
+
+def test_grouped_lora_takes_a_sums_expanded_gradient_and_half_precision_bases() -> None:
+    torch.manual_seed(0)
+    counts = torch.tensor([4, 4])
+    x = torch.randn(8, 8, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(2, 8, 8, dtype=torch.bfloat16)
+    P = torch.randn(2, 8, 4, requires_grad=True)  # adapters stay fp32 on a bf16 base
+    Q = torch.randn(2, 4, 8, requires_grad=True)
+    y = grouped_lora(x, weight, Groups(counts), [(P, Q, 1.0)])
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()  # a sum's gradient is expanded (zero strides)
+    expected = grouped_by_hand(x.detach().float(), weight.float(), counts, [(P, Q, 1.0)])
+    torch.testing.assert_close(y.float(), expected.detach(), atol=0.2, rtol=0.02)
+    assert x.grad.dtype == torch.bfloat16 and P.grad.abs().sum() > 0 and Q.grad.abs().sum() > 0

@@ -158,3 +158,73 @@ def test_spectra_plot_colours_lines_by_layer_with_a_colour_bar(adapted, tmp_path
         assert len(set(colours)) == len(colours) == 2  # layers 0 and 1 differ
         labels = [t.get_text() for t in panel.get_yticklabels(minor=True) if t.get_text()]
         assert all("10^" not in label and "times" not in label for label in labels)
+
+
+def test_modules_of_a_folder_come_in_natural_order(tmp_path):
+    model = nn.Sequential(*[nn.Linear(4, 4, bias=False) for _ in range(12)])
+    add_lora(model, LoraConfig(r=1, target_modules=[str(i) for i in range(12)]))
+    save_adapter(model, tmp_path)
+    paths = [m.path for m in inspect_adapter(tmp_path).modules]
+    assert paths == [str(i) for i in range(12)]  # 2 before 10, not text order (0, 1, 10, ...)
+    rows = [line.split()[0] for line in str(inspect_adapter(tmp_path)).splitlines()[2:-1]]
+    assert rows == paths
+
+
+def _report(spectra: dict[str, list[float]]):
+    from lorakit.lowrank.inspection import InspectReport, ModuleSpectrum
+
+    modules = [ModuleSpectrum(p, len(s), 2.0, 1.0, s, 1) for p, s in spectra.items()]
+    return InspectReport("default", modules)
+
+
+def test_sigma_column_lines_up_value_under_value():
+    report = _report({"a": [12.5, 0.5, 0.01], "b": [1.0, 0.25, 0.0625], "c": [100.0, 3.0]})
+    lines = str(report).splitlines()
+    start = lines[0].index("sigma_1..3 of dW")
+    cells = [line[start : start + len("sigma_1..3 of dW")] for line in lines[2:5]]
+    assert cells == [
+        "12.5  0.5   0.01",
+        "   1 0.25 0.0625",
+        " 100    3       ",
+    ]
+
+
+def test_spectra_plot_tick_labels_do_not_overlap(tmp_path, monkeypatch):
+    import matplotlib.figure
+    import numpy as np
+
+    spans = {
+        "q_proj": (3.0, 1.5),
+        "v_proj": (50.0, 1e-4),
+        "o_proj": (0.9, 0.2),
+        "k_proj": (20, 0.05),
+    }
+    report = _report(
+        {
+            f"model.layers.{layer}.{name}": list(np.geomspace(high, low, 16) * (1 + layer / 10))
+            for name, (high, low) in spans.items()
+            for layer in range(3)
+        }
+    )
+    real, seen = matplotlib.figure.Figure.savefig, {}
+
+    def read_back(fig, *args, **kwargs):  # the saved figure's labels, as drawn into the file
+        real(fig, *args, **kwargs)
+        renderer = fig.canvas.get_renderer()
+        for ax in fig.axes[:-1]:
+            low, high = ax.get_ylim()
+            ticks = ax.get_yticklabels() + ax.get_yticklabels(minor=True)
+            shown = [t for t in ticks if t.get_text() and low <= t.get_position()[1] <= high]
+            seen[ax.get_title()] = [(t.get_text(), t.get_window_extent(renderer)) for t in shown]
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", read_back)
+    plot_spectra(report, tmp_path / "s.png")
+    for title, labels in seen.items():
+        clashes = [
+            (a, b) for i, (a, box) in enumerate(labels) for b, other in labels[i + 1 :]
+            if box.overlaps(other)
+        ]  # fmt: skip
+        assert len(labels) >= 2 and clashes == [], (title, [text for text, _ in labels])
+        assert all("10^" not in text and "times" not in text for text, _ in labels)
+    assert [t for t, _ in seen["v_proj"]] == ["0.0001", "0.001", "0.01", "0.1", "1", "10", "100"]
+    assert sorted(float(t) for t, _ in seen["o_proj"]) == [0.2, 0.3, 0.5, 1.0]

@@ -3,6 +3,7 @@
 import pytest
 import tiny
 import torch
+from test_moe import build as moe_build
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -36,6 +37,18 @@ CASES = {
         LoraConfig(
             r=2, target_modules=["q_b_proj"], target_parameters=["mlp.experts.gate_up_proj"]
         ),
+        lambda: {"input_ids": torch.randint(0, 64, (2, 7))},
+    ),
+    # Routed experts folded into their 3D weights: (E, in, out) applied as x @ W (GPT-OSS
+    # declares is_transposed; Llama-4 does not), with all-linear's attention and MLPs too.
+    "gpt-oss-experts": (
+        lambda: moe_build("gpt_oss"),
+        LoraConfig(r=2, alpha=4, target_modules="all-linear"),
+        lambda: {"input_ids": torch.randint(0, 64, (2, 7))},
+    ),
+    "llama4-experts": (
+        lambda: moe_build("llama4_text"),
+        LoraConfig(r=2, alpha=4, target_modules="all-linear"),
         lambda: {"input_ids": torch.randint(0, 64, (2, 7))},
     ),
 }

@@ -204,3 +204,82 @@ def test_a_truncated_gguf_is_a_lora_error_and_leaves_no_cache_entry(tmp_path, mo
     with pytest.raises(LoraError, match=r"Cannot load the model from .*cut\.gguf"):
         load_model(str(gguf))
     assert not any((tmp_path / "cache").iterdir())
+
+
+# --- the cache folder from the environment, its modes and a full disk ------------------------------
+@pytest.mark.parametrize(
+    ("variable", "setting", "shown"),
+    [
+        ("LORAKIT_CACHE", "file", "LORAKIT_CACHE is {file}"),
+        ("LORAKIT_CACHE", "file/under", "LORAKIT_CACHE is {file}/under"),
+        ("XDG_CACHE_HOME", "file", "XDG_CACHE_HOME gives {file}/lorakit"),
+    ],
+)
+def test_a_cache_variable_pointing_at_a_file_is_named(
+    tmp_path, monkeypatch, variable, setting, shown
+):
+    file = tmp_path / "file"
+    file.write_text("not a folder")
+    monkeypatch.delenv("LORAKIT_CACHE", raising=False)
+    monkeypatch.setenv(variable, str(tmp_path / setting))
+    with pytest.raises(LoraError) as error:
+        cache_dir()
+    assert str(error.value) == (
+        f"{shown.format(file=file)}: {file} is a file, not a folder, so converted models cannot "
+        "be kept there. Point LORAKIT_CACHE at a folder (it is created if missing), or unset it."
+    )
+    # Loading the default model says so too, instead of calling the model corrupt.
+    with pytest.raises(LoraError, match=f"{variable} .*is a file, not a folder"):
+        load_model(DEFAULT_MODEL)
+
+
+def test_a_converted_folder_follows_the_umask(tmp_path, fake_loaders):
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF")
+    old = os.umask(0o022)
+    try:
+        load_model(str(gguf))
+    finally:
+        os.umask(old)
+    (entry,) = (tmp_path / "cache").iterdir()
+    assert entry.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0o700
+    assert {p.stat().st_mode & 0o777 for p in entry.iterdir()} == {0o644}
+
+
+def test_a_full_disk_while_converting_names_the_cache_and_leaves_nothing(
+    tmp_path, fake_loaders, monkeypatch
+):
+    from safetensors import SafetensorError
+
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF")
+
+    def full(folder):
+        (Path(folder) / "model.safetensors").write_text("partial")
+        raise SafetensorError(
+            "Error while serializing: I/O error: Disk quota exceeded (os error 122)"
+        )
+
+    monkeypatch.setattr(fake_loaders, "_save", full)
+    cache = tmp_path / "cache"
+    with pytest.raises(LoraError) as error:
+        load_model(str(gguf))
+    message = str(error.value)
+    assert message.startswith(f"Could not write the converted model to {cache}/tiny-")
+    assert message.endswith(
+        f"(Disk quota exceeded); nothing was left there "
+        f"(LORAKIT_CACHE is {cache}). Free space, or point LORAKIT_CACHE at a folder you can "
+        "write with room for the model in float32 (4 bytes a parameter)."
+    )
+    assert list(cache.iterdir()) == []
+
+
+def test_an_unwritable_cache_is_named(tmp_path, fake_loaders, monkeypatch):
+    if os.geteuid() == 0:
+        pytest.skip("root writes anywhere")
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF")
+    (tmp_path / "ro").mkdir(mode=0o555)
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "ro" / "cache"))
+    with pytest.raises(LoraError, match=r"Could not write the converted model to the cache"):
+        load_model(str(gguf))

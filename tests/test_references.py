@@ -95,3 +95,78 @@ def test_help_states_each_default_once():
     }
     assert {cmd: found for cmd, found in doubled.items() if found} == {}
     assert "(default: cat)" in " ".join(help_texts()["combine"].split())  # others still shown
+
+
+# --- the demo transcript in the README: the lines that do not depend on the machine ----------
+
+DEMO = re.compile(r"/[^ ,]*/lorakit/demo/")  # the package's path, as the README elides it
+
+
+def demo_transcript() -> list[str]:
+    """The lines of the README's `make demo` transcript."""
+    readme = ROOT.joinpath("README.md").read_text()
+    return readme.split("One run of `make demo`", 1)[1].split("```", 2)[1].strip("\n").split("\n")
+
+
+def _table(lines: list[str]) -> list[str]:
+    """What ``print_table`` prints for the figures in the README's table (they move with the
+    CPU); its layout, row names and note do not."""
+    import contextlib
+    import io
+
+    from lorakit.training.report import print_table
+
+    figures = {line[:22].strip(): line[22:].split() for line in lines[1:4]}
+    (b, a), (v0, v1), (_, shape) = (figures[k] for k in figures)
+    hits, total = map(int, shape.split("/"))
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        print_table(
+            {"exact_match": int(b.rstrip("%")) / 100},
+            {"exact_match": int(a.rstrip("%")) / 100},
+            {0: float(v0), 40: float(v1)},
+            (hits, total),
+        )
+    return printed.getvalue().split("\n")[1:-2]
+
+
+def test_demo_transcript_is_what_train_prints(smollm2):
+    import copy
+
+    from lorakit import add_lora
+    from lorakit.data import common_system, load_datasets, read_data
+    from lorakit.inject import trainable_parameters
+    from lorakit.modality import TEXT
+    from lorakit.training.config import resolve_config
+    from lorakit.training.distributed import Dist
+    from lorakit.training.loop import SHAPE_CHECKS
+    from lorakit.training.report import describe, describe_parallel, short
+
+    lines = demo_transcript()
+    config = resolve_config(None, {"output": "runs/demo"})  # what `make demo` runs
+    model, tokenizer = smollm2
+    train, val = load_datasets(
+        config.data, TEXT.codec(tokenizer), config.seq_len, val_path=config.val_data
+    )
+    adapted = add_lora(copy.deepcopy(model), config.lora_config("smollm2-135m"))
+    system = common_system(read_data(config.data).examples)
+    steps = range(0, config.max_steps + 1, config.eval_every)
+    table = lines[len(steps) + 7 : len(steps) + 12]
+    expected = [
+        DEMO.sub(".../lorakit/demo/", describe(config)),
+        f"train: {train.summary()}",
+        f"val:   {val.summary()}",
+        "base model exact match on .../lorakit/demo/test.jsonl: 0.0%",
+        str(trainable_parameters(adapted)),
+        describe_parallel(config, Dist()),
+        *(f"step {s}: eval loss {lines[6 + i].rsplit(' ', 1)[-1]}" for i, s in enumerate(steps)),
+        "",
+        *_table(table),
+        "",
+        f"adapter written to {config.output}",
+        f"saved with it: the system prompt {short(system)}",
+        f"done: {config.max_steps} steps, adapter in {config.output}",
+    ]
+    assert lines == expected
+    assert table[3].endswith(f"/{SHAPE_CHECKS}")  # the count of requests is not a figure
+    for line in lines[6 : 6 + len(steps)]:  # the losses themselves move with the CPU
+        assert re.fullmatch(r"step \d+: eval loss \d\.\d{4}", line), line

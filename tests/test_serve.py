@@ -1,7 +1,7 @@
 """lorakit serve against the official ``openai`` client: a tiny Llama with two adapters.
 
-The server runs in a thread on 127.0.0.1 (a random port); the Ctrl-C test starts
-``python -m lorakit serve`` itself. Greedy replies are compared with ``lorakit generate``'s.
+The server runs in a thread on 127.0.0.1 (a random port; ``serve_fixtures``); the Ctrl-C test
+starts ``lorakit serve`` itself. Greedy replies are compared with ``lorakit generate``'s.
 Every wait is bounded in count and time.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
-import io
 import json
 import os
 import signal
@@ -19,153 +18,27 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
-from types import SimpleNamespace
 
 import openai
 import pytest
-import tiny
+from serve_fixtures import (  # noqa: F401 (the fixtures)
+    LONG,
+    MESSAGES,
+    PROMPT,
+    TOKENS,
+    WAIT_S,
+    client_fixture,
+    expected_fixture,
+    folders_fixture,
+    server_fixture,
+)
+from serve_fixtures import chat as _chat
+from serve_fixtures import engine_counts as _engine
+from serve_fixtures import raw as _raw
+from serve_fixtures import wait_idle as _wait_idle
 
-from lorakit import LoraConfig, add_lora, save_adapter
 from lorakit.cli import main
-from lorakit.generate import GenerationSettings, save_generation_settings
-from lorakit.models.load import load_model
-from lorakit.serve import ServeOptions, build_app, load_state
-from lorakit.serve.server import bind
 from lorakit.serve.text import TextStream
-
-PROMPT = "Name three colours."
-TOKENS = 12  # greedy reply length compared with lorakit generate
-SYSTEM_A = "You are adapter A. Answer in one word."
-LONG = 1500  # a reply long enough to be cut short by a disconnect or a limit
-WAIT_S = 10.0  # the longest any poll in these tests waits
-
-
-# --- fixtures ---------------------------------------------------------------------------------
-def _adapter(base: Path, out: Path, seed: int, **config) -> Path:
-    """An adapter on ``base`` with random B (so it changes the replies), saved to ``out``."""
-    model, _ = load_model(str(base))
-    config = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]} | config
-    add_lora(model, LoraConfig(**config), "x")
-    tiny.randomize_adapters(model, std=0.5, seed=seed)
-    save_adapter(model, out, "x")
-    return out
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory, smollm2_tokenizer) -> SimpleNamespace:
-    """A tiny Llama with SmolLM2's tokenizer; adapters a (with a saved system prompt) and b;
-    an adapter made for another base; one with a modules_to_save copy."""
-    root = tmp_path_factory.mktemp("serve")
-    model = tiny.llama()
-    model.resize_token_embeddings(len(smollm2_tokenizer), mean_resizing=False)
-    model.save_pretrained(root / "base")
-    smollm2_tokenizer.save_pretrained(root / "base")
-    a = _adapter(root / "base", root / "a", seed=1)
-    save_generation_settings(GenerationSettings(system=SYSTEM_A), a)
-    b = _adapter(root / "base", root / "b", seed=2)
-    other = tiny.llama(seed=3)
-    other.config.intermediate_size = 64  # another base: other MLP shapes
-    other = type(other)(other.config).eval()
-    other.resize_token_embeddings(len(smollm2_tokenizer), mean_resizing=False)
-    other.save_pretrained(root / "other")
-    smollm2_tokenizer.save_pretrained(root / "other")
-    wrong = _adapter(root / "other", root / "wrong", seed=4)
-    copies = _adapter(root / "base", root / "copies", seed=5, modules_to_save=["lm_head"])
-    return SimpleNamespace(base=root / "base", a=a, b=b, wrong=wrong, copies=copies)
-
-
-def _generate(folders: SimpleNamespace, use: str | None) -> str:
-    """``lorakit generate``'s greedy reply to PROMPT (with --use ``use``; None: the base)."""
-    argv = ["generate", "--model", str(folders.base), "--max-new-tokens", str(TOKENS)]
-    if use is not None:
-        argv += ["--adapter", f"a={folders.a}", "--adapter", f"b={folders.b}", "--use", use]
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert main([*argv, PROMPT]) == 0
-    return out.getvalue().removesuffix("\n")  # the streamer ends the reply with a newline
-
-
-@pytest.fixture(scope="module")
-def expected(folders) -> dict[str, str]:
-    """Greedy replies of ``lorakit generate`` by served name."""
-    return {
-        "a": _generate(folders, "a"),
-        "b": _generate(folders, "b"),
-        "base": _generate(folders, None),
-    }
-
-
-@pytest.fixture(scope="module")
-def server(folders):
-    """The server in a thread on 127.0.0.1:<free port>: base, a and b, updates allowed."""
-    import uvicorn
-
-    options = ServeOptions(
-        model=str(folders.base),
-        adapters={"a": str(folders.a), "b": str(folders.b)},
-        served_model_name="base",
-        max_tokens=2 * LONG,
-        allow_adapter_updates=True,
-    )
-    state = load_state(options)
-    state.engine.start()
-    sock = bind("127.0.0.1", 0)
-    config = uvicorn.Config(build_app(state), log_level="warning", lifespan="off")
-    runner = uvicorn.Server(config)
-    thread = threading.Thread(target=runner.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + WAIT_S
-    while not runner.started and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert runner.started, "the server did not start"
-    yield SimpleNamespace(port=sock.getsockname()[1], state=state)
-    runner.should_exit = True
-    thread.join(WAIT_S)
-    state.engine.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=f"http://127.0.0.1:{server.port}/v1", api_key="none", max_retries=0, timeout=60
-    )
-
-
-def _chat(client: openai.OpenAI, model: str, **kwargs) -> openai.types.chat.ChatCompletion:
-    kwargs = {"temperature": 0, "max_tokens": TOKENS} | kwargs
-    return client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": PROMPT}], **kwargs
-    )
-
-
-def _raw(port: int, method: str, path: str, body: bytes | dict | None = None) -> tuple[int, str]:
-    """(status, body text) of one plain HTTP request to 127.0.0.1."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    data = json.dumps(body).encode() if isinstance(body, dict) else body
-    try:
-        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
-        response = conn.getresponse()
-        return response.status, response.read().decode()
-    finally:
-        conn.close()
-
-
-def _engine(port: int) -> dict:
-    status, text = _raw(port, "GET", "/health")
-    assert status == 200
-    return json.loads(text)["engine"]
-
-
-def _wait_idle(port: int) -> dict:
-    """The engine's counters once nothing runs or waits (polled for at most WAIT_S)."""
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        engine = _engine(port)
-        if engine["running"] == engine["waiting"] == 0:
-            return engine
-        time.sleep(0.02)
-    raise AssertionError(f"the engine is still busy after {WAIT_S} s: {engine}")
 
 
 # --- greedy text, streaming, sampling ---------------------------------------------------------
@@ -326,9 +199,6 @@ def test_models_lists_the_base_and_each_adapter(client, folders):
 
 
 # --- errors ---------------------------------------------------------------------------------
-MESSAGES = [{"role": "user", "content": "hi"}]
-
-
 @pytest.mark.parametrize(
     ("path", "body", "status", "message"),
     [
@@ -503,7 +373,7 @@ def test_serve_refuses_an_adapter_it_cannot_batch(folders, capsys):
     ("argv", "message"),
     [
         (["--adapter", "a=/nonexistent/run"], "--adapter /nonexistent/run: not an adapter folder"),
-        (["--model", "/nonexistent/model"], "--model /nonexistent/model: Model '/nonexist"),
+        (["--model", "/nonexistent/model"], "--model /nonexistent/model: not found (no such"),
         (["--port", "70000"], "--port must be in 0..65535"),
     ],
 )

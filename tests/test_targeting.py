@@ -2,6 +2,7 @@
 
 import pytest
 import tiny
+import torch
 from torch import nn
 
 import lorakit.targeting as targeting
@@ -113,4 +114,56 @@ def test_a_token_entry_naming_several_modules_asks_for_the_full_path(ids):
     found = find_targets(model, LoraConfig(r=2, trainable_token_indices={"0": ids}))
     assert found.tokens == [] and found.unmatched == [
         "trainable_token_indices['0'] matches 2 modules; give the full path"
+    ]
+
+
+def test_moe_parts_and_what_all_linear_takes_on_a_mixture_of_experts():
+    model = tiny.deepseek_v2()  # layer 0 dense, layer 1: 4 routed experts, a router, a shared one
+    found = find_targets(model, LoraConfig(r=2, target_modules="all-linear"))
+    parts = found.parts
+    assert parts.experts == {"model.layers.1.mlp.experts": ["gate_up_proj", "down_proj"]}
+    assert parts.routers == ["model.layers.1.mlp.gate"]
+    assert parts.shared == ["model.layers.1.mlp.shared_experts"]
+    assert parts.role("model.layers.1.mlp.shared_experts.up_proj") == "shared expert"
+    assert parts.role("model.layers.0.mlp.up_proj") is None
+    modules = [p for p, _, _ in found.modules]
+    assert "model.layers.0.mlp.gate_proj" in modules  # the dense MLP
+    assert "model.layers.1.mlp.shared_experts.down_proj" in modules
+    assert "model.layers.1.self_attn.kv_a_proj_with_mqa" in modules  # MLA's low-rank parts
+    assert "model.layers.1.mlp.gate" not in modules  # the router stays frozen
+    assert [(p, n) for p, _, n in found.parameters] == [
+        ("model.layers.1.mlp.experts", "gate_up_proj"),
+        ("model.layers.1.mlp.experts", "down_proj"),
+    ]
+    assert found.unmatched == []
+    dense = find_targets(tiny.llama(), LoraConfig(r=2, target_modules="all-linear"))
+    assert dense.parts.all() == [] and dense.parameters == []
+
+
+def test_a_linear_router_is_left_out_of_all_linear_but_can_be_named():
+    class Moe(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = nn.Linear(8, 4, bias=False)  # one row per expert: the router
+            self.experts = nn.Module()
+            self.experts.num_experts = 4  # what says "experts"; a 3D parameter alone does not
+            self.experts.register_parameter("up", nn.Parameter(torch.randn(4, 6, 8)))
+            self.shared = nn.Sequential(nn.Linear(8, 8))
+
+    model = nn.Sequential(Moe())
+    found = find_targets(model, LoraConfig(r=2, target_modules="all-linear"))
+    assert [p for p, _, _ in found.modules] == ["0.shared.0"]
+    assert found.parts.routers == ["0.gate"] and found.parts.shared == ["0.shared"]
+    named = find_targets(model, LoraConfig(r=2, target_modules=["gate"]))
+    assert [p for p, _, _ in named.modules] == ["0.gate"]  # frozen by default, not forbidden
+    del model[0].experts.num_experts
+    assert find_targets(model, LoraConfig(r=2, target_modules="all-linear")).parts.all() == []
+
+
+def test_a_module_entry_naming_an_expert_parameter_says_target_parameters():
+    found = find_targets(tiny.deepseek_v2(), LoraConfig(r=2, target_modules=["gate_up_proj"]))
+    assert found.unmatched == [
+        "target_modules entry 'gate_up_proj' names a parameter "
+        "(model.layers.1.mlp.experts.gate_up_proj), not a module: give it in target_parameters "
+        "(--target-parameters)"
     ]

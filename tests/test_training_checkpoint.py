@@ -3,6 +3,7 @@ and a resume that checks which base model it continues on."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import pickle
@@ -14,15 +15,22 @@ from pathlib import Path
 import pytest
 import tiny
 import torch
+from disk import files_on, small_disk  # noqa: F401
 from peft import PeftConfig
 from peft.utils import load_peft_weights
+from safetensors import SafetensorError
 
 from lorakit import LoraError
 from lorakit.io import read_adapter
 from lorakit.training.checkpoint import read_state
 from lorakit.training.config import TrainConfig
 from lorakit.training.loop import train
-from lorakit.training.run_folder import STATE_FILE, clean_checkpoints, latest_checkpoint
+from lorakit.training.run_folder import (
+    STATE_FILE,
+    checkpoint_steps,
+    clean_checkpoints,
+    latest_checkpoint,
+)
 
 TRIALS = 20
 STEPS = 12  # the killed run's length; kills come before its last checkpoint
@@ -172,7 +180,19 @@ def test_resume_refuses_another_base_and_accepts_a_moved_one(tokenizer, data_fil
 def _train_until_killed(tokenizer, data_file: Path, output: Path, ready) -> None:
     torch.set_num_threads(1)
     ready.set()
-    run(tokenizer, data_file, output, max_steps=STEPS, save_every=1, keep_checkpoints=2)
+    # As a user goes on after a kill: resume its checkpoints, or start over (--overwrite)
+    # when it was killed before its first; a new run into the folder is refused.
+    resume = str(output) if checkpoint_steps(output / "checkpoints") else None
+    run(
+        tokenizer,
+        data_file,
+        output,
+        max_steps=STEPS,
+        save_every=1,
+        keep_checkpoints=2,
+        resume=resume,
+        overwrite=resume is None,
+    )
 
 
 def _check_complete(step: Path) -> None:
@@ -217,11 +237,20 @@ def test_kill_9_during_training_leaves_whole_checkpoints_that_resume_exactly(
     # Kill times are fractions of a measured run, so a fast machine is killed as early in its
     # run as a slow one (a fixed 0.2-2.5 s outlived the whole run on a fast CI machine).
     window = _seconds_to_last_checkpoint(child_processes, tokenizer, data_file, tmp_path / "timed")
-    output = tmp_path / "run"
+    runs = [tmp_path / "run0"]
     for _ in range(TRIALS):
+        # A killed run is resumed (see _train_until_killed), and the kill comes within the part
+        # of the run still to do; a finished run is followed by a new one in a new folder. So
+        # most kills land among steps and checkpoints.
+        done = max((n for n, _ in checkpoint_steps(runs[-1] / "checkpoints")), default=0)
+        if done == STEPS:
+            runs.append(tmp_path / f"run{len(runs)}")
+            done = 0
+        output = runs[-1]
         child = _start_child(child_processes, tokenizer, data_file, output)
-        time.sleep(rng.uniform(0.02, 0.8) * window)
-        os.kill(child.pid, signal.SIGKILL)
+        time.sleep(rng.uniform(0.02, 0.8) * window * (STEPS + 1 - done) / (STEPS + 1))
+        with contextlib.suppress(ProcessLookupError):  # a resumed run may have ended already
+            os.kill(child.pid, signal.SIGKILL)
         child.join(60)
         clean_checkpoints(output)  # what the next start does first
         root = output / "checkpoints"
@@ -230,7 +259,9 @@ def test_kill_9_during_training_leaves_whole_checkpoints_that_resume_exactly(
         for step in steps:
             _check_complete(step)
     # The newest surviving checkpoint short of the end resumes as if the run had never stopped
-    # (a child that ran faster than the timed one may have written step-STEPS itself).
+    # (a child that ran faster than the timed one may have written step-STEPS itself), in the
+    # newest run that wrote one (a finished run keeps step-STEPS - 1).
+    output = next(r for r in reversed(runs) if checkpoint_steps(r / "checkpoints"))
     survivors = {read_state(p)["step"]: p for p in (output / "checkpoints").iterdir()}
     reached = max(step for step in survivors if step < STEPS)
     last = survivors[reached]
@@ -240,3 +271,56 @@ def test_kill_9_during_training_leaves_whole_checkpoints_that_resume_exactly(
     assert sorted(resumed.train_losses) == list(range(reached + 1, STEPS + 1))
     for n in resumed.train_losses:
         assert resumed.train_losses[n] == pytest.approx(whole.train_losses[n], abs=1e-5)
+
+
+# --- full disks and file modes -------------------------------------------------------------------
+def test_safetensors_own_full_disk_error_is_the_one_line_message(
+    tokenizer, data_file, tmp_path, monkeypatch
+):
+    import lorakit.training.checkpoint as checkpoint
+
+    def full(tree, path):  # what safetensors raises: no OSError
+        raise SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        )
+
+    monkeypatch.setattr(checkpoint, "save_tree", full)
+    with pytest.raises(LoraError) as error:
+        run(tokenizer, data_file, tmp_path, save_every=2)
+    target = tmp_path / "checkpoints" / "step-2"
+    assert str(error.value) == (
+        f"Could not write the checkpoint {target} (No space left on device). "
+        f"Free space, then continue with --resume {tmp_path}."
+    )
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_a_real_full_disk_during_a_checkpoint_leaves_no_part_of_it(
+    tokenizer,
+    data_file,
+    small_disk,  # noqa: F811
+):
+    output = small_disk / "run"
+    with pytest.raises(LoraError) as error:
+        run(tokenizer, data_file, output, save_every=1)
+    assert str(error.value) == (
+        f"Could not write the checkpoint {output / 'checkpoints' / 'step-1'} ("
+        f"No space left on device). Free space, then continue with --resume {output}."
+    )
+    assert files_on(output / "checkpoints") == []
+    assert not (output / "adapter_model.safetensors").exists()
+
+
+def test_every_file_of_a_run_has_the_mode_of_the_umask(tokenizer, data_file, tmp_path):
+    old = os.umask(0o022)
+    try:
+        run(tokenizer, data_file, tmp_path, max_steps=2, save_every=2)
+    finally:
+        os.umask(old)
+    modes = {
+        str(p.relative_to(tmp_path)): p.stat().st_mode & 0o777
+        for p in tmp_path.rglob("*")
+        if p.is_file()
+    }
+    assert "checkpoints/step-2/state.safetensors" in modes and "adapter_model.safetensors" in modes
+    assert {name: mode for name, mode in modes.items() if mode != 0o644} == {}

@@ -126,3 +126,51 @@ def test_the_resume_rule_names_what_a_resume_may_not_change():
     assert resume_conflicts(saved, {"batch_size": 4}, batch_size_free=True) == []
     whole = TrainConfig(data="a.jsonl", rank=4, max_steps=9).to_dict()
     assert resume_conflicts({**saved, "gone": 1}, whole) == ["max_steps", "gone"]
+
+
+# --- bounded messages, --overwrite ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"rank": ["x"] * 10**6},
+        {"lr": {"k" * 10**6: 1}},
+        {"schedule": "s" * 10**6},
+        {"tasks": ["=" + "f" * 10**6]},
+    ],
+)
+def test_refusals_never_show_an_unbounded_value(changes):
+    with pytest.raises(LoraError) as caught:
+        TrainConfig(**changes)
+    assert len(str(caught.value)) < 400, str(caught.value)[:500]
+
+
+def test_a_yaml_of_many_unknown_keys_gets_a_short_message(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("".join(f"key{i}{'x' * 200}: 1\n" for i in range(5000)))
+    with pytest.raises(LoraError, match=r"Unknown config keys in .*\.\.\. and 4995 more\.") as e:
+        resolve_config(path)
+    assert len(str(e.value)) < 2000
+
+
+def test_overwrite_is_a_flag_refused_with_resume_and_never_resumed(tmp_path):
+    from lorakit.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--overwrite"])
+    assert args.overwrite is True
+    with pytest.raises(LoraError, match="--overwrite replaces the run that --resume continues"):
+        TrainConfig(data="a.jsonl", resume="runs/a", overwrite=True)
+    # A run started with --overwrite resumes without it: it belongs to the start only.
+    from lorakit.training.config import resumed_config
+    from lorakit.training.run_folder import STATE_FILE, write_run_config
+    from lorakit.training.statefile import save_tree
+
+    step = tmp_path / "run" / "checkpoints" / "step-2"
+    step.mkdir(parents=True)
+    save_tree({"step": 2, "trainable": {}, "optimizer": {}, "world_size": 1}, step / STATE_FILE)
+    write_run_config(TrainConfig(data="a.jsonl", overwrite=True).to_dict(), step)
+    config = resumed_config({"resume": str(tmp_path / "run")})
+    assert (config.overwrite, config.resume, config.output) == (
+        False,
+        str(tmp_path / "run"),
+        str(tmp_path / "run"),
+    )

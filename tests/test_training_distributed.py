@@ -206,3 +206,95 @@ def test_a_hung_rank_stops_the_other_with_a_message(model_dir, data_file, tmp_pa
         for process in ranks:
             process.kill()
             process.communicate()
+
+
+# --- launcher variables ------------------------------------------------------------------------
+_LAUNCHER = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_MASTER = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+_VARIABLE = "The environment variable"
+
+
+def _environment(monkeypatch, env: dict[str, str]) -> None:
+    for name in _LAUNCHER:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"WORLD_SIZE": "2"},
+            "WORLD_SIZE=2 is set but RANK, MASTER_ADDR, MASTER_PORT are not: launch with "
+            "torchrun (it sets them all) or lorakit train --nproc N, or unset WORLD_SIZE to "
+            "train in one process.",
+        ),
+        (
+            {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1"},
+            "WORLD_SIZE=2 is set but MASTER_PORT is not: launch with torchrun",
+        ),
+        (
+            {"WORLD_SIZE": "two"},
+            "The environment variable WORLD_SIZE is 'two': it must be a whole number, 1 or "
+            "more. torchrun sets it; unset it to run one process.",
+        ),
+        ({"WORLD_SIZE": "0"}, f"{_VARIABLE} WORLD_SIZE is '0': it must be a whole number, 1 or"),
+        ({"WORLD_SIZE": "2", "RANK": "one", **_MASTER}, f"{_VARIABLE} RANK is 'one': it must be"),
+        (
+            {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "-1", **_MASTER},
+            f"{_VARIABLE} LOCAL_RANK is '-1': it must be a whole number, 0 or more.",
+        ),
+        (
+            {"WORLD_SIZE": "2", "RANK": "2", **_MASTER},
+            "RANK=2 is not below WORLD_SIZE=2: ranks run from 0 to WORLD_SIZE - 1. Launch with "
+            "torchrun, which sets both.",
+        ),
+    ],
+)
+def test_malformed_launcher_variables_are_refused_by_name(monkeypatch, env, message):
+    from lorakit import LoraError
+    from lorakit.training.distributed import setup
+
+    _environment(monkeypatch, env)
+    with pytest.raises(LoraError) as error:
+        setup()
+    assert str(error.value).startswith(message)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-2", "1.5"])
+def test_set_threads_refuses_a_malformed_local_world_size(monkeypatch, value):
+    from lorakit import LoraError
+    from lorakit.cli.common import set_threads
+
+    _environment(monkeypatch, {"LOCAL_WORLD_SIZE": value})
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: pytest.fail("threads were set"))
+    with pytest.raises(LoraError, match=f"LOCAL_WORLD_SIZE is '{value}': it must be a whole"):
+        set_threads()
+
+
+def test_set_threads_shares_the_cores_among_local_processes(monkeypatch):
+    from lorakit.cli.common import set_threads
+
+    _environment(monkeypatch, {"LOCAL_WORLD_SIZE": "2"})
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    chosen = []
+    monkeypatch.setattr(torch, "set_num_threads", chosen.append)
+    set_threads()
+    assert chosen == [4]
+
+
+def test_lorakit_train_with_half_a_launch_is_one_line_and_writes_nothing(
+    monkeypatch, data_file, tmp_path, capsys
+):
+    from lorakit.cli import main
+
+    _environment(monkeypatch, {"WORLD_SIZE": "2"})
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    assert main(["train", "--data", str(data_file), "--output", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "WORLD_SIZE=2 is set but RANK" in err
+    assert list(tmp_path.iterdir()) == []

@@ -169,6 +169,50 @@ def test_output_folder_layout(tokenizer, data_file, tmp_path):
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
 
 
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_finished_runs_folder_is_refused_and_overwrite_replaces_it_whole(
+    tokenizer, data_file, tmp_path
+):
+    output = tmp_path / "run"
+    run(tokenizer, data_file, output, max_steps=2, save_every=1)
+    before = _files(output)
+    with pytest.raises(LoraError, match=r"holds an earlier run of lorakit train \(finished"):
+        run(tokenizer, data_file, output, max_steps=1)
+    # --overwrite replaces it only once the inputs and the model passed: a refused run keeps it.
+    with pytest.raises(LoraError, match="nope_proj"):
+        run(tokenizer, data_file, output, max_steps=1, targets=["nope_proj"], overwrite=True)
+    assert _files(output) == before
+    run(tokenizer, data_file, output, max_steps=1, overwrite=True)
+    assert sorted(p.name for p in output.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "generation_settings.json",
+        "loss.png",
+        "metrics.jsonl",
+        "train_config.yaml",
+    ]  # the old run's checkpoints are gone with it
+    records = (output / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in records]
+    assert steps == [1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no lock, no old version
+
+
+def test_a_symlinked_output_is_written_through_and_stays_a_link(tokenizer, data_file, tmp_path):
+    real = tmp_path / "disk" / "run"
+    link = tmp_path / "run"
+    link.symlink_to(real)  # dangling: the run makes the folder it points to
+    run(tokenizer, data_file, link, max_steps=2, save_every=1)
+    assert link.is_symlink() and link.resolve() == real
+    assert {"adapter_model.safetensors", "train_config.yaml", "checkpoints"} <= {
+        p.name for p in real.iterdir()
+    }
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "run"]
+    assert sorted(p.name for p in real.parent.iterdir()) == ["run"]  # nothing half-swapped
+
+
 # --- config --------------------------------------------------------------------------------------
 
 

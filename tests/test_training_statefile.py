@@ -1,5 +1,6 @@
 """Training state in safetensors: the tree comes back exactly, and a damaged file is a LoraError."""
 
+import os
 import random
 
 import pytest
@@ -101,3 +102,13 @@ def test_missing_file_and_foreign_safetensors_are_lora_errors(tmp_path):
     save_file({"x": torch.ones(2)}, tmp_path / "plain.safetensors")  # no tree in its metadata
     with pytest.raises(LoraError, match="plain.safetensors is not a readable"):
         load_tree(tmp_path / "plain.safetensors")
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_a_state_file_has_the_mode_of_the_umask_not_owner_only(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        save_tree({"step": 1, "t": torch.zeros(2)}, tmp_path / "state.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "state.safetensors").stat().st_mode & 0o777 == mode

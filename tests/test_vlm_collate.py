@@ -108,3 +108,34 @@ def test_truncation_never_cuts_an_image(family, data, smollm2_tokenizer):
     # A limit that cuts every record through an image: refused, naming the flag.
     with pytest.raises(LoraError, match="every example was dropped at --seq-len 3"):
         ImageCodec(processor).encode(examples, 3)
+
+
+def test_a_huge_record_is_cut_before_the_processor_and_encodes_the_same(
+    data, smollm2_tokenizer, monkeypatch
+):
+    import lorakit.vlm.collate as collate
+
+    _, processor = build("llava", smollm2_tokenizer)
+    (example,) = read_data(data).examples[1:2]  # one image, then a reply
+    huge = [*example[:-1], {"role": "assistant", "content": "blue " * 50_000}]
+    seen = []
+    real = collate.process
+
+    def spy(processor, texts, images, side="right"):
+        seen.append(max(map(len, texts)))
+        return real(processor, texts, images, side)
+
+    monkeypatch.setattr(collate, "process", spy)
+    cut = ImageCodec(processor).encode([huge], 64)
+    assert max(seen) < 20_000  # the processor never saw the 250,000 characters
+    # An image placed past the budget cannot fit: the record is dropped, not cut through it.
+    images = example[0]["images"]
+    late = [
+        {"role": "user", "content": "x" * 100_000 + "<image>", "images": images},
+        {"role": "assistant", "content": "blue"},
+    ]
+    with pytest.raises(LoraError, match="every example was dropped"):
+        ImageCodec(processor).encode([late], 64)
+    monkeypatch.setattr(collate, "char_budget", lambda tokenizer, seq_len: 10**9)
+    whole = ImageCodec(processor).encode([huge], 64)
+    assert (cut.input_ids, cut.labels, cut.truncated) == (whole.input_ids, whole.labels, 1)

@@ -4,8 +4,12 @@
     add_lora(model, LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]))
 
 The core (this namespace) needs only torch and safetensors; the CLI's model loading, data and
-training live in their own modules and import transformers when used.
+training live in their own modules and import transformers when used. ``lorakit.train`` (a
+whole run, as ``lorakit train``) and ``lorakit.AdapterCheckpoints`` (the Trainer mixin) are
+such: they are imported on first use.
 """
+
+from typing import Any
 
 from .adapters import (
     active_adapters,
@@ -24,7 +28,22 @@ from .merge import merge, unload, unmerge
 
 __version__ = "0.2.0"
 
+
+def __getattr__(name: str) -> Any:
+    """The public names whose modules import transformers, loaded when first asked for."""
+    if name == "train":
+        from .training.api import train
+
+        return train
+    if name == "AdapterCheckpoints":
+        from .hf.trainer import AdapterCheckpoints
+
+        return AdapterCheckpoints
+    raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
+
+
 __all__ = [
+    "AdapterCheckpoints",
     "LoraConfig",
     "LoraError",
     "Plan",
@@ -40,6 +59,7 @@ __all__ = [
     "route",
     "save_adapter",
     "set_adapter",
+    "train",
     "trainable_parameters",
     "unload",
     "unmerge",

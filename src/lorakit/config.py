@@ -53,6 +53,9 @@ class FileFacts:
     # pair is wider in the file), and -> the scale the file must give it (alpha follows).
     ranks: dict[str, int] = field(default_factory=dict)
     scales: dict[str, float] = field(default_factory=dict)
+    # Targets by full path, written instead of the config's rules where PEFT reads rules
+    # otherwise (a mixture-of-experts model: ``lorakit.targeting.file_targets``); None: rules.
+    targets: tuple[list[str], list[str]] | None = None  # (target_modules, target_parameters)
 
 
 @dataclass
@@ -294,6 +297,8 @@ class LoraConfig:
             )
             for path, scale in facts.scales.items()
         }
+        modules, parameters = facts.targets or ([], [])  # full paths standing for the rules
+        listed = {"target_modules": modules or None, "target_parameters": parameters or None}
         return self.to_peft_dict() | {
             "base_model_name_or_path": facts.base_model or self.base_model_name_or_path,
             "task_type": facts.task_type,
@@ -301,6 +306,7 @@ class LoraConfig:
             "rank_pattern": {**ranks, **self.rank_pattern},
             "alpha_pattern": {**alphas, **self.alpha_pattern},
             "fan_in_fan_out": facts.fan_in_fan_out,
+            **(listed if facts.targets is not None else {}),
         }
 
     @classmethod

@@ -50,6 +50,65 @@ class GenerationSettings:
         if self.chat_template is not None:
             tokenizer.chat_template = self.chat_template
 
+    def template_for(self, model_template: str | None) -> str | None:
+        """The chat template a runtime without lorakit (transformers, llama.cpp, vLLM) should
+        use to prompt as ``lorakit generate`` does: the saved template, else ``model_template``,
+        with the saved system prompt baked in as the default (see :func:`bake_system_prompt`).
+
+        A merged GGUF writes it as ``tokenizer.chat_template``; ``None`` when there is no
+        template at all.
+        """
+        template = self.chat_template or model_template
+        return None if template is None else bake_system_prompt(template, self.system)
+
+    def bake_into(self, processor: Any) -> GenerationSettings:
+        """Bake these settings into ``processor``'s chat template (and its tokenizer's), for a
+        merged folder that answers like the adapter under plain ``from_pretrained``.
+
+        Returns:
+            The settings to save beside it: the template as trained, not baked, so that
+            ``lorakit generate --system ''`` on the merged folder still means no system prompt.
+        """
+        self.apply_template(processor)
+        trained = self.chat_template or _template_text(processor)
+        owners = [processor, getattr(processor, "tokenizer", None)]
+        for owner in {id(o): o for o in owners if o is not None}.values():
+            template = getattr(owner, "chat_template", None)
+            if isinstance(template, str):
+                owner.chat_template = bake_system_prompt(template, self.system)
+            elif isinstance(template, dict):  # named templates ("default", "tool_use", ...)
+                owner.chat_template = {
+                    k: bake_system_prompt(v, self.system) for k, v in template.items()
+                }
+        return GenerationSettings(self.system, trained)
+
+
+def _template_text(processor: Any) -> str | None:
+    """``processor``'s chat template when it is one Jinja text (not named templates)."""
+    template = getattr(processor, "chat_template", None)
+    return template if isinstance(template, str) else None
+
+
+def bake_system_prompt(template: str, system: str | None) -> str:
+    """``template`` with ``system`` as the system message of every conversation without one.
+
+    A conversation that does not start with a system message gets ``system`` first, as
+    :meth:`GenerationSettings.messages` does, so a template's own default (SmolLM2's "You are a
+    helpful AI assistant named SmolLM, ...") never shows. Only the first message is checked:
+    llama.cpp's Jinja engine knows fewer filters than Jinja2. ``system`` is written as a JSON
+    string literal (quotes, backslashes, newlines, ``{{`` and ``%}`` escaped or inert), which
+    Jinja2 and llama.cpp both read back exactly. ``system`` ``None`` or empty: ``template``.
+    """
+    if not system:
+        return template
+    literal = json.dumps(system, ensure_ascii=False)  # raw UTF-8: no surrogate pairs
+    return (
+        "{#- lorakit: the system prompt the adapter was trained with, as the default #}"
+        "{%- if not messages or messages[0]['role'] != 'system' %}"
+        f"{{%- set messages = [{{'role': 'system', 'content': {literal}}}] + messages %}}"
+        "{%- endif %}" + template
+    )
+
 
 def save_generation_settings(settings: GenerationSettings, folder: str | Path) -> Path:
     """Write ``folder/generation_settings.json`` (temporary name, then renamed)."""
@@ -88,12 +147,10 @@ def read_generation_settings(folder: str | Path) -> GenerationSettings:
 
 def _bar(total: int, desc: str | None, unit: str) -> Any:
     """A progress bar with rate and ETA on stderr; nothing when ``desc`` is ``None``."""
-    from tqdm import tqdm
+    from .progress import bar
 
     layout = "{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]"
-    return tqdm(
-        total=total, desc=desc, unit=unit, disable=desc is None, leave=False, bar_format=layout
-    )
+    return bar(total, desc, unit, leave=False, bar_format=layout)
 
 
 class _TokenProgress:

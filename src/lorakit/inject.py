@@ -10,6 +10,7 @@ a bad config never leaves a half-modified model.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -18,6 +19,7 @@ from torch import nn
 
 from .config import WEIGHT_INITS, LoraConfig
 from .errors import LoraError
+from .hf.integration import attach
 from .layers import (
     LoraFused,
     LoraKind,
@@ -32,7 +34,16 @@ from .layers import (
 from .layers.base import warn_large_rank
 from .state import AdapterState, adapter_configs
 from .tables import format_table
-from .targeting import Targets, find_targets, iter_adapter_modules
+from .targeting import (
+    MoeParts,
+    Targets,
+    expert_parameters,
+    find_targets,
+    inside,
+    iter_adapter_modules,
+    peft_moe_renames,
+    peft_parameter_target,
+)
 
 
 @dataclass
@@ -76,6 +87,7 @@ class Plan:
     entries: list[PlanEntry] = field(default_factory=list)
     base_params: int = 0
     config: LoraConfig | None = None  # what was planned (``apply_plan`` records it)
+    parts: MoeParts = field(default_factory=MoeParts)  # a mixture of experts' parts
 
     @property
     def lora_params(self) -> int:
@@ -96,7 +108,38 @@ class Plan:
             f"adapter '{self.adapter_name}': {len(self.entries)} modules, "
             f"{self.lora_params:,} trainable params ({share:.3f}% of {self.base_params:,})"
         )
-        return "\n".join(lines)
+        return "\n".join(lines + self.moe_lines())
+
+    def moe_lines(self) -> list[str]:
+        """A mixture-of-experts model's routed experts, routers and shared experts, each
+        group with what this adapter adapts in it (or "frozen"); empty for a dense model."""
+        parts = self.parts
+        if not parts.experts:
+            return []
+        adapted: dict[str, set[str]] = {}  # part path -> adapted names under it
+        for e in (e for e in self.entries if e.is_lora):
+            part = next((p for p in parts.all() if inside(e.path, p)), None)
+            if part is not None:
+                name = e.options.get("parameter") or e.path[len(part) + 1 :] or "weight"
+                adapted.setdefault(part, set()).add(name)
+        rows = [("part", "modules", f"adapter '{self.adapter_name}'")]
+        for role, paths in (
+            ("routed experts", list(parts.experts)),
+            ("routers", parts.routers),
+            ("shared experts", parts.shared),
+        ):
+            groups: dict[str, list[str]] = {}  # ``model.layers.*.mlp.experts`` -> its paths
+            for path in paths:
+                groups.setdefault(re.sub(r"\.\d+(?=\.|$)", ".*", path), []).append(path)
+            for pattern, group in groups.items():
+                names = sorted(set().union(*(adapted.get(p, set()) for p in group)))
+                held = sum(p in adapted for p in group)
+                state = f"LoRA on {', '.join(names)}" if names else "frozen"
+                if names and held < len(group):
+                    state += f" (in {held} of {len(group)})"
+                rows.append((role, pattern, state))
+        count = f"{len(parts.experts)} layer{'s' * (len(parts.experts) != 1)}"
+        return [f"mixture of experts in {count}:", *format_table(rows)]
 
 
 class TrainableParameters(NamedTuple):
@@ -147,7 +190,9 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str = "default") ->
     result = Plan(
         adapter_name, base_params=sum(p.numel() for p in model.parameters()), config=config
     )
+    result.parts = targets.parts
     result.entries += _lora_entries(config, targets, problems)
+    problems += peft_problems(model, config, result.entries)
     result.entries += _token_entries(model, targets, result.entries, problems)
     result.entries += [_entry(ModulesToSave, path, module) for path, module in targets.copies]
     _check_weight_init(model, config, result, problems)
@@ -214,6 +259,11 @@ def _lora_entries(config: LoraConfig, targets: Targets, problems: list[str]) -> 
         if not found:
             r = config.rank_for(path)
             found = layer.problems(path, base, r, **options) + _option_problems(layer, config, path)
+        why = layer.router_problem(base) if layer and targets.parts.role(path) == "router" else None
+        if why:  # routers are frozen by default; one that is named must take LoRA exactly
+            found.append(
+                f"{path}: {why}; adapt its weight instead: target_parameters ['{path}.weight']"
+            )
         if found:
             problems += found
             continue
@@ -221,8 +271,7 @@ def _lora_entries(config: LoraConfig, targets: Targets, problems: list[str]) -> 
     for path, module, name in targets.parameters:
         key, options = f"{path}.{name}", {"parameter": name}
         r = config.rank_for(key)
-        found = LoraParameter.problems(path, module, r, **options)
-        found += _option_problems(LoraParameter, config, key)
+        found = LoraParameter.problems(path, module, r, **options)  # options: peft_problems
         if found:
             problems += found
             continue
@@ -240,10 +289,16 @@ def _wrapper_problems(
     # Another LoRA layout of the module itself can be named; a copy, trainable rows or a raw
     # parameter's LoRA standing there leave the module no target_modules kind.
     if layer is None or (wrapped and not (module.is_lora and not module.nests)):
+        experts = expert_parameters(base)
+        hint = (
+            f"its routed experts are parameters: target_parameters {experts} "
+            f"(--target-parameters {','.join(experts)}), or 'all-linear', which adapts them"
+            if experts
+            else "target its parameters with target_parameters or narrow target_modules"
+        )
         return [
             f"{path}: {type(base).__name__} is not a supported module type "
-            f"({', '.join(supported_types())}); target its parameters with target_parameters "
-            "or narrow target_modules"
+            f"({', '.join(supported_types())}); {hint}"
         ]
     if wrapped:
         return [
@@ -267,6 +322,63 @@ def _option_problems(layer: type[LoraKind], config: LoraConfig, target: str) -> 
             "to the weight, there is no input to drop); use dropout=0"
         )
     return found
+
+
+def parameter_targets(model: nn.Module, entries: list[PlanEntry]) -> tuple[list[str], list[str]]:
+    """The LoRA entries an adapter file lists as ``target_parameters``: (raw parameters,
+    modules written as ``<path>.weight`` because PEFT's MoE conversion would misread them)."""
+    renamed = peft_moe_renames(model)
+    lora = [e for e in entries if e.is_lora]
+    raw = [e.target for e in lora if "parameter" in e.options]
+    moved = [e.path for e in lora if "parameter" not in e.options]
+    return raw, [p for p in moved if peft_parameter_target(p, renamed)]
+
+
+def peft_problems(model: nn.Module, config: LoraConfig, entries: list[PlanEntry]) -> list[str]:
+    """What an adapter with parameter targets cannot have, once per option: dropout (there
+    is no input of ours to drop), and DoRA and lora_bias, which PEFT's ``ParamWrapper`` refuses
+    for the whole adapter."""
+    raw, moved = parameter_targets(model, entries)
+    if not raw and not moved:
+        return []
+    where = f"{len(raw) + len(moved)} parameter targets here, e.g. {[*raw, *moved][0]}"
+    if moved:
+        where += (
+            f"; PEFT reads {model.config.model_type}'s target_modules named "
+            f"{'/'.join(peft_moe_renames(model))} as experts, so {moved[0]} and such are listed "
+            "as target_parameters"
+        )
+    undefined = "is not defined for LoraParameter (no input of ours to drop) and " if raw else ""
+    found = [
+        f"dropout={config.dropout} {undefined}PEFT refuses lora_dropout != 0 in an adapter with "
+        f"target_parameters ({where}); use dropout=0"
+    ] * bool(config.dropout)
+    return found + [
+        f"{option} is not supported on parameter targets, by LoraParameter nor by PEFT, which "
+        f"refuses it for the whole adapter ({where}); leave {option} off"
+        for option in ("use_dora", "lora_bias")
+        if getattr(config, option)
+    ]
+
+
+def moe_plan(
+    model: nn.Module, config: LoraConfig, default_dropout: float, adapter_name: str = "default"
+) -> tuple[LoraConfig, list[str]]:
+    """``lorakit train``'s adapter config and the MoE lines of its plan (``Plan.moe_lines``).
+
+    The CLI's default dropout applies only where PEFT can apply it: an adapter with parameter
+    targets (MoE experts) gets dropout 0, and a line saying so. Another dropout is kept (and
+    ``plan`` refuses it there). Raises ``LoraError`` with every problem ``add_lora`` would.
+    """
+    probe = config.replace(dropout=0.0) if config.dropout == default_dropout else config
+    result = plan(model, probe, adapter_name)
+    if probe is config or not any(parameter_targets(model, result.entries)):
+        return config, result.moe_lines()
+    note = (
+        f"dropout: 0, not the default {default_dropout:g}: PEFT refuses lora_dropout != 0 in an "
+        "adapter with target_parameters (experts, or modules PEFT reads as experts)"
+    )
+    return probe, [*result.moe_lines(), note]
 
 
 def _token_entries(
@@ -338,8 +450,11 @@ def apply_plan(model: nn.Module, result: Plan) -> nn.Module:
     """Make the changes ``result = plan(model, config, name)`` lists: ``add_lora`` without
     planning again, for a caller that checked the plan (``load_adapter``: the file's tensors).
 
-    ``model`` must be as it was when planned.
+    ``model`` must be as it was when planned. A transformers model is first given lorakit's
+    answers to transformers' adapter integration (``lorakit.hf.integration``), so that its
+    ``save_pretrained`` writes the adapter in PEFT's form.
     """
+    attach(model)
     for entry in result.entries:
         module = model.get_submodule(entry.path)
         wrapper = entry.layer.existing(module, **entry.options)

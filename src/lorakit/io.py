@@ -25,127 +25,23 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .atomic import atomic_folder
-from .config import FileFacts, LoraConfig
+from .atomic import atomic_folder, write_errors
+from .config import LoraConfig
 from .errors import LoraError
+
+# The tensors and the JSON's facts in PEFT's form (re-exported: io is where callers look).
+from .hf.peft_form import PREFIX, adapter_state_dict, bias_keys, file_facts, top_level
 from .inject import PlanEntry, apply_plan, plan
-from .layers import Wrapper
 from .merge import check_adapter_names
 from .state import adapter_configs
-from .targeting import inside, iter_adapter_modules, unwrap, walk
+from .targeting import unwrap, walk
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
-PREFIX = "base_model.model."
-
-
-# --- what the file says about the model ----------------------------------------------------
-# transformers' head class suffix -> PEFT's task_type (AutoPeftModel picks its class by it).
-_TASK_TYPES = {
-    "ForCausalLM": "CAUSAL_LM",
-    "ForSeq2SeqLM": "SEQ_2_SEQ_LM",
-    "ForConditionalGeneration": None,  # vision-language and seq2seq alike: no single auto class
-    "ForSequenceClassification": "SEQ_CLS",
-    "ForTokenClassification": "TOKEN_CLS",
-    "ForQuestionAnswering": "QUESTION_ANS",
-    "Model": "FEATURE_EXTRACTION",
-}
-
-
-def task_type(model: nn.Module) -> str | None:
-    """PEFT's ``task_type`` for a transformers model (``LlamaForCausalLM`` -> ``CAUSAL_LM``),
-    None for other modules."""
-    name = type(model).__name__
-    if not name.endswith(tuple(_TASK_TYPES)) or not hasattr(model, "config"):
-        return None
-    return next(task for suffix, task in _TASK_TYPES.items() if name.endswith(suffix))
-
-
-def file_facts(
-    model: nn.Module, adapter_name: str = "default", base_model: str | None = None
-) -> FileFacts:
-    """What adapter ``adapter_name``'s JSON says about ``model`` (``LoraConfig.to_peft_file``).
-
-    Args:
-        base_model: the base as transformers and PEFT load it (a GGUF's converted folder, say),
-            resolved by the caller; None keeps the config's ``base_model_name_or_path``.
-
-    Layers whose pair is wider in PEFT's file than the saved config's rank (a fused-slice
-    adapter is one pair of rank n_on · r, ``LoraFused.to_peft``) get that rank and their scale.
-    """
-    saved = adapter_configs(model)[adapter_name].on_original_weight()
-    ranks, scales = {}, {}
-    for path, layer in top_level(model, adapter_name):
-        if layer.is_lora and layer.peft_rank(adapter_name) != saved.rank_for(path):
-            ranks[path] = layer.peft_rank(adapter_name)
-            scales[path] = layer.scale[adapter_name]
-    return FileFacts(
-        base_model=base_model,
-        task_type=task_type(model),
-        fan_in_fan_out=any(
-            getattr(m, "fan_in_fan_out", False) for _, m in iter_adapter_modules(model)
-        ),
-        ranks=ranks,
-        scales=scales,
-    )
 
 
 # --- saving --------------------------------------------------------------------------------
-def _bias_keys(
-    model: nn.Module, config: LoraConfig, adapted: set[str], saved: set[str]
-) -> dict[str, nn.Parameter]:
-    """PEFT key -> bias parameter that ``config.bias`` puts in the file.
-
-    ``adapted``: paths of the adapter's wrappers that are not whole copies; ``saved``: its
-    ``modules_to_save`` paths. The biases inside any whole copy travel with the copy. Works
-    before or after wrapping: a wrapped module's bias is named ``<path>.base_layer.bias`` in
-    the file, as in PEFT.
-    """
-    if config.bias == "none":
-        return {}
-    wrappers = list(iter_adapter_modules(model))
-    wrapped = adapted | {p for p, _ in wrappers}
-    saved = saved | {p for p, m in wrappers if m.whole_copy}
-    keys = {}
-    for path, module in walk(model):
-        bias = getattr(unwrap(module), "bias", None)
-        if not isinstance(bias, nn.Parameter) or any(inside(path, s) for s in saved):
-            continue
-        if config.bias == "lora_only" and path not in adapted:
-            continue
-        keys[f"{PREFIX}{path}{'.base_layer' if path in wrapped else ''}.bias"] = bias
-    return keys
-
-
-def top_level(model: nn.Module, name: str | None = None) -> list[tuple[str, Wrapper]]:
-    """Wrappers that own their PEFT tensors (holding adapter ``name``): all but nested ones.
-
-    A layer's ``nested_layers`` (MultiheadAttention's ``out_proj``) are saved by that layer.
-    """
-    wrappers = list(iter_adapter_modules(model))
-    nested = {id(n) for _, m in wrappers for n in m.nested_layers()}
-    return [
-        (path, m)
-        for path, m in wrappers
-        if id(m) not in nested and (name is None or name in m.adapter_names())
-    ]
-
-
-def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, Tensor]:
-    """Adapter ``adapter_name``'s tensors under PEFT's names (what ``save_adapter`` writes)."""
-    check_adapter_names(model, [adapter_name])
-    config = adapter_configs(model)[adapter_name]
-    tensors: dict[str, Tensor] = {}
-    adapted, saved = set(), set()
-    for path, module in top_level(model, adapter_name):
-        for key, value in module.peft_tensors(adapter_name).items():
-            tensors[f"{PREFIX}{path}.{key}"] = value
-        (saved if module.whole_copy else adapted).add(path)
-    tensors.update(_bias_keys(model, config, adapted, saved))
-    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-
-
 def _fingerprint(model: nn.Module, adapter_name: str) -> dict[str, list[int]]:
     """Adapted target -> base weight shape: what the adapter was made for."""
     prints = {}
@@ -174,17 +70,13 @@ def save_adapter(
 
     Args:
         base_model: the base model as transformers and PEFT load it, to record in the JSON
-            (default: the config's ``base_model_name_or_path``); see ``file_facts``.
+            (default: the config's ``base_model_name_or_path``, else the model's own name or
+            path); see ``file_facts``.
     """
     out = Path(directory)
-    try:
-        with atomic_folder(out) as new:
-            write_adapter_files(model, new, adapter_name, base_model=base_model)
-    except OSError as err:  # a full disk, a read-only or missing mount
-        raise LoraError(
-            f"Could not write the adapter to {out} ({err.strerror or err}); what was there "
-            "before is unchanged. Free space or choose another folder."
-        ) from err
+    kept = "; what was there before is unchanged. Free space or choose another folder."
+    with write_errors(f"the adapter to {out}", kept), atomic_folder(out) as new:
+        write_adapter_files(model, new, adapter_name, base_model=base_model)
     return out
 
 
@@ -224,6 +116,7 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, Te
     folder = Path(directory)
     config_file = folder / CONFIG_NAME
     if not config_file.is_file():
+        _refuse_wrapped_model(folder)
         raise LoraError(
             f"{config_file} not found: an adapter folder needs {CONFIG_NAME} and {WEIGHTS_NAME} "
             "(as written by save_adapter, lorakit train or PEFT's save_pretrained)."
@@ -239,6 +132,33 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, Te
         raise LoraError(f"{config_file}: {err}") from None
     _check_values(folder, tensors)
     return config, tensors, _metadata(metadata, "lorakit.fingerprint") or {}
+
+
+# Parameter names only a model saved with lorakit's wrappers still in it has.
+_WRAPPED_KEYS = (".base_layer.", ".lora_A.", ".lora_embedding_A.", ".modules_to_save.")
+
+
+def _refuse_wrapped_model(folder: Path) -> None:
+    """A model folder whose weights carry lorakit's wrapper names is no adapter: say what it
+    is and how to get the adapter out of it."""
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        return
+    try:
+        with safe_open(weights, framework="pt") as f:
+            wrapped = next((k for k in f.keys() if any(w in k for w in _WRAPPED_KEYS)), None)  # noqa: SIM118
+    except Exception:  # not readable as safetensors: the generic message below says enough
+        return
+    if wrapped is None:
+        return
+    raise LoraError(
+        f"{folder} holds a whole model saved with lorakit's layers still in it (e.g. "
+        f"{wrapped}), not an adapter: Trainer.save_model wrote that before lorakit 0.3. "
+        "transformers' from_pretrained would load it with every adapted weight missing, "
+        "and PEFT refuses it. To get the adapter: load the base model, add_lora(model, the "
+        "config you trained with), model.load_state_dict(safetensors.torch.load_file("
+        f"'{weights}'), strict=False), then model.save_pretrained(folder) writes it."
+    )
 
 
 def _read_json(path: Path) -> dict:
@@ -344,7 +264,7 @@ def _expected(model: nn.Module, entries: list[PlanEntry], config: LoraConfig) ->
             expected[f"{PREFIX}{path}.{key}"] = (entry, key, tuple(shape))
     adapted = {e.path for e in entries if not e.layer.whole_copy}
     saved = {e.path for e in entries if e.layer.whole_copy}
-    for key, bias in _bias_keys(model, config, adapted, saved).items():
+    for key, bias in bias_keys(model, config, adapted, saved).items():
         expected[key] = (None, "bias", tuple(bias.shape))
     return expected
 
@@ -372,14 +292,78 @@ def load_adapter(
     expected = _expected(model, result.entries, config)
     problems = _tensor_problems(model, tensors, expected, result.entries)
     if problems:
-        more = [f"... and {len(problems) - 10} more"] if len(problems) > 10 else []
         raise LoraError(
-            f"Cannot load adapter from {directory}:\n  - "
-            + "\n  - ".join(problems[:10] + more)
-            + "\nCheck that the adapter was made for this base model."
+            f"Cannot load adapter from {directory}:{_listed(problems)}\n"
+            "Check that the adapter was made for this base model."
         )
     apply_plan(model, result)
     _copy_in(model, tensors, expected, adapter_name)
+    return model
+
+
+def _listed(problems: list[str], limit: int = 10) -> str:
+    """Problems as indented lines, the first ``limit`` of them and a count of the rest."""
+    more = [f"... and {len(problems) - limit} more"] if len(problems) > limit else []
+    return "\n  - " + "\n  - ".join(problems[:limit] + more)
+
+
+# JSON fields that fix what an adapter's tensors mean: equal in a file reloaded in place.
+_SCALE_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "use_dora")
+
+
+def reload_adapter(
+    model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default"
+) -> nn.Module:
+    """Copy the adapter saved in ``directory`` into ``model``'s adapter ``adapter_name``, in
+    place: the same parameters get the saved values, so an optimizer holding them goes on.
+
+    What resuming a run from a checkpoint of this adapter and loading its best checkpoint
+    need (``lorakit.hf.trainer.AdapterCheckpoints``); ``load_adapter`` adds a new adapter.
+    The file must hold exactly this adapter's tensors (as ``save_adapter`` writes them, or
+    PEFT for the same config) at the same rank and scale.
+
+    Raises:
+        LoraError: an unknown adapter, a PiSSA / OLoRA adapter (its file holds the pair on
+            the original weight, not the trained one), or, listed at once before anything
+            changes, missing, unexpected or misshapen tensors and differing rank or scale.
+    """
+    check_adapter_names(model, [adapter_name])
+    saved = adapter_configs(model)[adapter_name]
+    if saved.on_original_weight() is not saved:
+        raise LoraError(
+            f"Cannot reload {directory} into adapter '{adapter_name}' in place: its "
+            f"init={saved.init!r} adapter is saved as an equivalent pair on the original "
+            "weight. Load it onto the unchanged base model with load_adapter instead."
+        )
+    _, tensors, _ = read_adapter(directory)
+    found = _read_json(Path(directory) / CONFIG_NAME)
+    mine = saved.to_peft_file(file_facts(model, adapter_name))
+    problems = [
+        f"{field}: the file has {found.get(field)!r}, the adapter {mine[field]!r}"
+        for field in _SCALE_FIELDS
+        if found.get(field, mine[field]) != mine[field]
+    ]
+    expected = adapter_state_dict(model, adapter_name)
+    problems += [f"missing tensor {k}" for k in expected if k not in tensors]
+    problems += [f"unexpected tensor {k}" for k in tensors if k not in expected]
+    problems += [
+        f"{k}: file has shape {tuple(tensors[k].shape)}, the adapter {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in tensors and tensors[k].shape != v.shape
+    ]
+    if problems:
+        raise LoraError(
+            f"Cannot reload {directory} into adapter '{adapter_name}':{_listed(problems)}\n"
+            "It holds another adapter; load it as a new one with load_adapter."
+        )
+    adapted, copies = set(), set()
+    for path, module in top_level(model, adapter_name):
+        keys = module.peft_tensors(adapter_name)
+        module.load_peft_tensors(adapter_name, {k: tensors[f"{PREFIX}{path}.{k}"] for k in keys})
+        (copies if module.whole_copy else adapted).add(path)
+    with torch.no_grad():
+        for key, param in bias_keys(model, saved, adapted, copies).items():
+            param.copy_(tensors[key])
     return model
 
 

@@ -38,10 +38,12 @@ class Modality:
 
     Attributes:
         label: what the road is for, in messages.
+        images: whether conversations may carry images (``--image``, ``/image``).
         not_implemented: settings (``TrainConfig`` field -> flag) this road refuses.
     """
 
     label = "a text model"
+    images = False
     not_implemented: ClassVar[Mapping[str, str]] = {
         "train_projector": "--train-projector (for vision-language models)",
         "train_vision": "--train-vision (for vision-language models)",

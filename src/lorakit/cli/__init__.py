@@ -6,7 +6,9 @@ parser from them, so adding a subcommand touches only the module that implements
 Building the parser imports no transformers and no training code: each ``run`` function
 imports what it needs, so ``lorakit --help`` and ``lorakit train --help`` answer at once.
 
-Bad input never shows a traceback: a ``LoraError``, or an ``OSError`` on a path (missing,
+Flags are matched whole (``allow_abbrev=False``: ``--dat`` is not ``--data``), and a
+mistyped flag is named with the closest valid one before argparse could report only that a
+required flag is missing. Bad input never shows a traceback: a ``LoraError``, or an ``OSError`` on a path (missing,
 unreadable, a folder, a full disk), prints one line and exits with 2; Ctrl-C exits with 130.
 ``--debug`` (before or after the command) shows the traceback instead.
 """
@@ -49,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorakit",
         description="LoRA fine-tuning and low-rank tools. Run a command with --help for details.",
+        allow_abbrev=False,
     )
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -59,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=doc[0] if doc else None,
             description=(run.__doc__ or "").strip(),
             formatter_class=_HelpFormatter,
+            allow_abbrev=False,  # a prefix (--dat) would silently stand for a flag (--data)
         )
         add_arguments(p)
         # SUPPRESS: given before the command, --debug is not reset by the subcommand's default.
@@ -86,18 +90,41 @@ def _did_you_mean(word: str, choices: Sequence[str], command: str | None) -> str
     return f" (did you mean {suggestion}?)" if suggestion else ""
 
 
-def _refuse_unknown(ns: argparse.Namespace, extras: list[str]) -> None:
+def _refuse_unknown(parser: argparse.ArgumentParser, command: str, extras: list[str]) -> None:
     """Exit with one line per unknown argument, each with its closest valid flag."""
-    parser: argparse.ArgumentParser = ns.parser
     flags = sorted(o for action in parser._actions for o in action.option_strings)
     problems = []
     for extra in extras:
         word = extra.split("=", 1)[0]
         if word.startswith("-"):
-            problems.append(f"unknown flag {word}{_did_you_mean(word, flags, ns.command)}")
+            problems.append(f"unknown flag {word}{_did_you_mean(word, flags, command)}")
         else:
             problems.append(f"unexpected argument {extra!r}")
-    parser.error("; ".join(problems) + f". See lorakit {ns.command} --help.")
+    parser.error("; ".join(problems) + f". See lorakit {command} --help.")
+
+
+def _unknown_flags(parser: argparse.ArgumentParser, args: Sequence[str]) -> list[str]:
+    """The ``--flags`` in ``args`` that ``parser`` does not define, found before parsing.
+
+    argparse checks required flags first, so ``--daata x`` alone would get "the following
+    arguments are required: --data" and no word about the typo. As argparse does, a word after
+    ``--`` or with a space in it (a value such as ``--system "--- terse"``) is no flag.
+    """
+    flags = {o for action in parser._actions for o in action.option_strings}
+    unknown = []
+    for arg in args:
+        if arg == "--":
+            break
+        word = arg.split("=", 1)[0]
+        if word.startswith("--") and " " not in arg and word not in flags:
+            unknown.append(arg)
+    return unknown
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of ``command``."""
+    (action,) = parser._subparsers._group_actions  # type: ignore[union-attr]
+    return action.choices[command]  # type: ignore[index]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -107,17 +134,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = ["train"]  # the embedded default: fine-tune the bundled model on the demo task
     parser = build_parser()
     commands = list(_commands())
-    if not args[0].startswith("-") and args[0] not in commands:
+    # The command: the first word that is not a flag (lorakit's own flags take no value).
+    at = next((i for i, a in enumerate(args) if not a.startswith("-")), None)
+    if at is not None and args[at] not in commands:
         parser.error(
-            f"unknown command {args[0]!r}{_did_you_mean(args[0], commands, None)}; "
+            f"unknown command {args[at]!r}{_did_you_mean(args[at], commands, None)}; "
             f"choose one of {', '.join(commands)}"
         )
+    if at is not None:
+        sub = _subparser(parser, args[at])
+        if unknown := _unknown_flags(sub, args[at + 1 :]):
+            _refuse_unknown(sub, args[at], unknown)
     ns, extras = parser.parse_known_args(args)
     if ns.command is None:
         parser.print_help()
         return 2
     if extras:
-        _refuse_unknown(ns, extras)
+        _refuse_unknown(ns.parser, ns.command, extras)
+    from ..progress import quiet_transformers
+
+    quiet_transformers()  # lorakit says what it loads and writes; transformers' bars are noise
     try:
         return ns.run(ns)
     except (LoraError, OSError, KeyboardInterrupt) as err:

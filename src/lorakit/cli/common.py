@@ -49,7 +49,10 @@ def check_model_spec(spec: str, flag: str = "--model") -> str:
     try:
         return resolve_model_spec(spec)
     except LoraError as error:
-        raise LoraError(f"{flag} {spec}: {error}") from None
+        message = str(error)
+        if not message.startswith(f"{spec}: "):  # the spec named once, not twice
+            message = f"{spec}: {message}"
+        raise LoraError(f"{flag} {message}") from None
 
 
 def check_data_file(
@@ -126,13 +129,19 @@ def model_name(model: Any, spec: str) -> str:
 
 def set_threads() -> None:
     """Torch threads for a command that loads a model: every core, shared among the
-    processes torchrun started on this machine, unless ``OMP_NUM_THREADS`` says otherwise."""
+    processes torchrun started on this machine, unless ``OMP_NUM_THREADS`` says otherwise.
+
+    Raises:
+        LoraError: ``LOCAL_WORLD_SIZE`` is set but not a whole number of at least 1.
+    """
     import torch
+
+    from ..training.distributed import launcher_int
 
     if os.environ.get("OMP_NUM_THREADS"):
         return  # the user's choice (torch already follows it)
     # The run is compute-bound and nothing else of ours needs the CPU.
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    local_processes = launcher_int("LOCAL_WORLD_SIZE", 1)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
 
 

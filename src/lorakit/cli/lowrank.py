@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ..config import ALL_LINEAR
 from ..errors import LoraError
 from .common import (
+    ADAPTER_CONFIG,
     check_adapter_folder,
     check_data_file,
     check_empty_output,
@@ -48,6 +49,35 @@ def perplexity(
     data = encode_examples(examples, tokenizer, seq_len, train_on_prompt=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return math.exp(evaluate_loss(model, data, batch_size, pad, "perplexity"))
+
+
+def check_adapter_output(path: str | Path) -> Path:
+    """``--output`` of ``extract`` and ``resize``: a new or empty folder, or an adapter folder
+    (its adapter is replaced, its other files kept); checked before any model loads.
+
+    Raises:
+        LoraError: a file, or a non-empty folder of another kind (a model, a training run,
+            anything without an adapter), which the adapter's files would be mixed into.
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise LoraError(f"--output {out} is a file; pass a folder (it is created if missing).")
+    names = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    if not names:
+        return out
+    weights = any(n.startswith(("model", "pytorch_model")) or n.endswith(".gguf") for n in names)
+    if ADAPTER_CONFIG not in names:
+        kind = "is not empty and holds no adapter"
+    elif names & {"train_config.yaml", "checkpoints"}:
+        kind = "holds a run of lorakit train (its adapter, settings and checkpoints)"
+    elif "config.json" in names or weights:
+        kind = "holds a model"
+    else:
+        return out
+    raise LoraError(
+        f"--output {out} {kind}; the adapter written there would be mixed with it. Pass a new "
+        "or empty folder, or an adapter folder to replace."
+    )
 
 
 def _targets(values: list[str]) -> list[str] | str:
@@ -101,6 +131,7 @@ def run_extract(args: argparse.Namespace) -> int:
     check_size(args.rank, args.energy)
     check_model_spec(args.base, "--base")
     check_model_spec(args.tuned, "--tuned")
+    check_adapter_output(args.output)
     base, _ = load_model(args.base)
     tuned, _ = load_model(args.tuned)
     status("extracting: one SVD of W_tuned - W_base per targeted module (minutes for 100M+ models)")
@@ -140,6 +171,7 @@ def run_resize(args: argparse.Namespace) -> int:
     check_adapter_folder(args.adapter, "adapter")
     spec = args.base or args.adapter
     check_model_spec(spec, "--base" if args.base else "the adapter's base model")
+    check_adapter_output(args.output)
     model, _ = load_model(spec)
     note_other_base(args.adapter, model.name_or_path)
     load_adapter(model, args.adapter)

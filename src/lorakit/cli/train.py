@@ -35,7 +35,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
             # Comma-separated and repeatable: --task a=x.jsonl --task b=y.jsonl.
             kwargs["type"] = lambda s: [t.strip() for t in s.split(",") if t.strip()]
             kwargs["action"] = "extend"
-            flags.append(flag.removesuffix("s"))
+            flags += [flag.removesuffix("s")] if flag.endswith("s") else []
         elif isinstance(default, (int, float)):
             kwargs["type"] = type(default)
         parser.add_argument(*flags, **kwargs)

@@ -103,23 +103,34 @@ class _Loaded:
     modality: Any
 
 
-def _road(args: argparse.Namespace, spec: str | None = None) -> tuple[str, dict[str, str], Any]:
+@dataclass(frozen=True)
+class _Road:
+    """What a command loads: the model spec as given and as resolved (the name to show), the
+    adapter folders by name, and the road (text or images)."""
+
+    spec: str
+    base: str
+    adapters: dict[str, str]
+    modality: Any
+
+
+def _road(args: argparse.Namespace, spec: str | None = None) -> _Road:
     """The model spec, the adapter folders and the road, all checked before any load.
 
     ``spec`` overrides ``--model`` (merge's ``--base-weights``). ``--model`` may be a
     ``lorakit train`` output folder: its base model and its adapter load.
     """
     from ..models.load import DEFAULT_MODEL
-    from ..vlm.modality import IMAGES, choose_modality
+    from ..vlm.modality import choose_modality
 
     adapters = adapter_folders(args)
     spec = spec or args.model or next(iter(adapters.values()), None) or DEFAULT_MODEL
-    check_model_spec(spec, "--model" if args.model else "the adapter's base model")
+    base = check_model_spec(spec, "--model" if args.model else "the adapter's base model")
     modality = choose_modality(spec, getattr(args, "data", None))
     modality.refuse(args)
-    if getattr(args, "image", None) and modality is not IMAGES:
+    if getattr(args, "image", None) and not modality.images:
         raise LoraError("--image needs a vision-language model (--model VLM_FOLDER).")
-    return spec, adapters, modality
+    return _Road(spec, base, adapters, modality)
 
 
 def _load(
@@ -133,17 +144,21 @@ def _load(
     """
     from ..adapters import set_adapter
 
-    spec, adapters, modality = _road(args, spec)
-    settings = generation_settings(args, adapters)
+    road = _road(args, spec)
+    settings = generation_settings(args, road.adapters)
     set_threads()
-    model, processor = modality.load(
-        spec, args.dtype, quantize or args.quantize, trust_remote_code=args.trust_remote_code
+    # Loading takes seconds (tens on a busy machine) before anything else shows: say what.
+    folders = list(road.adapters.values())
+    named = f" with the adapter{'s' * (len(folders) > 1)} {', '.join(folders)}" if folders else ""
+    status(f"loading {road.base}{named}")
+    model, processor = road.modality.load(
+        road.spec, args.dtype, quantize or args.quantize, trust_remote_code=args.trust_remote_code
     )
-    load_adapters(model, adapters, model_name(model, spec))
+    load_adapters(model, road.adapters, model_name(model, road.spec))
     if args.use:
         set_adapter(model, [n.strip() for n in args.use.split(",")])
     settings.apply_template(processor)
-    return _Loaded(model.eval(), modality.codec(processor), settings, modality)
+    return _Loaded(model.eval(), road.modality.codec(processor), settings, road.modality)
 
 
 # --- eval -----------------------------------------------------------------------------------------
@@ -235,6 +250,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
     images = _check_images(args.image or [])
     loaded = _load(args)
+    if loaded.modality.images and not images:
+        status(_NO_IMAGE_WARNING.format(what="the prompt", fix="--image FILE"))
     text = " ".join(args.prompt)
     if images and IMAGE not in text:
         text = IMAGE * len(images) + text
@@ -248,11 +265,15 @@ def run_generate(args: argparse.Namespace) -> int:
 def _check_images(paths: list[str]) -> list[Path]:
     """``--image`` files, each checked to open as an image (as data records' images are)."""
     from ..data.images import check_image
+    from ..data.records import BadRecord
 
     for path in paths:
         if not Path(path).is_file():
             raise LoraError(f"--image {path}: file not found.")
-        check_image(Path(path), f"--image {path}", "--image")
+        try:
+            check_image(Path(path), f"--image {path}", "--image")
+        except BadRecord as bad:  # worded for a record; this is a flag
+            raise LoraError(f"{bad.problem} Pass another image file.") from None
     return [Path(path) for path in paths]
 
 
@@ -262,26 +283,40 @@ def _chat_arguments(parser: argparse.ArgumentParser) -> None:
     _prompt_arguments(parser)
 
 
+_QUIT = ("/quit", "/exit")
+# What a vision-language model asked about no image answers from: the text alone.
+_NO_IMAGE_WARNING = (
+    "warning: this is a vision-language model and {what} has no image: it answers from the "
+    "text alone and may describe a picture it never saw. Attach one with {fix}."
+)
+_NO_IMAGES = (
+    "(not sent: /image needs a vision-language model, and {model} reads text only; "
+    "pass --model VLM_FOLDER or --adapter of a VLM run to chat about images)"
+)
+
+
 def run_chat(args: argparse.Namespace) -> int:
-    """Chat in the terminal (streamed replies); an empty line or Ctrl-D ends it.
+    """Chat in the terminal (streamed replies); an empty line, /quit or Ctrl-D ends it.
 
     The system prompt and chat template saved with the adapter are used unless overridden.
     With a vision-language model, ``/image PATH`` attaches an image to the next message.
     """
     from ..generate import stream_reply
-    from ..vlm.modality import IMAGES
 
     loaded = _load(args)
+    vlm = loaded.modality.images
     messages, pending = loaded.settings.messages([]), []
-    if loaded.modality is IMAGES:
-        print("(/image PATH attaches an image to your next message)")
-    while (text := read_message()) is not None:
-        if text.startswith("/image") and loaded.modality is IMAGES:
-            try:
-                pending += _check_images([text.removeprefix("/image").strip()])
-            except LoraError as error:
-                print(error)
+    images = "; /image PATH attaches an image to your next message" if vlm else ""
+    print(f"(an empty line, /quit or Ctrl-D ends the chat{images})")
+    while (text := read_message()) is not None and text not in _QUIT:
+        if text.split(maxsplit=1)[0] == "/image":
+            if vlm:
+                pending += _chat_image(text.removeprefix("/image").strip())
+            else:
+                print(_NO_IMAGES.format(model=model_name(loaded.model, args.model or "")))
             continue
+        if vlm and not pending and not any(m.get("images") for m in messages):
+            status(_NO_IMAGE_WARNING.format(what="this message", fix="/image PATH"))
         turn: dict[str, Any] = {"role": "user", "content": IMAGE * len(pending) + text}
         if pending:
             turn["images"], pending = pending, []
@@ -289,6 +324,15 @@ def run_chat(args: argparse.Namespace) -> int:
         reply = stream_reply(loaded.model, loaded.codec, messages, args.max_new_tokens)
         messages.append({"role": "assistant", "content": reply})
     return 0
+
+
+def _chat_image(path: str) -> list[Path]:
+    """``/image PATH``'s image, checked; a bad path is printed and the chat goes on."""
+    try:
+        return _check_images([path])
+    except LoraError as error:
+        print(f"(not attached: {error})")
+        return []
 
 
 # --- merge ----------------------------------------------------------------------------------------
@@ -328,8 +372,10 @@ def run_merge(args: argparse.Namespace) -> int:
     """Fold an adapter into its base model and save a plain Hugging Face model folder.
 
     The folder (safetensors, config, tokenizer or processor) loads with transformers'
-    ``from_pretrained``, without lorakit. The adapter's chat template goes into the tokenizer,
-    and its generation_settings.json is copied along.
+    ``from_pretrained``, without lorakit, and answers as the adapter does: the adapter's chat
+    template goes into the tokenizer, with the run's system prompt as the default of every
+    conversation without one (so plain ``apply_chat_template`` prompts as lorakit generate
+    does), and its generation_settings.json is copied along.
 
     After a quantized run (--quantize recorded in its train_config.yaml, or a quantized base
     folder) the base loads quantized as in training and the folder holds float weights
@@ -352,9 +398,11 @@ def run_merge(args: argparse.Namespace) -> int:
     quantized = is_quantized(model)
     dequantize_merge(model, resolve_dtype(args.dtype))  # a float base: a plain merge
     model.config.use_cache = True
-    settings = loaded.settings
-    kept = settings if settings.system or settings.chat_template else None
-    save_model_folder(model, loaded.codec.processor, out, kept)
+    settings, processor = loaded.settings, loaded.codec.processor
+    # The system prompt goes into the folder's chat template, so that plain transformers
+    # (and whatever reads the template) prompts the merged model as lorakit generate does.
+    kept = settings.bake_into(processor) if settings.system or settings.chat_template else None
+    save_model_folder(model, processor, out, kept)
     if quantized:
         status(
             "note: the base was quantized, so the merged weights are the dequantized base "

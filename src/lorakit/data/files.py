@@ -1,7 +1,8 @@
 """Reading a data file: its format, detected or given, and every record parsed and checked.
 
-A data file is JSON (a list of records) or JSONL (one record a line) in one format, detected
-from its first record or forced with ``data_format``:
+A data file is JSON (a list of records), JSONL (one record a line), or a table (CSV, Parquet,
+a ``datasets`` ``save_to_disk`` folder: :mod:`lorakit.data.tables`, one record a row) in one
+format, detected from its first record or forced with ``data_format``:
 
 ============  ====================================================================
 ``alpaca``    ``{"instruction": str, "input": str (optional), "output": str}``
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import LoraError
+from ..errors import LoraError, brief
 from .images import is_image_record, parse_image_record
 from .records import (
     BadRecord,
@@ -32,6 +33,7 @@ from .records import (
     read_records,
     show,
 )
+from .tables import is_table, read_table
 
 FORMATS = ("alpaca", "chat", "sharegpt", "text", "images")
 # The key that gives each format away in a file's first record, checked in this order.
@@ -70,7 +72,7 @@ def read_data(
     path = Path(path)
     if data_format is not None and data_format not in FORMATS:
         raise LoraError(f"Unknown data format {data_format!r}; choose one of {', '.join(FORMATS)}.")
-    records = read_records(path)
+    records = _records(path)
     if not records:
         raise LoraError(
             f"{path} holds no examples: write one JSON object a line (JSONL) or a JSON list."
@@ -104,7 +106,7 @@ def _detect_format(records: list[tuple[str, Any]], skip_bad_records: bool) -> st
     where, first = records[0]
     if isinstance(first, BadRecord):
         raise first
-    keys = ", ".join(map(repr, first)) if isinstance(first, dict) else show(first)
+    keys = ", ".join(map(brief, list(first)[:8])) if isinstance(first, dict) else show(first)
     raise LoraError(
         f"{where}: cannot tell the data format from the first record ({keys}). Expected keys: "
         "alpaca (instruction, input, output), chat (messages), sharegpt (conversations) or "
@@ -124,7 +126,12 @@ def _parser(data_format: str, path: Path) -> Callable[[Any, str], Example]:
     }[data_format]
 
 
+def _records(path: Path) -> list[tuple[str, Any]]:
+    """``(where, record)`` pairs: a table's rows (:mod:`lorakit.data.tables`) or JSON's."""
+    return read_table(path) if is_table(path) else read_records(path)
+
+
 def has_images(path: str | Path) -> bool:
     """Whether a data file holds image records (its first record has images)."""
-    records = read_records(Path(path))
+    records = _records(Path(path))
     return bool(records) and is_image_record(records[0][1])

@@ -13,18 +13,23 @@ Paths are relative to the data file. Each record becomes a conversation like eve
 format's (the text checks of :mod:`lorakit.data.records` apply to it unchanged) in which a
 user turn's text holds one ``<image>`` per image and the turn's ``"images"`` key lists them
 in order (:func:`images_of` gives a conversation's). So images travel with their turns
-through system prompts, splits and prompts cut before a reply. Each image is checked to
-exist and open, so a bad record is named by file and line before a model loads.
+through system prompts, splits and prompts cut before a reply. Each image is decoded once
+as the file is read (:func:`check_image`), so a missing, damaged or oversized image
+(:data:`MAX_PIXELS`) is named by file and line before a model loads; :func:`load_image`
+gives 8-bit RGB, 16-bit images scaled rather than clipped.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
+import re
 from pathlib import Path
 from typing import Any
 
+from ..errors import LoraError, brief
 from .records import BadRecord, Conversation, parse_chat
 
 IMAGE = "<image>"  # the placeholder of one image in a turn's text
@@ -120,7 +125,7 @@ def _flatten(content: Any, name: str, where: str) -> tuple[Any, list[str | None]
             raise BadRecord(
                 where,
                 "bad content part",
-                f"field '{name}.content[{j}]' is {str(part)[:60]}; a content part is "
+                f"field '{name}.content[{j}]' is {brief(part)}; a content part is "
                 '{"type": "text", "text": ...}, {"type": "image", "image": PATH} or '
                 '{"type": "image_url", "image_url": {"url": PATH_OR_DATA_URL}}.',
             )
@@ -170,22 +175,119 @@ def _resolve(source: str, folder: Path, where: str) -> ImageSource:
     return path
 
 
-def check_image(file: Path | io.BytesIO, what: str, where: str) -> None:
-    """Open the image's header (no decoding of its pixels): a file that is no image fails."""
+# The most pixels an image may have: 8192 x 8192. A vision-language model's processor shrinks
+# every image to some hundreds of pixels a side anyway, and decoding this many takes about
+# 200 MB; a PNG of a few hundred bytes may declare billions (a decompression bomb).
+MAX_PIXELS = 8192 * 8192
+_LIMIT = f"lorakit's limit of {MAX_PIXELS:,} pixels (8192 x 8192)"
+
+
+class _ImageProblem(Exception):
+    """Why an image cannot be used: ``reason`` counts it among skipped records."""
+
+    def __init__(self, reason: str, problem: str) -> None:
+        super().__init__(problem)
+        self.reason = reason
+
+
+def _decode(source: Path | io.BytesIO, check: bool = False) -> Any:
+    """The image decoded in full, as RGB; ``check``: only decoded (a JPEG at reduced scale:
+    every byte is still decoded, so damage shows all the same, in half the time) and one
+    pixel converted, to see that it converts, and ``None`` returned.
+
+    Raises:
+        _ImageProblem: no image, an image larger than :data:`MAX_PIXELS`, or damaged data.
+    """
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(file) as image:
-            image.verify()
-    except (OSError, UnidentifiedImageError, SyntaxError) as error:
-        raise BadRecord(
-            where, "unreadable image", f"{what} cannot be read as an image ({error})."
-        ) from None
+        with warnings.catch_warnings():  # our limit is lower than PIL's warning's
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(source)
+    except Image.DecompressionBombError as error:  # PIL's own limit, twice its warning's
+        declared = re.search(r"\((\d+) pixels\)", str(error))
+        size = f"{int(declared.group(1)):,} pixels" if declared else "more pixels"
+        raise _ImageProblem("image too large", f"declares {size}, over {_LIMIT}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise _ImageProblem("unreadable image", f"cannot be read as an image ({error})") from None
+    with image:
+        width, height = image.size
+        if width * height > MAX_PIXELS:
+            raise _ImageProblem(
+                "image too large",
+                f"is {width} x {height} pixels, over {_LIMIT}: shrink it (the model's "
+                "processor resizes it to a few hundred pixels a side anyway)",
+            )
+        try:
+            if check and image.format == "JPEG":
+                image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+            image.load()
+            if check:
+                _to_rgb(image.crop((0, 0, 1, 1)))  # one pixel: the conversion works on its mode
+                return None
+            return _to_rgb(image)
+        except Exception as error:  # PIL's decoders raise OSError, ValueError, struct.error...
+            raise _ImageProblem(
+                "damaged image",
+                f"is damaged: its header reads but its pixels do not decode ({error})",
+            ) from None
+
+
+def _to_rgb(image: Any) -> Any:
+    """``image`` as 8-bit RGB; 16- and 32-bit grey and float images are scaled to 8 bits, not
+    clipped (``convert("RGB")`` makes every value above 255 white: most of a 16-bit PNG)."""
+    import numpy as np
+    from PIL import Image
+
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode == "F" and values.max(initial=0) <= 1:
+            top = 1.0  # float images hold [0, 1]
+        elif image.mode.startswith("I;16") or values.max(initial=0) <= 65535:
+            top = 65535.0  # 16-bit data (PNG and TIFF give it as I;16, older PIL as I)
+        else:
+            top = 2.0**32 - 1
+        scaled = np.clip(np.rint(values * (255 / top)), 0, 255).astype(np.uint8)
+        image = Image.fromarray(scaled, mode="L")
+    return image.convert("RGB")
+
+
+@functools.lru_cache(maxsize=4096)
+def _checked_file(path: Path, size: int, mtime_ns: int) -> None:
+    """Decode a file once per version of it (size and mtime): a data set naming one image in
+    a thousand records decodes it once."""
+    _decode(path, check=True)
+
+
+def check_image(file: Path | io.BytesIO, what: str, where: str) -> None:
+    """Decode the image in full (once per file), so that a file that is no image, is larger
+    than :data:`MAX_PIXELS` or is damaged fails here, named with its record, and never later
+    in training.
+
+    Raises:
+        BadRecord: naming ``what`` (the file), ``where`` (the record), the problem and the
+            limit.
+    """
+    try:
+        if isinstance(file, Path):
+            stat = file.stat()
+            _checked_file(file, stat.st_size, stat.st_mtime_ns)
+        else:
+            _decode(file, check=True)
+    except _ImageProblem as problem:
+        raise BadRecord(where, problem.reason, f"{what} {problem}.") from None
 
 
 def load_image(source: ImageSource) -> Any:
-    """A PIL image in RGB, from a path or bytes."""
-    from PIL import Image
+    """A PIL image in 8-bit RGB, from a path or bytes (high bit depths scaled, not clipped).
 
-    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-        return image.convert("RGB")
+    Raises:
+        LoraError: the file changed since it was checked and is no longer a usable image.
+    """
+    what = "the image in a data URL" if isinstance(source, bytes) else f"image {source}"
+    try:
+        return _decode(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except _ImageProblem as problem:
+        raise LoraError(f"{what} {problem}; fix or replace the file.") from None

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import LoraError
+from ..errors import LoraError, brief
 
 Conversation = list[dict[str, str]]
 Example = Conversation | str  # a conversation, or the text of a ``text`` record
@@ -35,6 +35,7 @@ class BadRecord(LoraError):
             "--skip-bad-records)."
         )
         self.reason = reason
+        self.problem = problem  # the message's own words, without the record's fix
 
 
 @dataclass
@@ -201,7 +202,8 @@ def _parse_turns(
             raise BadRecord(
                 where,
                 "unknown role",
-                f"field '{key}[{i}].{role_key}' is {role!r}; expected one of {', '.join(roles)}.",
+                f"field '{key}[{i}].{role_key}' is {brief(role)}; expected one of "
+                f"{', '.join(roles)}.",
             )
         name = f"{key}[{i}].{text_key}"
         if roles[role] == "assistant":

@@ -8,7 +8,10 @@ and ``conversion/<arch>.py`` in llama.cpp), reproduced here per architecture:
   ``q_proj`` / ``k_proj`` with each head's rotary pairs split in halves, llama.cpp interleaves
   them; rows (heads, 2, d/2) -> (heads, d/2, 2). A LoRA pair permutes B's rows only.
 - GPT-2 (``conversion/gpt2.py``): ``Conv1D`` weights are (in, out) in HF, (out, in) in GGUF.
-- Qwen2 / Qwen3 (``conversion/qwen.py``): names only.
+- Qwen2 / Qwen3 (``conversion/qwen.py``), Phi-3 (``conversion/phi.py``: its fused
+  ``qkv_proj`` and ``gate_up_proj`` are llama.cpp's ``attn_qkv`` and ``ffn_up``): names only.
+- Gemma 2 / 3 (``conversion/gemma.py``): HF's RMSNorm scales by ``1 + w``, llama.cpp's by
+  ``w``, so every ``*norm.weight`` is written as ``w + 1``.
 
 Every 2-D weight in GGUF is then the matrix (out, in) that ``B @ A`` gives, except the token
 embedding, (vocab, dim), whose LoRA llama.cpp applies as a row lookup (see ``gguf_adapter``).
@@ -32,12 +35,16 @@ class Arch:
     arch: gguf.MODEL_ARCH
     permute_qk: bool = False  # Llama's rotary row order (see the module docstring)
     transposed: tuple[str, ...] = ()  # weight-name suffixes HF stores as (in, out)
+    norm_shift: float = 0.0  # added to every *norm.weight (Gemma: HF scales by 1 + w)
 
 
 ARCHS = (
     Arch(("LlamaForCausalLM", "MistralForCausalLM"), gguf.MODEL_ARCH.LLAMA, permute_qk=True),
     Arch(("Qwen2ForCausalLM",), gguf.MODEL_ARCH.QWEN2),
     Arch(("Qwen3ForCausalLM",), gguf.MODEL_ARCH.QWEN3),
+    Arch(("Gemma2ForCausalLM",), gguf.MODEL_ARCH.GEMMA2, norm_shift=1.0),
+    Arch(("Gemma3ForCausalLM",), gguf.MODEL_ARCH.GEMMA3, norm_shift=1.0),
+    Arch(("Phi3ForCausalLM",), gguf.MODEL_ARCH.PHI3),
     Arch(
         ("GPT2LMHeadModel",),
         gguf.MODEL_ARCH.GPT2,
@@ -82,20 +89,50 @@ class ArchMap:
         """Whether HF stores this weight as (in, out), the transpose of GGUF's (out, in)."""
         return hf_name.endswith(self.spec.transposed)
 
+    def _heads(self, hf_name: str) -> int | None:
+        """Heads whose rotary rows llama.cpp reorders in this tensor (None: not reordered)."""
+        if not self.spec.permute_qk:
+            return None
+        if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            return self.n_head
+        if hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+            return self.n_head_kv
+        return None
+
     def permute_rows(self, hf_name: str, rows: Tensor) -> Tensor:
         """Reorder the output rows (dim 0) of a q/k weight, bias or LoRA B as llama.cpp does.
 
         rows: (out, ...) with out = heads · d; (heads, 2, d/2, ...) -> (heads, d/2, 2, ...).
         Other tensors are returned unchanged.
         """
-        if not self.spec.permute_qk:
+        heads = self._heads(hf_name)
+        if heads is None:
             return rows
-        if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-            heads = self.n_head
-        elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-            heads = self.n_head_kv
-        else:
-            return rows
-        out = rows.shape[0]
-        split = rows.reshape(heads, 2, out // heads // 2, *rows.shape[1:])
+        split = rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:])
         return split.swapaxes(1, 2).reshape(rows.shape)
+
+    def unpermute_rows(self, hf_name: str, rows: Tensor) -> Tensor:
+        """The inverse of :meth:`permute_rows`: (heads, d/2, 2, ...) -> (heads, 2, d/2, ...)."""
+        heads = self._heads(hf_name)
+        if heads is None:
+            return rows
+        split = rows.reshape(heads, rows.shape[0] // heads // 2, 2, *rows.shape[1:])
+        return split.swapaxes(1, 2).reshape(rows.shape)
+
+    def _shift(self, hf_name: str) -> float:
+        return self.spec.norm_shift if hf_name.endswith("norm.weight") else 0.0
+
+    def to_gguf(self, hf_name: str, value: Tensor) -> Tensor:
+        """A parameter of the HF model in GGUF's layout: transposed, q/k rows permuted, norms
+        shifted, as the module docstring says for this architecture."""
+        value = value.T if self.transposed(hf_name) else value
+        value = self.permute_rows(hf_name, value)
+        shift = self._shift(hf_name)
+        return value + shift if shift else value
+
+    def to_hf(self, hf_name: str, value: Tensor) -> Tensor:
+        """The inverse of :meth:`to_gguf`: a GGUF tensor back in the HF parameter's layout."""
+        shift = self._shift(hf_name)
+        value = value - shift if shift else value
+        value = self.unpermute_rows(hf_name, value)
+        return value.T if self.transposed(hf_name) else value

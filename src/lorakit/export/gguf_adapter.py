@@ -26,7 +26,8 @@ from torch import Tensor, nn
 
 from ..config import lora_scale
 from ..errors import LoraError
-from ..targeting import unwrap
+from ..io import top_level
+from ..targeting import moe_parts, unwrap
 from .archs import ArchMap
 from .gguf_file import add_tensor, check_outtype, write_atomic
 from .pairs import Collected, Pair, collect
@@ -53,6 +54,26 @@ def refusals(found: Collected) -> list[str]:
     if found.config.bias != "none":
         lines.append(f"bias={found.config.bias!r}: the adapter carries trained biases")
     return lines
+
+
+def refuse_experts(model: nn.Module, adapter_name: str) -> None:
+    """Refuse, by name, LoRA on routed experts: llama.cpp keeps each projection of all
+    experts as one 3D tensor (``ffn_gate_exps``, ``ffn_up_exps``, ``ffn_down_exps``), and
+    lorakit writes no LoRA tensors for those (one pair per expert)."""
+    experts = moe_parts(model).experts
+    adapted = sorted(
+        wrapper.target_name(path)
+        for path, wrapper in top_level(model, adapter_name)
+        if wrapper.is_lora and path.split(".base_layer")[0] in experts
+    )
+    if adapted:
+        more = f" and {len(adapted) - 3} more" if len(adapted) > 3 else ""
+        raise LoraError(
+            f"Cannot export this adapter as a llama.cpp LoRA: it adapts routed experts "
+            f"({', '.join(adapted[:3])}{more}: one LoRA pair per expert of a 3D weight), and "
+            "lorakit writes no llama.cpp LoRA for expert tensors (ffn_*_exps). Retrain without "
+            f"the experts (--targets without all-linear, no --target-parameters), {MERGED_HINT}."
+        )
 
 
 def adapter_tensors(model: nn.Module, arch: ArchMap, found: Collected) -> list[tuple[str, Tensor]]:
@@ -125,8 +146,9 @@ def to_gguf(
             layer kinds), all named at once; nothing is written.
     """
     check_outtype(outtype)
-    arch = ArchMap(model)
     found = collect(model, adapter_name)
+    refuse_experts(model, adapter_name)
+    arch = ArchMap(model)
     tensors = adapter_tensors(model, arch, found)
     writer = gguf.GGUFWriter(path=None, arch=arch.arch_name)
     writer.add_type(gguf.GGUFType.ADAPTER)

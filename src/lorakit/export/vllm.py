@@ -32,6 +32,23 @@ scaling                ``PEFTHelper.__post_init__``: one ``lora_alpha / r`` (or 
 The folder written: each module's B carries ``true scale / global scale``, ``use_rslora`` is
 false and ``alpha_pattern`` gives every module of another rank the global scale, so vLLM
 (one scale) and PEFT (per-module scales) compute the same ΔW.
+
+Mixture-of-experts models, as vLLM's main-branch source reads them (2026: ``FusedMoEWithLoRA``
+and ``FusedMoE3DWithLoRA`` in ``vllm/lora/layers/fused_moe.py``, ``_stack_moe_lora_weights``
+in ``vllm/lora/model_manager.py``, ``pack_moe`` in ``vllm/lora/lora_weights.py``):
+
+=====================  ==========================================================  =========
+rule                   vLLM source                                                 lorakit
+=====================  ==========================================================  =========
+expert layout          ``SupportsLoRA.is_3d_moe_weight``: True (GPT-OSS): PEFT's   written
+                       3D layout, ``experts.base_layer.lora_*`` (gate_up_proj)      per
+                       and ``experts.lora_*`` (down_proj); False (the others): one  model
+                       pair per expert, ``experts.<e>.gate_proj/up_proj/down_proj``
+                       (Mixtral: ``block_sparse_moe.experts.<e>.w1/w3/w2``)
+all projections        ``_stack_moe_lora_weights`` asserts both 3D pairs;          checked
+                       ``pack_moe`` asserts w1, w2 and w3 for every expert
+routers                the router is no LoRA module of the MoE layer               refused
+=====================  ==========================================================  =========
 """
 
 from __future__ import annotations
@@ -44,14 +61,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from safetensors.torch import save_file
-from torch import nn
+from torch import Tensor, nn
 
-from ..atomic import atomic_folder
+from ..atomic import atomic_folder, write_errors
 from ..config import alpha_for_scale
 from ..errors import LoraError
-from ..io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, file_facts
+from ..io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, file_facts, top_level
+from ..layers import LoraLayer
 from ..tables import format_table
-from ..targeting import unwrap
+from ..targeting import moe_parts, unwrap
 from .pairs import Collected, collect
 
 # Architectures whose vLLM implementation supports LoRA, with the module names it adapts.
@@ -66,6 +84,34 @@ KNOWN_ARCHS: dict[str, tuple[str, ...]] = {
     "Phi3ForCausalLM": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
 }
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm/config/lora.py
+
+
+@dataclass(frozen=True)
+class MoeArch:
+    """How vLLM reads a mixture-of-experts architecture's expert LoRA."""
+
+    names: tuple[str, ...]  # the other modules it adapts
+    three_d: bool = False  # ``is_3d_moe_weight``: PEFT's stacked 3D layout, else per expert
+    experts: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # 2D names
+    rename: tuple[str, str] = ("", "")  # transformers 5's module path -> vLLM's
+
+
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+_MLA = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", *_MLP)
+MOE_ARCHS: dict[str, MoeArch] = {
+    "Qwen3MoeForCausalLM": MoeArch(_ATTENTION + _MLP),
+    "Qwen2MoeForCausalLM": MoeArch(_ATTENTION + _MLP),
+    "Qwen3NextForCausalLM": MoeArch(_ATTENTION + _MLP + ("in_proj_qkvz", "in_proj_ba", "out_proj")),
+    "OlmoeForCausalLM": MoeArch(_ATTENTION + _MLP),
+    "DeepseekV2ForCausalLM": MoeArch(_MLA),
+    "DeepseekV3ForCausalLM": MoeArch(_MLA),
+    "Llama4ForCausalLM": MoeArch(_ATTENTION + _MLP),
+    "MixtralForCausalLM": MoeArch(
+        _ATTENTION, experts=("w1", "w3", "w2"), rename=(".mlp.", ".block_sparse_moe.")
+    ),
+    "GptOssForCausalLM": MoeArch(_ATTENTION, three_d=True),
+}
 
 
 @dataclass
@@ -112,9 +158,9 @@ def _embedding_paths(model: nn.Module, found: Collected) -> list[str]:
 
 
 def _target_check(arch: str, found: Collected, skip: list[str]) -> Check:
-    known = KNOWN_ARCHS.get(arch, ())
+    known = KNOWN_ARCHS.get(arch) or (MOE_ARCHS[arch].names if arch in MOE_ARCHS else ())
     bad = [p.path for p in found.pairs if p.path not in skip and p.path.split(".")[-1] not in known]
-    bad += found.other
+    bad += [o for o in found.other if o.split(" ")[0].split(".base_layer")[0] not in skip]
     if not bad:
         return Check("target modules", True, f"every adapted module is one of {', '.join(known)}")
     return Check(
@@ -125,8 +171,57 @@ def _target_check(arch: str, found: Collected, skip: list[str]) -> Check:
     )
 
 
-def _rank_check(found: Collected, max_lora_rank: int) -> Check:
-    top = max((p.rank for p in found.pairs), default=0)
+def _experts(model: nn.Module, name: str) -> dict[str, dict[str, LoraLayer]]:
+    """Experts module path -> expert parameter -> the LoRA wrapper holding adapter ``name``."""
+    parts = moe_parts(model)
+    found: dict[str, dict[str, LoraLayer]] = {}
+    for path, wrapper in top_level(model, name):
+        owner = path.split(".base_layer")[0]
+        if wrapper.is_lora and owner in parts.experts:
+            found.setdefault(owner, {})[wrapper.target_name(path).rsplit(".", 1)[-1]] = wrapper
+    return found
+
+
+def _expert_checks(arch: str, model: nn.Module, found: Collected, name: str) -> list[Check]:
+    """vLLM's MoE rules (module docstring): the layout, all projections, no router."""
+    experts, parts = _experts(model, name), moe_parts(model)
+    routers = [p.path for p in found.pairs if parts.role(p.path) == "router"]
+    checks = [_refusal("routers", routers, "vLLM adapts no MoE router; retrain without it")]
+    if not experts:
+        return checks
+    moe = MOE_ARCHS.get(arch)
+    if moe is None:
+        return [
+            *checks,
+            Check(
+                "expert layout",
+                False,
+                f"lorakit knows no vLLM layout for "
+                f"{arch}'s routed experts ({_names(list(experts))})",
+            ),
+        ]
+    partial = [
+        f"{path} ({', '.join(sorted(held))})"
+        for path, held in experts.items()
+        if set(held) != {"gate_up_proj", "down_proj"}
+    ]
+    layout = (
+        "PEFT's 3D layout" if moe.three_d else f"one pair per expert ({', '.join(moe.experts)})"
+    )
+    return [
+        *checks,
+        Check("expert layout", True, f"{len(experts)} experts modules, written in {layout}"),
+        _refusal(
+            "all projections",
+            partial,
+            "vLLM loads an expert's gate, up and down "
+            "LoRA together: adapt gate_up_proj and down_proj, or neither",
+        ),
+    ]
+
+
+def _rank_check(found: Collected, max_lora_rank: int, experts: list[int] = ()) -> Check:
+    top = max([p.rank for p in found.pairs] + list(experts), default=0)
     if top <= max_lora_rank:
         return Check("rank", True, f"largest rank {top} <= --max-lora-rank {max_lora_rank}")
     fits = next((r for r in MAX_LORA_RANKS if r >= top), None)
@@ -158,8 +253,10 @@ def check_vllm(
     found = collect(model, adapter_name)
     cfg, arch = found.config, type(model).__name__
     ends = _embedding_paths(model, found)
-    known = arch in KNOWN_ARCHS
+    known = arch in KNOWN_ARCHS or arch in MOE_ARCHS
     merge = "merge it (lorakit merge) and serve the merged model"
+    experts = _experts(model, adapter_name)
+    expert_ranks = [w.r[adapter_name] for held in experts.values() for w in held.values()]
     biases = found.lora_bias + ([f"bias={cfg.bias!r}"] if cfg.bias != "none" else [])
     checks = [
         Check(
@@ -168,9 +265,11 @@ def check_vllm(
             f"{arch} supports LoRA in vLLM"
             if known
             else f"{arch} is not among the architectures lorakit knows to support LoRA in "
-            f"vLLM ({', '.join(KNOWN_ARCHS)}); see SupportsLoRA in vllm/model_executor/models/",
+            f"vLLM ({', '.join([*KNOWN_ARCHS, *MOE_ARCHS])}); see SupportsLoRA in "
+            "vllm/model_executor/models/",
         ),
-        _target_check(arch, found, ends),
+        _target_check(arch, found, ends + list(experts)),
+        *_expert_checks(arch, model, found, adapter_name),
         _refusal("modules_to_save", found.saved, f"vLLM refuses modules_to_save; {merge}"),
         _refusal("DoRA", found.dora, f"vLLM has no DoRA; {merge}"),
         _refusal("bias", biases, "vLLM loads no adapter biases; retrain with bias='none'"),
@@ -180,7 +279,7 @@ def check_vllm(
             "not every vLLM version loads LoRA on embeddings, the head or token rows; "
             f"retrain without them or {merge}",
         ),
-        _rank_check(found, max_lora_rank),
+        _rank_check(found, max_lora_rank, expert_ranks),
         _scaling_check(found, cfg.scale),
     ]
     return VllmReport(arch, checks)
@@ -210,7 +309,47 @@ def vllm_files(model: nn.Module, adapter_name: str = "default") -> tuple[dict, d
         file_facts(model, adapter_name),
         scales={pair.path: g for pair in found.pairs if pair.rank != r},
     )
+    moe = MOE_ARCHS.get(type(model).__name__)
+    for path, held in _experts(model, adapter_name).items():
+        tensors.update(_expert_tensors(moe, path, held, adapter_name, g))
+    if moe is not None and not moe.three_d and facts.targets is not None:
+        # vLLM reads the tensors; the JSON names the modules as it knows them
+        names = {p.path.rsplit(".", 1)[-1] for p in found.pairs} | set(moe.experts)
+        facts = dataclasses.replace(facts, targets=(sorted(names), []))
     return one_scale.to_peft_file(facts), tensors
+
+
+def _expert_tensors(
+    moe: MoeArch, path: str, held: dict[str, LoraLayer], name: str, g: float
+) -> dict[str, Tensor]:
+    """One experts module's tensors in vLLM's layout for ``moe``, B carrying s / g."""
+    if moe.three_d:  # PEFT's own stacked layout: gate_up_proj nested inside down_proj
+        tensors = {}
+        for wrapper in held.values():
+            where = f"{PREFIX}{path}{'' if wrapper is held['down_proj'] else '.base_layer'}."
+            A, B = (t.detach() for t in wrapper.peft_tensors(name).values())
+            tensors[where + "lora_A.weight"] = A.contiguous()
+            tensors[where + "lora_B.weight"] = (B * (wrapper.scale[name] / g)).contiguous()
+        return tensors
+    gate, up, down = moe.experts
+    module = path.replace(*moe.rename) if moe.rename[0] else path
+    tensors = {}
+    for param, wrapper in held.items():
+        P, Q = (t.detach() for t in wrapper.input_factors(name))  # x P Q: (E, in, r), (E, r, out)
+        Q = Q * (wrapper.scale[name] / g)
+        for e in range(P.shape[0]):
+            A, B = P[e].T.contiguous(), Q[e].T  # (r, in), (out, r)
+            # gate_up_proj's output is [gate; up] (transformers' concatenated layout)
+            rows = (
+                {down: B}
+                if param == "down_proj"
+                else dict(zip((gate, up), B.chunk(2), strict=True))
+            )
+            for leaf, part in rows.items():
+                key = f"{PREFIX}{module}.{e}.{leaf}."
+                tensors[key + "lora_A.weight"] = A.clone()  # gate and up share it
+                tensors[key + "lora_B.weight"] = part.contiguous()
+    return tensors
 
 
 def to_vllm(
@@ -235,13 +374,8 @@ def to_vllm(
             + "\n  - ".join(lines)
         )
     config, tensors = vllm_files(model, adapter_name)
-    try:
-        with atomic_folder(directory) as new:
-            save_file(tensors, new / WEIGHTS_NAME, metadata={"format": "pt"})
-            (new / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    except OSError as err:
-        raise LoraError(
-            f"Could not write {directory} ({err.strerror or err}); what was there is "
-            "unchanged. Free space or choose another --output."
-        ) from err
+    kept = "; what was there is unchanged. Free space or choose another --output."
+    with write_errors(str(directory), kept), atomic_folder(directory) as new:
+        save_file(tensors, new / WEIGHTS_NAME, metadata={"format": "pt"})
+        (new / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return report

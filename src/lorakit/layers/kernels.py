@@ -1,8 +1,10 @@
-"""The fused LoRA linear path: base projection and every active adapter in one autograd node.
+"""The fused LoRA paths: base projection and every active adapter in one autograd node.
 
-``LoraLinear.forward`` uses it when the base is a plain, frozen Linear / GPT-2 Conv1D; the
-maths is the same as composing ``F.linear`` calls, with fewer temporaries (see
-``LoraLinearFunction``). Tested against the plain formula in ``tests/test_layers_kernels.py``.
+``LoraLinear.forward`` uses ``LoraLinearFunction`` when the base is a plain, frozen Linear /
+GPT-2 Conv1D; the maths is the same as composing ``F.linear`` calls, with fewer temporaries.
+``LoraParameter`` uses ``GroupedLoraFunction`` for routed experts: the tokens of each expert
+meet its LoRA factors in grouped GEMMs, so no expert's ΔW is built. Tested against the plain
+formulas in ``tests/test_layers_kernels.py``.
 """
 
 from __future__ import annotations
@@ -15,13 +17,24 @@ from torch import Tensor
 
 
 def lora_linear(
-    x: Tensor, weight: Tensor, bias: Tensor | None, scales: Sequence[float], lora: Sequence
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    scales: Sequence[float],
+    lora: Sequence,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """The forward maths of ``LoraLinearFunction`` on flattened x (N, in): (y, inputs, hs).
 
-    ``lora`` holds (xᵢ or None, Aᵢ, Bᵢ) per adapter; used directly under no_grad.
+    ``lora`` holds (xᵢ or None, Aᵢ, Bᵢ) per adapter; used directly under no_grad. ``out``: an
+    (N, out) tensor y is written into (the autograd node's own output, seen flat).
     """
-    y = F.linear(x, weight, bias)  # (N, in) @ (in, out) -> (N, out)
+    if out is None:
+        y = F.linear(x, weight, bias)  # (N, in) @ (in, out) -> (N, out)
+    elif bias is None:
+        y = torch.mm(x, weight.t(), out=out)
+    else:
+        y = torch.addmm(bias, x, weight.t(), out=out)
     inputs, hs = [], []
     for i, s in enumerate(scales):
         xi, A, B = lora[3 * i : 3 * i + 3]
@@ -79,12 +92,16 @@ class LoraLinearFunction(torch.autograd.Function):
         # backward instead of keeping the dequantized W alive between the two passes.
         ctx.weight_fn = weight if callable(weight) else None
         W = weight(x.dtype) if ctx.weight_fn else weight
-        y, inputs, hs = lora_linear(x.reshape(-1, x.shape[-1]), W, bias, scales, lora)
+        # y is made in x's leading shape and filled through a flat view, so what this node
+        # returns is no view: model code may add to it in place (Llama-4's ``out.add_``).
+        y = x.new_empty(*x.shape[:-1], W.shape[0])
+        flat = y.view(-1, W.shape[0])  # (N, out)
+        _, inputs, hs = lora_linear(x.reshape(-1, x.shape[-1]), W, bias, scales, lora, flat)
         ctx.scales, ctx.x_shape = scales, x.shape
         ctx.dropped = [lora[3 * i] is not None for i in range(len(scales))]
         kept = () if ctx.weight_fn else (W,)
         ctx.save_for_backward(*kept, *inputs, *lora[1::3], *lora[2::3], *hs)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx, grad):
@@ -116,3 +133,107 @@ class LoraLinearFunction(torch.autograd.Function):
         gb = g.sum(0) if needs[2] else None
         gx = gx.view(ctx.x_shape) if gx is not None else None
         return gx, None, gb, None, *grads
+
+
+# --- routed experts: LoRA per token group --------------------------------------------------
+def _groupable(a: Tensor, b: Tensor, n: int) -> bool:
+    """Whether ``torch.nn.functional.grouped_mm`` takes a and b: one dtype it supports, and
+    every stride (and the (·, n) output's rows) a multiple of 16 bytes."""
+    if not hasattr(F, "grouped_mm") or a.dtype != b.dtype or a.dtype == torch.float64:
+        return False
+    size = a.element_size()
+    strides = [st for t in (a, b) for st, dim in zip(t.stride(), t.shape, strict=True) if dim > 1]
+    return all(st == 1 or st * size % 16 == 0 for st in strides) and n * size % 16 == 0
+
+
+def grouped_mm(a: Tensor, b: Tensor, groups: Groups) -> Tensor:
+    """Rows of ``a`` (S, K), sorted by group, each times its group's matrix of ``b`` (E, K, N):
+    (S, N). One grouped GEMM where torch has one for these shapes, else one mm per group."""
+    if _groupable(a, b, b.shape[-1]):
+        return F.grouped_mm(a, b, offs=groups.offsets)
+    out = a.new_empty(a.shape[0], b.shape[-1])
+    for e, start, end in groups.spans():
+        torch.mm(a[start:end], b[e], out=out[start:end])
+    return out
+
+
+def grouped_outer(a: Tensor, b: Tensor, groups: Groups) -> Tensor:
+    """Per group e, ``a[:, rows_e] @ b[rows_e]``: (M, S) and (S, N) -> (E, M, N), the weight
+    gradient of a grouped product (zeros for a group without rows)."""
+    if _groupable(a, b, b.shape[-1]):
+        return F.grouped_mm(a, b, offs=groups.offsets)
+    out = a.new_zeros(len(groups.ends), a.shape[0], b.shape[-1])
+    for e, start, end in groups.spans():
+        torch.mm(a[:, start:end], b[start:end], out=out[e])
+    return out
+
+
+class Groups:
+    """Row groups of a tensor sorted by expert: cumulative ``ends`` on the host (one sync to
+    read them) and as the int32 ``offsets`` grouped GEMMs take."""
+
+    def __init__(self, counts: Tensor) -> None:
+        self.offsets = counts.cumsum(0).to(torch.int32)
+        self.ends: list[int] = self.offsets.tolist()
+
+    def spans(self) -> list[tuple[int, int, int]]:
+        """(group, start, end) of each group with rows (the empty ones are skipped)."""
+        starts = [0, *self.ends[:-1]]
+        return [(g, s, e) for g, (s, e) in enumerate(zip(starts, self.ends, strict=True)) if e > s]
+
+
+class GroupedLoraFunction(torch.autograd.Function):
+    """``y = x Wₑ + Σᵢ sᵢ (x Pᵢₑ) Qᵢₑ`` for the rows of each expert e, as one autograd node.
+
+    Rows of x (S, in) are sorted by expert (``Groups``); W (E, in, out) is frozen, Pᵢ (E, in, r)
+    and Qᵢ (E, r, out) are adapter i's factors as the input meets them (Aᵀ and Bᵀ). Per group::
+
+        forward   y  = x W                (S, out)     hᵢ = sᵢ x Pᵢ   (S, r)     y += hᵢ Qᵢ
+        backward  ∂x = g Wᵀ + Σᵢ gᵢ Pᵢᵀ    gᵢ = sᵢ g Qᵢᵀ  (S, r)
+                  ∂Qᵢ = hᵢᵀ g (E, r, out)  ∂Pᵢ = xᵀ gᵢ (E, in, r)
+
+    No expert's ΔW = B A (out × in) is ever formed: the LoRA terms cost O(S · r · (in + out)),
+    not O(E · in · out), and only x and the (S, r) hᵢ are kept for the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, groups, scales, *factors):  # factors: (P₁, Q₁, P₂, Q₂, ...)
+        y = grouped_mm(x if x.dtype == weight.dtype else x.to(weight.dtype), weight, groups)
+        hs = []
+        for i, s in enumerate(scales):
+            P, Q = factors[2 * i : 2 * i + 2]
+            h = grouped_mm(x if x.dtype == P.dtype else x.to(P.dtype), P, groups).mul_(s)
+            y.add_(grouped_mm(h, Q, groups).to(y.dtype))  # fp32 adapters: added in y's dtype
+            hs.append(h)
+        ctx.groups, ctx.scales = groups, scales
+        ctx.save_for_backward(x, weight, *factors, *hs)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, *rest = ctx.saved_tensors
+        k, groups, needs = len(ctx.scales), ctx.groups, ctx.needs_input_grad
+        factors, hs = rest[: 2 * k], rest[2 * k :]
+        g = grad.contiguous()  # an expanded gradient (a sum's) has zero strides
+        gx = grouped_mm(g.to(weight.dtype), weight.mT, groups).to(x.dtype) if needs[0] else None
+        grads: list[Tensor | None] = []
+        for i, s in enumerate(ctx.scales):
+            P, Q, h = factors[2 * i], factors[2 * i + 1], hs[i]
+            gi = g if g.dtype == Q.dtype else g.to(Q.dtype)
+            gQ = grouped_outer(h.t(), gi, groups) if needs[5 + 2 * i] else None
+            gh = grouped_mm(gi, Q.mT, groups).mul_(s)  # (S, out) @ (out, r) -> (S, r)
+            xi = x if x.dtype == P.dtype else x.to(P.dtype)
+            gP = grouped_outer(xi.t(), gh, groups) if needs[4 + 2 * i] else None
+            if gx is not None:
+                gx.add_(grouped_mm(gh, P.mT, groups).to(gx.dtype))
+            grads += [gP, gQ]
+        return gx, None, None, None, *grads
+
+
+def grouped_lora(
+    x: Tensor, weight: Tensor, groups: Groups, pairs: list[tuple[Tensor, Tensor, float]]
+) -> Tensor:
+    """``GroupedLoraFunction`` for rows x (S, in) sorted by expert, W (E, in, out) and LoRA
+    ``pairs`` (P (E, in, r), Q (E, r, out), scale): (S, out)."""
+    factors = [t for P, Q, _ in pairs for t in (P, Q)]
+    return GroupedLoraFunction.apply(x, weight, groups, [s for *_, s in pairs], *factors)

@@ -68,6 +68,11 @@ class LoraKind(Wrapper):
         return []
 
     @classmethod
+    def router_problem(cls, module: nn.Module) -> str | None:
+        """Why this kind cannot adapt ``module`` as an MoE router (a gate picking experts)."""
+        return None
+
+    @classmethod
     def matrix_problem(cls, module: nn.Module, **options: Any) -> str | None:
         """Why ΔW of this kind is not one (out, in) matrix that the low-rank tools can
         refactor, if it is not (``factors`` / ``set_factors`` then refuse)."""

@@ -56,6 +56,17 @@ class LoraLinear(LoraLayer):
         shape = tuple(module.weight.shape)
         return shape[::-1] if is_gpt2_conv1d(module) else shape
 
+    @classmethod
+    def router_problem(cls, module: nn.Module) -> str | None:
+        # A Linear subclass with a forward of its own routes inside it (Llama-4's returns
+        # (scores, logits)): there is no x Wᵀ output for LoRA to add to.
+        if is_gpt2_conv1d(module) or type(module).forward is nn.Linear.forward:
+            return None
+        return (
+            f"{type(module).__name__} is a router whose forward does more than x Wᵀ (it "
+            "returns its routing, not a projection), so LoRA cannot add to its output"
+        )
+
     def __init__(self, base_layer: nn.Module, **options: Any) -> None:
         super().__init__(base_layer, **options)
         self.fan_in_fan_out = is_gpt2_conv1d(base_layer)

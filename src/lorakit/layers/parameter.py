@@ -1,4 +1,15 @@
-"""LoRA on a raw 2D or 3D parameter of a module (``target_parameters``), e.g. MoE experts."""
+"""LoRA on a raw 2D or 3D parameter of a module (``target_parameters``), e.g. MoE experts.
+
+Routed experts take a fast path: for transformers' experts modules (the interface of its
+``use_experts_implementation``: ``gate_up_proj`` / ``up_proj`` and ``down_proj`` as (E, ·, ·),
+``_apply_gate``, ``is_transposed``, called with the tokens and their top-k experts) and for
+Llama-4's, whose experts see every token slot, the wrapper computes the experts' forward
+itself with each expert's LoRA applied to its own tokens (``kernels.GroupedLoraFunction``)::
+
+    tokens sorted by expert -> x_e (n_e, in) -> x_e Wₑ + s (x_e Aₑᵀ) Bₑᵀ -> gate -> down, alike
+
+so no expert's ΔW is formed. Any other module runs its own forward with W + ΔW swapped in.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +19,14 @@ import torch
 from torch import Tensor, nn
 
 from .base import LoraLayer, lora_delta
+from .kernels import Groups, grouped_lora
 from .wrapper import Shape
+
+# The expert parameters the fast path knows, and the experts modules that run every expert on
+# every token slot with weights (E, in, out) applied as x @ W (declaring no ``is_transposed``).
+_EXPERT_WEIGHTS = ("gate_up_proj", "up_proj", "down_proj")
+_DENSE_EXPERTS = ("Llama4TextExperts",)
+Pairs = dict[str, list[tuple[Tensor, Tensor, float]]]  # parameter -> (P, Q, scale) per adapter
 
 
 def _owner(module: nn.Module) -> tuple[nn.Module, str]:
@@ -26,7 +44,8 @@ class LoraParameter(LoraLayer):
     expert, A: (E, r, in), B: (E, out, r), ΔW[e] = scale · B[e] A[e]. A module that stores
     experts as (E, in, out) marks itself ``is_transposed`` (transformers' convention) and gets
     ΔW[e]ᵀ. The module's own forward runs with W + ΔW swapped in, so any code that reads the
-    parameter sees the adapted weight; dropout is undefined here (x is not ours to drop), and
+    parameter sees the adapted weight (routed experts: the fast path of the module docstring,
+    the same maths); dropout is undefined here (x is not ours to drop), and
     rows cannot be routed (the module sees tokens, not examples). Several parameters of one
     module nest one wrapper per parameter, the first one innermost, as PEFT does.
     """
@@ -121,6 +140,11 @@ class LoraParameter(LoraLayer):
     def base_weight(self) -> nn.Parameter:
         return getattr(self.owner[0], self.parameter_name)
 
+    def peft_pair(self, name: str) -> tuple[Tensor, Tensor] | None:
+        # PEFT's file stacks the experts of a 3D weight as one 2-D pair (rank E·r), which is
+        # no plain LoRA on a 2-D weight: runtimes must not take it for one.
+        return None if self.base_weight.dim() == 3 else super().peft_pair(name)
+
     def target_name(self, path: str) -> str:
         # "experts.base_layer" (a nested wrapper's path) -> "experts.gate_up_proj"
         owner = ".".join(part for part in path.split(".") if part != "base_layer")
@@ -130,9 +154,60 @@ class LoraParameter(LoraLayer):
         delta = lora_delta(self.lora_B[name], self.lora_A[name], self.scale[name])
         return delta.transpose(-1, -2) if self.transposed else delta
 
+    def input_factors(self, name: str) -> tuple[Tensor, Tensor]:
+        """Adapter ``name`` as the module's input meets it: (P (E, in, r), Q (E, r, out)) with
+        x P Q = x ΔWᵀ for a module computing x Wᵀ, or x ΔW for one computing x W."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        applies_as_is = bool(getattr(self.owner[0], "is_transposed", False)) or (
+            type(self.owner[0]).__name__ in _DENSE_EXPERTS
+        )
+        # ΔW in the parameter's layout is B A, or (B A)ᵀ for a transposed one (``delta_weight``)
+        return (A.mT, B.mT) if applies_as_is == self.transposed else (B, A)
+
+    def _chain(self) -> list[LoraParameter]:
+        """This wrapper and the parameter wrappers nested inside it, outermost first."""
+        chain, module = [], self
+        while isinstance(module, LoraParameter):
+            chain.append(module)
+            module = module.base_layer
+        return chain
+
+    def _experts_path(self, args: tuple, kwargs: dict) -> str | None:
+        """``"routed"`` or ``"dense"`` when the experts fast path computes this call exactly:
+        a known experts module without hooks, frozen expert weights, only expert weights
+        adapted, no autocast, and the call its forward takes; else None."""
+        owner = self.owner[0]
+        dense = type(owner).__name__ in _DENSE_EXPERTS
+        routed = all(hasattr(owner, a) for a in ("has_gate", "is_transposed", "_apply_gate"))
+        weights = [getattr(owner, n) for n in _EXPERT_WEIGHTS if hasattr(owner, n)]
+        if (
+            not (dense or routed)
+            or kwargs
+            or len(args) != (1 if dense else 3)
+            or owner._forward_hooks
+            or owner._forward_pre_hooks
+            or getattr(owner, "_is_expert_parallel", False)
+            or any(w.requires_grad for w in weights)
+            or any(w.parameter_name not in _EXPERT_WEIGHTS for w in self._chain())
+            or torch.is_autocast_enabled(args[0].device.type)
+        ):
+            return None
+        return "dense" if dense else "routed"
+
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        """The module's forward with W + Σ pending ΔW in place of the parameter."""
+        """The module's forward with W + Σ pending ΔW in place of the parameter (experts: the
+        fast path of the module docstring)."""
         names = self.pending()
+        path = self._experts_path(args, kwargs)
+        if path is not None:
+            pairs: Pairs = {}
+            for wrapper in self._chain():
+                for n in wrapper.pending():
+                    P, Q = wrapper.input_factors(n)
+                    pairs.setdefault(wrapper.parameter_name, []).append((P, Q, wrapper.scale[n]))
+            if pairs:
+                run = _routed_experts if path == "routed" else _dense_experts
+                return run(self.owner[0], pairs, *args)
         if not names:
             return self.base_layer(*args, **kwargs)
         weight = self.base_weight
@@ -141,3 +216,46 @@ class LoraParameter(LoraLayer):
         return torch.func.functional_call(
             self.base_layer, {self.parameter_path: adapted}, args, kwargs, strict=False
         )
+
+
+def _project(owner: nn.Module, name: str, x: Tensor, groups: Groups, pairs: Pairs) -> Tensor:
+    """x (S, in), sorted by expert, through expert weight ``name`` and its LoRA pairs."""
+    weight = getattr(owner, name)  # (E, out, in), or (E, in, out) when applied as x @ W
+    applied = type(owner).__name__ in _DENSE_EXPERTS or owner.is_transposed
+    return grouped_lora(x, weight if applied else weight.mT, groups, pairs.get(name, []))
+
+
+def _routed_experts(
+    owner: nn.Module, pairs: Pairs, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor
+) -> Tensor:
+    """transformers' experts forward (its ``grouped_mm`` implementation's maths) with each
+    expert's LoRA on its own tokens: hidden (T, H), top-k experts and weights (T, k) -> (T, H)."""
+    k = top_k_index.shape[-1]
+    expert_ids, perm = torch.sort(top_k_index.reshape(-1))  # (S = T·k,) slots, by expert
+    groups = Groups(torch.bincount(expert_ids, minlength=owner.num_experts))
+    x = hidden[perm // k]  # (S, H): each slot's token
+    up = "gate_up_proj" if owner.has_gate else "up_proj"
+    h = _project(owner, up, x, groups, pairs)
+    if owner.has_bias:
+        h = h + getattr(owner, f"{up}_bias")[expert_ids]
+    h = owner._apply_gate(h) if owner.has_gate else owner.act_fn(h)  # (S, I)
+    y = _project(owner, "down_proj", h, groups, pairs)  # (S, H)
+    if owner.has_bias:
+        y = y + owner.down_proj_bias[expert_ids]
+    if owner.has_post_expert_norm:
+        y = owner.post_expert_norm(y)
+    y = y * top_k_weights.reshape(-1)[perm, None]
+    restore = torch.empty_like(perm)
+    restore[perm] = torch.arange(perm.numel(), device=perm.device)
+    # (S, H) back in slot order -> (T, k, H) -> sum over a token's k experts -> (T, H)
+    return y[restore].view(-1, k, y.shape[-1]).sum(dim=1).to(hidden.dtype)
+
+
+def _dense_experts(owner: nn.Module, pairs: Pairs, hidden: Tensor) -> Tensor:
+    """Llama-4's experts forward (every expert on its own equal share of the rows, weights
+    applied as x @ W) with LoRA: hidden (E·n, H) -> (E·n, H)."""
+    experts = owner.gate_up_proj.shape[0]
+    rows = hidden.shape[0] // experts
+    groups = Groups(torch.full((experts,), rows, device=hidden.device))
+    gate, up = _project(owner, "gate_up_proj", hidden, groups, pairs).chunk(2, dim=-1)
+    return _project(owner, "down_proj", up * owner.act_fn(gate), groups, pairs)

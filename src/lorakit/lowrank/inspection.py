@@ -13,10 +13,13 @@ any r directions can give) and onto random orthonormal r directions.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +30,7 @@ from ..layers import LoraLayer, lora_delta
 from ..merge import check_adapter_names
 from ..progress import progress
 from ..state import adapter_configs
-from ..tables import format_table
+from ..tables import align_parts, format_table, natural_key
 from ..targeting import lora_layers
 from .svd import factored_svd, rank_for_energy, spare_threads, torch_threads
 
@@ -65,9 +68,13 @@ class InspectReport:
         if with_base:
             head += ["|W|", "|U'WV|", "top-r of W", "random", "amplif."]
         rows = [tuple(head)]
-        for m in self.modules:
+        # each sigma_i in a sub-column of its own, so the column reads value under value
+        sigmas = align_parts(
+            [" ".join(f"{s:.3g}" for s in m.singular_values[:3]) for m in self.modules]
+        )
+        for m, sigma in zip(self.modules, sigmas, strict=True):
             row = [m.path, str(m.rank), f"{m.scale:g}", f"{m.delta_norm:.3g}"]
-            row += [" ".join(f"{s:.3g}" for s in m.singular_values[:3]), str(m.effective_rank)]
+            row += [sigma, str(m.effective_rank)]
             if with_base:
                 values = (m.weight_norm, m.projection, m.top_projection, m.random_projection)
                 row += [f"{v:.3g}" for v in values] + [f"{m.amplification:.3g}"]
@@ -195,6 +202,7 @@ def _from_files(directory: str | os.PathLike, adapter_name: str) -> InspectRepor
         # PEFT's layout: B (out, r[, 1…]) @ A (r, in[, k…]) -> (out, in·k…)
         factors = (B.flatten(1).float() * scale, A.flatten(1))
         report.modules.append(_spectrum(path, A.shape[0], scale, factors, None, 0))
+    report.modules.sort(key=lambda m: natural_key(m.path))  # the file's order is text order
     return report
 
 
@@ -237,6 +245,24 @@ def _layer_number(path: str, position: int) -> int:
     return int(found[1]) if found else position
 
 
+def _log_labeller(low: float, high: float) -> Callable[[float, Any], str]:
+    """Tick labels for a log axis from ``low`` to ``high``, as plain numbers (4, not 4×10^0)
+    that do not overlap: every power of ten; between them 2 and 5 on an axis of at most two
+    decades, 3 as well within one, every tick within half of one."""
+    decades = math.log10(high / low)
+    shown = {1} | ({2, 5} if decades <= 2 else set()) | ({3} if decades <= 1 else set())
+    if decades <= 0.5:
+        shown = set(range(1, 10))
+
+    def label(value: float, _: Any) -> str:
+        if value <= 0:
+            return ""
+        exponent = math.floor(math.log10(value) + 1e-9)  # 0.001 -> -3, not -4
+        return f"{value:g}" if round(value / 10**exponent) in shown else ""
+
+    return label
+
+
 def plot_spectra(report: InspectReport, path: str | os.PathLike) -> Path:
     """Write a PNG of ΔW's singular values: one panel per module name (q_proj, ...), one line
     per layer, darker for deeper layers, σ on a log scale. Returns the file's path."""
@@ -254,7 +280,6 @@ def plot_spectra(report: InspectReport, path: str | os.PathLike) -> Path:
     fig, axes = plt.subplots(
         rows, cols, figsize=(4 * cols + 1, 3 * rows), squeeze=False, layout="constrained"
     )
-    plain = FuncFormatter(lambda value, _: f"{value:g}")  # 4, not 4×10^0
     depth = max((len(modules) for modules in groups.values()), default=1)
     colors = matplotlib.colors.Normalize(vmin=0, vmax=max(depth - 1, 1))
     for ax, (name, modules) in zip(axes.flat, groups.items(), strict=False):
@@ -264,8 +289,9 @@ def plot_spectra(report: InspectReport, path: str | os.PathLike) -> Path:
             ax.plot(range(1, len(values) + 1), values, marker=".", color=color, label=m.path)
         ax.set(title=name, xlabel="index i", ylabel="sigma_i of dW", yscale="log")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain)
+        label = FuncFormatter(_log_labeller(*ax.get_ylim()))
+        ax.yaxis.set_major_formatter(label)
+        ax.yaxis.set_minor_formatter(label)
     for ax in list(axes.flat)[len(groups) :]:
         ax.axis("off")
     scale = matplotlib.cm.ScalarMappable(norm=colors, cmap=plt.cm.viridis)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import follow_umask, write_errors
 from ..errors import LoraError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -72,11 +73,31 @@ def bundled_gguf_or_none() -> Path | None:
 
 def cache_dir() -> Path:
     """Folder for converted models: ``$LORAKIT_CACHE``, else ``$XDG_CACHE_HOME/lorakit``,
-    else ``~/.cache/lorakit``."""
+    else ``~/.cache/lorakit``.
+
+    Raises:
+        LoraError: the folder is a file (or lies under one), naming the variable that chose it.
+    """
     if os.environ.get("LORAKIT_CACHE"):
-        return Path(os.environ["LORAKIT_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "lorakit"
+        root = Path(os.environ["LORAKIT_CACHE"]).expanduser()
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        root = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "lorakit"
+    blocked = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise LoraError(
+            f"{_cache_source()} {root}: {blocked} is a file, not a folder, so converted models "
+            "cannot be kept there. Point LORAKIT_CACHE at a folder (it is created if missing), "
+            "or unset it."
+        )
+    return root
+
+
+def _cache_source() -> str:
+    """How the cache folder was chosen, for messages: the variable that names it."""
+    if os.environ.get("LORAKIT_CACHE"):
+        return "LORAKIT_CACHE is"
+    return "XDG_CACHE_HOME gives" if os.environ.get("XDG_CACHE_HOME") else "The cache folder is"
 
 
 def converted_from(folder: Path) -> str | None:
@@ -146,14 +167,33 @@ def cached_conversion(gguf: Path) -> Path:
         the GGUF it came from.
 
     Raises:
+        LoraError: the cache cannot be written (a full disk, no permission), naming the
+            variable that chose it; nothing is left in the cache then.
         Whatever transformers raises for a GGUF it cannot read (``load_model`` turns that into
-        a ``LoraError``); nothing is left in the cache then.
+        a ``LoraError``); nothing is left in the cache then either.
     """
     root = cache_dir()
     target = root / _cache_key(gguf)
     if target.is_dir():
         return target
-    root.mkdir(parents=True, exist_ok=True)
+    then = (
+        f"; nothing was left there ({_cache_source()} {root}). Free space, or point "
+        "LORAKIT_CACHE at a folder you can write with room for the model in float32 (4 bytes "
+        "a parameter)."
+    )
+    with write_errors("the converted model to the cache", then):
+        root.mkdir(parents=True, exist_ok=True)
+        # Under a temporary name, renamed in one step: an interrupted conversion never leaves
+        # a folder that looks complete.
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
+    try:
+        return _convert(gguf, tmp, target, then)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _convert(gguf: Path, tmp: Path, target: Path, then: str) -> Path:
+    """``gguf`` dequantised into ``tmp``, then renamed to ``target``."""
     what = "the bundled model" if gguf == bundled_gguf_or_none() else gguf.name
     print(
         f"converting {what} to a float32 Hugging Face folder, once (under a minute for 135M "
@@ -163,30 +203,28 @@ def cached_conversion(gguf: Path) -> Path:
     )
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    # Written under a temporary name and renamed in one step, so an interrupted conversion
-    # never leaves a folder that looks complete.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
-    try:
-        # dequantize=True: dense float32 weights that can be trained and saved, not GGUF blocks.
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent,
-            gguf_file=gguf.name,
-            dtype=torch.float32,
-            quantization_config=GgufConfig(dequantize=True),
-            local_files_only=True,
-            trust_remote_code=False,  # a GGUF file holds weights, never code
-        )
+    # dequantize=True: dense float32 weights that can be trained and saved, not GGUF blocks.
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent,
+        gguf_file=gguf.name,
+        dtype=torch.float32,
+        quantization_config=GgufConfig(dequantize=True),
+        local_files_only=True,
+        trust_remote_code=False,  # a GGUF file holds weights, never code
+    )
+    tokenizer = AutoTokenizer.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, local_files_only=True, trust_remote_code=False
+    )
+    with write_errors(f"the converted model to {target}", then):
         model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, local_files_only=True, trust_remote_code=False
-        ).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
         (tmp / _GGUF_SOURCE).write_text(json.dumps({"gguf": str(gguf)}) + "\n")
+        # mkdtemp's folder and safetensors' files are owner-only: a shared cache must not be.
+        follow_umask(tmp)
         try:
             tmp.rename(target)
         except OSError:
             # Another process finished the same conversion first; its copy is as good.
             if not target.is_dir():
                 raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target

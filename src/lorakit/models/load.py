@@ -17,6 +17,7 @@ A GGUF file is converted once to a Hugging Face folder and loaded from there aft
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterator
@@ -73,7 +74,11 @@ def _resolve(spec: str, seen: tuple[Path, ...]) -> str:
                 f"`hf download {spec} --local-dir models/{spec.split('/')[-1]}`, "
                 "then pass that folder."
             )
-        raise LoraError(f"Model {spec!r} not found: no such file or folder.")
+        raise LoraError(
+            f"{spec}: not found (no such file or folder). Pass {DEFAULT_MODEL} (the bundled "
+            "model), a .gguf file, a Hugging Face model folder (config.json and safetensors) or "
+            "the --output folder of lorakit train."
+        )
     path = path.resolve()
     if path.is_file():
         if path.suffix != ".gguf":
@@ -153,8 +158,10 @@ def load_model(
     if source.suffix != ".gguf":
         check_remote_code(source, trust_remote_code)
     dtype = resolve_dtype(dtype, device)
-    with _reading(source):
-        folder = cached_conversion(source) if source.suffix == ".gguf" else source
+    folder = source
+    if source.suffix == ".gguf":
+        with _reading(source), _gguf_bar_follows_transformers():
+            folder = cached_conversion(source)
     quant = quantization_config(quantize, dtype, folder) if quantize else None
     model = _load_weights(folder, dtype, quant, device, trust_remote_code)
     with _reading(folder, "tokenizer"):
@@ -248,6 +255,26 @@ def _is_factorized(folder: Path) -> bool:
 
 
 @contextmanager
+def _gguf_bar_follows_transformers() -> Iterator[None]:
+    """transformers' GGUF reader draws its own tqdm bar ("Converting and de-quantizing GGUF
+    tensors"), which ignores transformers' progress-bar switch; here it follows the switch, so
+    the CLI (which turns transformers' bars off) shows only its own line for a conversion."""
+    from transformers.utils import logging
+
+    if logging.is_progress_bar_enabled():
+        yield
+        return
+    import transformers.modeling_gguf_pytorch_utils as reader
+
+    shown = reader.tqdm
+    reader.tqdm = functools.partial(shown, disable=True)
+    try:
+        yield
+    finally:
+        reader.tqdm = shown
+
+
+@contextmanager
 def _reading(source: Path, what: str = "model") -> Iterator[None]:
     """What a broken or foreign model file makes transformers raise, as a ``LoraError``.
 
@@ -280,26 +307,22 @@ def save_model_folder(
     leaves nothing half-written, and what a killed write left is removed by the next one.
 
     Raises:
-        LoraError: ``out`` exists and is not empty.
+        LoraError: ``out`` exists and is not empty; it cannot be written (a full disk).
     """
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         what = "is not empty" if out.is_dir() else "is a file"
         raise LoraError(f"{out} exists and {what}; pass a new --output folder.")
-    from ..atomic import atomic_folder
+    from ..atomic import atomic_folder, write_errors
 
-    try:
-        with atomic_folder(out) as new:
-            model.save_pretrained(new)
-            tokenizer.save_pretrained(new)
-            if settings is not None:
-                from ..generate import save_generation_settings
+    then = "; nothing was left there. Free space or choose another folder."
+    # atomic_folder gives the files the umask's modes (safetensors writes them owner-only).
+    with write_errors(f"the model to {out}", then), atomic_folder(out) as new:
+        model.save_pretrained(new)
+        tokenizer.save_pretrained(new)
+        if settings is not None:
+            from ..generate import save_generation_settings
 
-                save_generation_settings(settings, new)
-    except OSError as err:  # a full disk, a read-only mount
-        raise LoraError(
-            f"Could not write the model to {out} ({err.strerror or err}); nothing was left "
-            "there. Free space or choose another folder."
-        ) from err
+            save_generation_settings(settings, new)
 
 
 def base_model_name(model: nn.Module, spec: str | None = None) -> str | None:

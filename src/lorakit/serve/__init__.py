@@ -6,8 +6,10 @@ pydantic); ``import lorakit`` never loads it.
 ::
 
     client ──HTTP──> app.py (Starlette on uvicorn, event loop thread)
-                       │ validate (protocol.py), resolve the name (catalog.py),
-                       │ tokenize, submit a Job; read its events back
+                       │ the API key (auth.py), the body's size, validate (protocol.py),
+                       │ resolve the name (catalog.py), tokenize (a thread of its own),
+                       │ submit a Job; read its events back. Adapter loads: the folder
+                       │ checked (folders.py), loaded between engine steps (catalog.py)
                        v
                      engine.py (one thread)
                        │ each step: prefill newcomers in one forward, decode every

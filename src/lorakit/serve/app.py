@@ -3,30 +3,45 @@
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
 ``GET /health``, and, with ``allow_updates``, vLLM's ``POST /v1/load_lora_adapter`` and
 ``POST /v1/unload_lora_adapter``. Every error is OpenAI's error JSON; a client that goes away
-cancels its request in the engine.
+(while sending its body, waiting or reading a stream) cancels its request in the engine and
+leaves no traceback in the log.
+
+One request cannot hold up the others: bodies over ``max_body`` bytes are a 413 before they
+are read whole, prompts are tokenized on a thread of their own (the tokenizer releases the
+GIL, so the event loop keeps answering), and an adapter that fails to load is a 400.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..errors import LoraError
+from ..errors import LoraError, brief
 from . import protocol as api
-from .catalog import Catalog, Served, UnknownModel
+from .auth import RequireKey
+from .catalog import Catalog, LoadRefused, Served, UnknownModel
 from .engine import Engine, Event, Job, ServerBusy
+from .folders import check_request_folder
 from .sampling import SamplingParams
 from .text import TextStream
+
+MAX_BODY = 1 << 20  # bytes; nginx's default too. A 1 MiB prompt takes ~1 s to tokenize.
+GONE = 499  # nginx's "client closed request": logged, never received
+log = logging.getLogger("uvicorn.error")  # the server's log, as uvicorn configures it
 
 
 @dataclass
@@ -40,6 +55,9 @@ class ServerState:
         max_tokens: the most tokens one request may ask for.
         context: the model's context length (prompt + reply), if it has one.
         allow_updates: whether adapters may be loaded and unloaded at run time.
+        adapter_roots: resolved folders run-time loads must lie under; empty: any.
+        api_key: the key every request but /health must send; ``None``: no key.
+        max_body: the largest request body, in bytes.
     """
 
     model: Any
@@ -49,7 +67,14 @@ class ServerState:
     max_tokens: int
     context: int | None = None
     allow_updates: bool = False
+    adapter_roots: tuple[Path, ...] = ()
+    api_key: str | None = None
+    max_body: int = MAX_BODY
     updates: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # One thread: a tokenizer is not safe to configure from two threads at once.
+    tokenizing: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="lorakit-tokenize")
+    )
 
 
 def error_response(error: api.ApiError) -> JSONResponse:
@@ -68,6 +93,9 @@ def build_app(state: ServerState) -> Starlette:
     async def on_crash(_: Request, error: Exception) -> Response:
         return error_response(api.ApiError(500, f"Internal error: {type(error).__name__}"))
 
+    async def on_gone(_: Request, __: Exception) -> Response:
+        return Response(status_code=GONE)  # the client left while sending its body
+
     routes = [
         Route("/health", partial(_health, state), methods=["GET"]),
         Route("/v1/models", partial(_models, state), methods=["GET"]),
@@ -76,8 +104,44 @@ def build_app(state: ServerState) -> Starlette:
         Route("/v1/load_lora_adapter", partial(_load, state), methods=["POST"]),
         Route("/v1/unload_lora_adapter", partial(_unload, state), methods=["POST"]),
     ]
-    handlers = {api.ApiError: on_api_error, HTTPException: on_http_error, Exception: on_crash}
-    return Starlette(routes=routes, exception_handlers=handlers)
+    handlers = {
+        api.ApiError: on_api_error,
+        HTTPException: on_http_error,
+        ClientDisconnect: on_gone,
+        Exception: on_crash,
+    }
+    middleware = [] if state.api_key is None else [Middleware(RequireKey, key=state.api_key)]
+    return Starlette(routes=routes, exception_handlers=handlers, middleware=middleware)
+
+
+class _Stream(StreamingResponse):
+    """A stream whose client may leave: ASGI 2.4 servers report it by failing a send, which
+    Starlette raises as ``ClientDisconnect`` after the response began (no handler can answer
+    then, so it would reach the log as a traceback)."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        with contextlib.suppress(ClientDisconnect):
+            await super().__call__(scope, receive, send)
+
+
+async def _body(state: ServerState, request: Request) -> bytes:
+    """The request's body; a 413 as soon as it is known to be over ``state.max_body``."""
+    limit = state.max_body
+    too_large = api.ApiError(
+        413,
+        f"The request body is over {limit} bytes, this server's limit "
+        "(lorakit serve --max-request-bytes).",
+        code="request_too_large",
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():  # ClientDisconnect if the client leaves: on_gone
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
 
 
 async def _health(state: ServerState, _: Request) -> Response:
@@ -106,14 +170,14 @@ async def _models(state: ServerState, _: Request) -> Response:
 async def _complete(state: ServerState, kind: str, request: Request) -> Response:
     """Shared by chat and text completions: validate, queue, then stream or collect."""
     model = api.ChatRequest if kind == "chat" else api.CompletionRequest
-    body = api.parse(await request.body(), model)
+    body = api.parse(await _body(state, request), model)
     try:
         served = state.catalog.resolve(body.model)
     except UnknownModel as error:
         raise api.ApiError(404, str(error), "model", "model_not_found") from None
-    prompt = _encode(state, served, body, kind)
-    params = _params(state, body, len(prompt), kind)
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
+    prompt = await loop.run_in_executor(state.tokenizing, _encode, state, served, body, kind)
+    params = _params(state, body, len(prompt), kind)
 
     def emit(event: Event) -> None:
         with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening
@@ -129,7 +193,7 @@ async def _complete(state: ServerState, kind: str, request: Request) -> Response
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
         chunks = _sse(stream, kind, rid, body.model, len(prompt) if usage else None)
-        return StreamingResponse(chunks, media_type="text/event-stream")
+        return _Stream(chunks, media_type="text/event-stream")
     text, reason, tokens = [], None, 0
     async for name, value in stream:
         if name == "error":
@@ -254,15 +318,24 @@ def _check_updates(state: ServerState) -> None:
 
 
 async def _load(state: ServerState, request: Request) -> Response:
+    """vLLM's load: the folder checked (:mod:`.folders`), then loaded between engine steps.
+
+    Every failure is a 400; the client gets the kind of problem (``LoadRefused.public``), the
+    server's log the whole of it.
+    """
     _check_updates(state)
-    body = api.parse(await request.body(), api.LoadAdapter)
+    body = api.parse(await _body(state, request), api.LoadAdapter)
     async with state.updates:
         try:
             state.catalog.check_new(body.lora_name)
+            folder = check_request_folder(body.lora_path, state.adapter_roots)
             future = state.engine.call(
-                lambda: state.catalog.load(state.model, body.lora_name, body.lora_path)
+                lambda: state.catalog.load(state.model, body.lora_name, folder)
             )
             await asyncio.wrap_future(future)
+        except LoadRefused as error:
+            log.warning("load_lora_adapter %s refused: %s", brief(body.lora_name), error)
+            raise api.ApiError(400, error.public, "lora_path") from None
         except LoraError as error:
             raise api.ApiError(400, str(error), "lora_path") from None
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
@@ -272,7 +345,7 @@ async def _unload(state: ServerState, request: Request) -> Response:
     from ..adapters import delete_adapter
 
     _check_updates(state)
-    body = api.parse(await request.body(), api.UnloadAdapter)
+    body = api.parse(await _body(state, request), api.UnloadAdapter)
     async with state.updates:
         try:
             served = state.catalog.withdraw(body.lora_name)

@@ -75,10 +75,13 @@ class Routing:
         self._block = self._names = None
 
 
-def _forward(model: nn.Module, **inputs: Tensor) -> Tensor:
-    """Last-position logits (B, V) of one forward pass (routed by the caller)."""
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+def _forward(model: nn.Module, cache: object, **inputs: Tensor) -> Tensor:
+    """Last-position logits (B, V) of one forward pass over ``cache`` (routed by the caller)."""
+    accepted = inspect.signature(model.forward).parameters
+    if "logits_to_keep" in accepted:
         inputs["logits_to_keep"] = 1  # the head on the last position only
+    # transformers 5.x renames past_key_values to cache (the old name warns, then goes)
+    inputs["cache" if "cache" in accepted else "past_key_values"] = cache
     with torch.no_grad():
         out = model(**inputs, use_cache=True)
     return out.logits[:, -1].float()
@@ -101,10 +104,10 @@ def prefill(model: nn.Module, prompts: Sequence[Sequence[int]]) -> tuple[Tensor,
     device = model.device
     logits = _forward(
         model,
+        cache,
         input_ids=ids.to(device),
         attention_mask=mask.to(device),
         position_ids=positions.to(device),
-        past_key_values=cache,
     )
     return logits, cache, pads
 
@@ -139,10 +142,10 @@ class Batch:
         positions = torch.tensor([[width - pad] for pad in self.pads])  # (rows, 1)
         return _forward(
             model,
+            self.cache,
             input_ids=torch.tensor(tokens).unsqueeze(-1).to(device),  # (rows, 1)
             attention_mask=mask.to(device),
             position_ids=positions.to(device),
-            past_key_values=self.cache,
         )
 
     def join(self, cache: object, pads: list[int]) -> None:

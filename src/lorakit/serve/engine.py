@@ -96,6 +96,7 @@ class Stats:
     tokens: int = 0
     finished: int = 0
     cancelled: int = 0
+    failed: int = 0
     largest_batch: int = 0
 
 
@@ -271,13 +272,55 @@ class Engine:
         """Sample the next token of each of ``jobs`` (row i: ``logits[i]``); drop finished ones."""
         self.stats.forwards += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(self._running))
-        tokens = next_tokens(logits, [j.params for j in jobs], [j.generator for j in jobs])
-        done = {id(j) for j, t in zip(jobs, tokens, strict=True) if j.accept(t, self.eos)}
+        tokens = _sample(jobs, logits)
+        done = {id(j) for j, t in zip(jobs, tokens, strict=True) if self._accept(j, t)}
         self.stats.tokens += len(jobs)
         if done:
-            self.stats.finished += len(done)
             self._keep([j for j in self._running if id(j) not in done])
 
+    def _accept(self, job: Job, token: int | Exception | None) -> bool:
+        """Give ``job`` its token; whether it leaves the batch (finished, or failed alone:
+        a row's bad logits, sampling or decoding error never stops the other rows)."""
+        if token is None or isinstance(token, Exception):
+            self._fail([job], NonFinite(len(job.tokens) + 1) if token is None else token)
+            return True
+        try:
+            finished = job.accept(token, self.eos)
+        except Exception as error:
+            self._fail([job], error)
+            return True
+        self.stats.finished += finished
+        return finished
+
     def _fail(self, jobs: list[Job], error: Exception) -> None:
+        self.stats.failed += len(jobs)
+        named = isinstance(error, LoraError)  # ours: a sentence; anything else: its type too
+        message = str(error) if named else f"{type(error).__name__}: {error}"
         for job in jobs:
-            job.emit(("error", f"{type(error).__name__}: {error}"))
+            job.emit(("error", message))
+
+
+class NonFinite(LoraError):
+    """A row's logits hold NaN or inf: its request fails, the rest of the batch goes on."""
+
+    def __init__(self, token: int) -> None:
+        super().__init__(
+            f"The model's scores for token {token} of this reply are not finite (NaN or inf): "
+            "the adapter or the model overflows on this prompt. Only this request was stopped."
+        )
+
+
+def _sample(jobs: list[Job], logits: Tensor) -> list[int | Exception | None]:
+    """Each job's next token (``None``: non-finite logits; an exception: its row's sampling
+    failed), so that one row's failure is that row's alone."""
+    params, generators = [j.params for j in jobs], [j.generator for j in jobs]
+    try:
+        return next_tokens(logits, params, generators)
+    except Exception:  # a row no check foresaw: sample row by row to find it
+        tokens: list[int | Exception | None] = []
+        for i in range(len(jobs)):
+            try:
+                tokens += next_tokens(logits[i : i + 1], params[i : i + 1], generators[i : i + 1])
+            except Exception as error:
+                tokens.append(error)
+        return tokens

@@ -1,18 +1,25 @@
 """OpenAI's request and response shapes: strict request models, replies, chunks and errors.
 
-Requests are validated strictly: a field this server does not know, or one of OpenAI's that
-it does not implement (``logprobs``, ``tools``...), is a 400 that names it, never silently
-ignored. Errors have OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
+Requests are validated strictly: a field this server does not know (with the nearest known
+name), or one of OpenAI's that it does not implement (``logprobs``, ``tools``...), is a 400
+that names it, never silently ignored. Every number is bounded to what the engine computes
+finitely: a temperature between 0 and ``MIN_TEMPERATURE`` would scale logits past float32,
+so it is refused; a seed must fit ``torch.Generator``. Errors have OpenAI's shape:
+``{"error": {"message", "type", "param", "code"}}``.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import time
+import typing
 import uuid
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..errors import brief
 
 # OpenAI fields that change the reply in ways this server does not implement.
 UNSUPPORTED = {
@@ -33,6 +40,11 @@ UNSUPPORTED = {
     "reasoning_effort",
     "parallel_tool_calls",
 }
+# Between 0 (greedy) and this, logits / temperature can overflow float32 and the softmax gives
+# NaN; from it up, only logits beyond 1e36 could (vLLM clamps at the same value).
+MIN_TEMPERATURE = 0.01
+SEEDS = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+MAX_STOP_CHARS = 1000  # each stop string is searched for at every token
 
 
 class ApiError(Exception):
@@ -40,7 +52,9 @@ class ApiError(Exception):
 
     TYPES: ClassVar[dict[int, str]] = {
         400: "invalid_request_error",
+        401: "invalid_request_error",  # OpenAI's type for a wrong key (code: invalid_api_key)
         404: "not_found_error",
+        413: "invalid_request_error",
         429: "rate_limit_exceeded",
     }
 
@@ -61,7 +75,7 @@ class ApiError(Exception):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class TextPart(_Strict):
@@ -90,8 +104,12 @@ class _Sampling(_Strict):
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    seed: int | None = None
+    stop: (
+        Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+        | Annotated[list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=4)]
+        | None
+    ) = None
+    seed: Annotated[int, Field(ge=SEEDS[0], le=SEEDS[1])] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
@@ -99,6 +117,16 @@ class _Sampling(_Strict):
     frequency_penalty: Literal[0] = 0
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens (benchmarks)
+
+    @field_validator("temperature")
+    @classmethod
+    def _finite_scale(cls, value: float) -> float:
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(
+                f"must be 0 (greedy) or from {MIN_TEMPERATURE} to 2: dividing the logits by "
+                f"{value} can overflow float32; use 0 for the most likely token"
+            )
+        return value
 
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -132,22 +160,71 @@ def parse(body: bytes, model: type[BaseModel]) -> Any:
     try:
         return model.model_validate_json(body)
     except ValidationError as error:
-        problems = [_problem(e) for e in error.errors()]
-        param = ".".join(str(p) for p in error.errors()[0]["loc"]) or None
-        raise ApiError(400, "; ".join(problems), param=param) from None
+        errors = _relevant(error.errors(include_input=False), model)
+        problems = [_problem(e) for e in errors]
+        raise ApiError(400, "; ".join(problems), param=errors[0]["where"] or None) from None
+
+
+def _relevant(errors: list[dict[str, Any]], model: type[BaseModel]) -> list[dict[str, Any]]:
+    """pydantic's errors, each with ``where`` (its place in the request: no union members'
+    tags such as ``list[TextPart]``) and ``known`` (the field names there); for a union
+    where one member failed deeper (``stop: [too long]``), without the others' type
+    mismatches ("stop: Input should be a valid string")."""
+    for error in errors:
+        loc = error["loc"]
+        extra = error["type"] == "extra_forbidden"
+        path, at = _walk(model, loc[:-1] if extra else loc)
+        path += loc[-1:] if extra else ()
+        error.update(path=path, tagged=len(path) < len(loc), known=list(at.model_fields))
+        error["where"] = ".".join(map(str, path))
+
+    def deeper(error: dict[str, Any]) -> bool:
+        return any(
+            other["tagged"]
+            and not other["type"].endswith("_type")
+            and other["path"][: len(error["path"])] == error["path"]
+            for other in errors
+        )
+
+    mismatch = [e["tagged"] and e["type"].endswith("_type") and deeper(e) for e in errors]
+    return [e for e, drop in zip(errors, mismatch, strict=True) if not drop]
 
 
 def _problem(error: dict[str, Any]) -> str:
-    where = ".".join(str(p) for p in error["loc"])
+    where = error["where"]
     if error["type"] == "json_invalid":
         return f"The body is not valid JSON ({error['ctx'].get('error', error['msg'])})."
     if error["type"] == "extra_forbidden":
-        if error["loc"][-1] in UNSUPPORTED:
+        name = str(error["loc"][-1])
+        if name in UNSUPPORTED:
             return f"{where} is not supported by lorakit serve."
-        return f"Unknown field {where!r}."
+        known = error["known"]
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.7)
+        hint = f"did you mean {close[0]!r}?" if close else f"known fields: {', '.join(known)}."
+        return f"Unknown field {brief(where)}; {hint}"
     if error["type"] == "missing":
         return f"{where} is required."
-    return f"{where or 'body'}: {error['msg']}."
+    return f"{where or 'body'}: {error['msg'].removeprefix('Value error, ')}."
+
+
+def _walk(model: type[BaseModel], loc: tuple) -> tuple[tuple, type[BaseModel]]:
+    """``loc`` without union members' tags, and the request model it ends in."""
+    kept, current = [], model
+    for part in loc:
+        if isinstance(part, int):
+            kept.append(part)  # a list index
+        elif part in current.model_fields:
+            kept.append(part)
+            current = _nested(current.model_fields[part].annotation) or current
+        # else: a union member's tag ("str", "list[TextPart]"), not a place in the request
+    return tuple(kept), current
+
+
+def _nested(annotation: Any) -> type[BaseModel] | None:
+    """The request model inside ``annotation`` (``list[Message]``, ``StreamOptions | None``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next(filter(None, map(_nested, typing.get_args(annotation))), None)
 
 
 def new_id(prefix: str) -> str:

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..atomic import atomic_folder
-from ..errors import LoraError
+from ..atomic import atomic_folder, write_errors
+from ..errors import LoraError, brief
 from ..generate import GenerationSettings, save_generation_settings
 from ..io import write_adapter_files
 from . import distributed
@@ -152,21 +152,20 @@ def _write(
     config: TrainConfig,
     settings: GenerationSettings | None,
 ) -> None:
-    """Adapter, state and config written as one unit to ``target``."""
-    try:
-        with atomic_folder(target) as new:
-            write_adapter_files(model, new)
-            if settings is not None:
-                save_generation_settings(settings, new)
-            save_tree(state, new / STATE_FILE)
-            write_run_config(config.to_dict(), new)
-    except OSError as err:  # a full disk, a read-only or vanished folder
-        previous = [path for _, path in checkpoint_steps(target.parent) if path != target]
-        kept = f"; the last good checkpoint is {previous[-1]}" if previous else ""
-        raise LoraError(
-            f"Could not write the checkpoint {target} ({err.strerror or err}){kept}. Free "
-            f"space, then continue with --resume {target.parent.parent}."
-        ) from err
+    """Adapter, state and config written as one unit to ``target``.
+
+    Raises:
+        LoraError: a full disk, a read-only or vanished folder; nothing of ``target`` is left.
+    """
+    previous = [path for _, path in checkpoint_steps(target.parent) if path != target]
+    kept = f"; the last good checkpoint is {previous[-1]}" if previous else ""
+    then = f"{kept}. Free space, then continue with --resume {target.parent.parent}."
+    with write_errors(f"the checkpoint {target}", then), atomic_folder(target) as new:
+        write_adapter_files(model, new)
+        if settings is not None:
+            save_generation_settings(settings, new)
+        save_tree(state, new / STATE_FILE)
+        write_run_config(config.to_dict(), new)
 
 
 def check_resumable(
@@ -191,7 +190,9 @@ def check_resumable(
     differ = sorted(resume_conflicts(saved, mine, batch_size_free=same_global_batch))
     if not differ:
         return
-    details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {mine.get(k)!r}" for k in differ)
+    details = "; ".join(
+        f"{k}: checkpoint {brief(saved.get(k))}, now {brief(mine.get(k))}" for k in differ
+    )
     if "batch_size" in differ and saved_world != world_size:
         details += (
             f" (the checkpoint ran {saved_world} process(es); keep processes x batch size "

@@ -8,7 +8,6 @@ its tuned settings (``DEMO_DEFAULTS``) are used.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ALL_LINEAR, LoraConfig
-from ..errors import LoraError
+from ..errors import LoraError, brief
 from ..models.load import DEFAULT_MODEL
+from .aliases import suggest_key
 from .run_folder import (
     CHECKPOINTS,
     CONFIG_FILE,
@@ -25,6 +25,7 @@ from .run_folder import (
     read_run_config,
     read_yaml_mapping,
 )
+from .trackers import tracker_problems
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -51,7 +52,11 @@ class TrainConfig:
     trust_remote_code: bool = _opt(
         False, "run the Python code a model folder ships (auto_map); without it it is refused"
     )
-    data: str | None = _opt(None, "training data (JSON/JSONL); none = the bundled demo task")
+    data: str | None = _opt(
+        None,
+        "training data: JSON/JSONL, CSV, Parquet or a datasets save_to_disk folder; none = "
+        "the bundled demo task",
+    )
     tasks: list[str] = field(
         default_factory=list,
         metadata={"help": "NAME=FILE, repeated: one adapter per task, batches mix the tasks"},
@@ -80,7 +85,12 @@ class TrainConfig:
     alpha: float = _opt(32.0, "LoRA alpha (scale = alpha / r)")
     dropout: float = _opt(0.05, "dropout on the LoRA input")
     targets: list[str] = field(
-        default_factory=lambda: [ALL_LINEAR], metadata={"help": "modules to adapt, comma-separated"}
+        default_factory=lambda: [ALL_LINEAR],
+        metadata={"help": "modules to adapt, comma-separated (all-linear: MoE experts too)"},
+    )
+    target_parameters: list[str] = field(
+        default_factory=list,
+        metadata={"help": "raw parameters to adapt: MoE experts (gate_up_proj,down_proj)"},
     )
     train_projector: bool = _opt(
         False, "image data: train the vision-language model's projector in full (modules_to_save)"
@@ -111,7 +121,17 @@ class TrainConfig:
         "continue a run from its output folder (or one checkpoint); alone, it reads the run's "
         "own settings from there",
     )
+    overwrite: bool = _opt(
+        False, "replace an earlier run in --output (adapter, logs, checkpoints) instead of refusing"
+    )
     tensorboard: bool = _opt(False, "also write TensorBoard logs to OUTPUT/tensorboard")
+    report_to: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "trackers that also get the metrics and the settings, comma-separated: "
+            "tensorboard, wandb (offline, OUTPUT/wandb), mlflow (file store OUTPUT/mlruns)"
+        },
+    )
     # --- several processes (under torchrun; see docs/distributed.md)
     fsdp: bool = _opt(False, "under torchrun: shard the frozen base with FSDP2 instead of DDP")
     dist_timeout: int = _opt(600, "under torchrun: seconds to wait for another rank, then stop")
@@ -120,6 +140,7 @@ class TrainConfig:
         problems = _coerce_types(self)
         if not problems:  # the ranges are only worth checking on values of the right type
             problems = _task_problems(self) + _range_problems(self) + _precision_problems(self)
+            problems += tracker_problems(self.report_to)
         if problems:
             raise LoraError("Invalid training config:\n  - " + "\n  - ".join(problems))
 
@@ -134,7 +155,8 @@ class TrainConfig:
             r=self.rank,
             alpha=self.alpha,
             dropout=self.dropout,
-            target_modules=targets,
+            target_modules=targets or None,
+            target_parameters=list(self.target_parameters) or None,
             base_model_name_or_path=base_model,
         )
 
@@ -159,7 +181,7 @@ def _coerce_types(config: TrainConfig) -> list[str]:
         try:
             setattr(config, f.name, _COERCE[kind](value))
         except (TypeError, ValueError, OverflowError) as err:
-            problems.append(f"{f.name} {err}, got {value!r}")
+            problems.append(f"{f.name} {err}, got {brief(value)}")
     return problems
 
 
@@ -242,9 +264,13 @@ def _range_problems(config: TrainConfig) -> list[str]:
     if not 0 <= config.seed < 2**63:
         problems.append(f"seed must be in [0, 2**63), got {config.seed}")
     if config.schedule not in SCHEDULES:
-        problems.append(f"schedule must be one of {', '.join(SCHEDULES)}, got {config.schedule!r}")
-    if not config.targets:
+        problems.append(
+            f"schedule must be one of {', '.join(SCHEDULES)}, got {brief(config.schedule)}"
+        )
+    if not config.targets and not config.target_parameters:
         problems.append("targets is empty: name modules to adapt, e.g. q_proj,v_proj")
+    if config.overwrite and config.resume:
+        problems.append("--overwrite replaces the run that --resume continues: drop one of them")
     return problems
 
 
@@ -254,10 +280,12 @@ def _precision_problems(config: TrainConfig) -> list[str]:
 
     problems = []
     if config.dtype not in DTYPE_CHOICES:
-        problems.append(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {config.dtype!r}")
+        problems.append(
+            f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {brief(config.dtype)}"
+        )
     if config.quantize is not None and config.quantize not in QUANTIZATIONS:
         problems.append(
-            f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {config.quantize!r}"
+            f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {brief(config.quantize)}"
         )
     if config.quantize and config.fsdp:
         problems.append("--fsdp with --quantize is not implemented: drop --fsdp to train with DDP")
@@ -277,10 +305,12 @@ def _task_problems(config: TrainConfig) -> list[str]:
     for entry in config.tasks:
         name, _, path = entry.partition("=")
         if not name.strip() or not path.strip() or not name.replace("_", "").isalnum():
-            problems.append(f"--task takes NAME=FILE with a letters/digits/_ name, got {entry!r}")
+            problems.append(
+                f"--task takes NAME=FILE with a letters/digits/_ name, got {brief(entry)}"
+            )
         names.append(name)
     if len(set(names)) < len(names):
-        problems.append(f"task names must be unique, got {names}")
+        problems.append(f"task names must be unique, got {brief(names)}")
     for key in _SINGLE_TASK_ONLY:
         if getattr(config, key):
             problems.append(f"--{key.replace('_', '-')} cannot be combined with --task yet")
@@ -311,6 +341,8 @@ RESUMABLE_CHANGES = {
     "save_every",
     "keep_checkpoints",
     "tensorboard",
+    "report_to",
+    "overwrite",
     "fsdp",
     "dist_timeout",
     "trust_remote_code",
@@ -360,50 +392,6 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return read_yaml_mapping(path, "Correct the file, or pass its settings as flags.")
 
 
-# What other fine-tuning tools (Hugging Face Trainer, PEFT, axolotl) call these settings.
-ALIASES = {
-    "learning_rate": "lr",
-    "r": "rank",
-    "lora_r": "rank",
-    "lora_rank": "rank",
-    "lora_alpha": "alpha",
-    "lora_dropout": "dropout",
-    "target_modules": "targets",
-    "num_train_epochs": "epochs",
-    "num_epochs": "epochs",
-    "per_device_train_batch_size": "batch_size",
-    "micro_batch_size": "batch_size",
-    "gradient_accumulation_steps": "grad_accum",
-    "max_seq_length": "seq_len",
-    "max_length": "seq_len",
-    "sequence_len": "seq_len",
-    "cutoff_len": "seq_len",
-    "output_dir": "output",
-    "model_name_or_path": "model",
-    "base_model": "model",
-    "train_file": "data",
-    "dataset": "data",
-    "validation_file": "val_data",
-    "lr_scheduler_type": "schedule",
-    "warmup": "warmup_steps",
-    "eval_steps": "eval_every",
-    "save_steps": "save_every",
-    "save_total_limit": "keep_checkpoints",
-    "resume_from_checkpoint": "resume",
-    "system_prompt": "system",
-    "task": "tasks",
-}
-
-
-def suggest_key(name: str, names: list[str]) -> str | None:
-    """The valid key closest to ``name``: another tool's name for it, or a near spelling."""
-    key = name.replace("-", "_").lower()
-    if ALIASES.get(key) in names:
-        return ALIASES[key]
-    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
-    return close[0] if close else None
-
-
 def check_keys(values: dict[str, Any], where: str = "") -> None:
     """Refuse keys that are not :class:`TrainConfig` fields, naming the closest valid one."""
     names = [f.name for f in config_fields()]
@@ -411,11 +399,13 @@ def check_keys(values: dict[str, Any], where: str = "") -> None:
     if not unknown:
         return
     hints = []
-    for key in unknown:
-        close = suggest_key(key, names)
-        hints.append(f"{key} (did you mean {close}?)" if close else key)
+    for key in unknown[:5]:  # a file of a million keys gets a message of five
+        close = suggest_key(key[:100], names)
+        shown = key if len(key) <= 60 else key[:57] + "..."
+        hints.append(f"{shown} (did you mean {close}?)" if close else shown)
+    more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
     raise LoraError(
-        f"Unknown config keys{' ' + where if where else ''}: {', '.join(hints)}. "
+        f"Unknown config keys{' ' + where if where else ''}: {', '.join(hints)}{more}. "
         f"Valid keys: {', '.join(sorted(names))}."
     )
 
@@ -451,7 +441,13 @@ def resumed_config(overrides: dict[str, Any]) -> TrainConfig:
             "continue the run, or start a new run (a new --output, no --resume). A resume may "
             f"change only {resumable}."
         )
-    values = {**saved, **overrides, "resume": resume}
+    # --overwrite belongs to the run that started the folder, never to its resumption.
+    values = {
+        **saved,
+        **overrides,
+        "resume": resume,
+        "overwrite": overrides.get("overwrite", False),
+    }
     if "output" not in overrides and checkpoint.parent.name == CHECKPOINTS:
         values["output"] = str(checkpoint.parent.parent)  # the run's folder, wherever it moved
     return TrainConfig(**values)
@@ -479,8 +475,9 @@ def resume_conflicts(
 
 
 def _show(value: Any) -> str:
-    """A setting as the user would type it on the command line."""
-    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    """A setting as the user would type it on the command line (cut short for a message)."""
+    text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    return text if len(text) <= 100 else text[:97] + "..."
 
 
 def iter_config_help() -> Iterator[tuple[str, Any, str]]:

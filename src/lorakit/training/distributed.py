@@ -29,7 +29,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import Tensor, nn
 
-from ..errors import LoraError
+from ..errors import LoraError, brief
 
 CPU = torch.device("cpu")
 
@@ -66,12 +66,26 @@ def setup(fsdp: bool = False, timeout_s: int = 600) -> Dist:
     One process (no ``torchrun``): nothing to join, and ``fsdp`` has nothing to shard.
 
     Raises:
-        LoraError: more ranks on a node than it has GPUs.
+        LoraError: more ranks on a node than it has GPUs; launcher variables that are
+            malformed or missing (see :func:`launcher_int`).
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launcher_int("WORLD_SIZE", 1)
     if world_size <= 1:
+        _refuse_launch_without_ranks()
         return Dist(fsdp=fsdp)  # one process trains on the CPU, as it always has
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    missing = [name for name in _LAUNCHER_SET if not os.environ.get(name)]
+    if missing:
+        raise LoraError(
+            f"WORLD_SIZE={world_size} is set but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not: launch with torchrun (it sets them "
+            "all) or lorakit train --nproc N, or unset WORLD_SIZE to train in one process."
+        )
+    rank, local_rank = launcher_int("RANK", 0, minimum=0), launcher_int("LOCAL_RANK", 0, minimum=0)
+    if rank >= world_size:
+        raise LoraError(
+            f"RANK={rank} is not below WORLD_SIZE={world_size}: ranks run from 0 to "
+            "WORLD_SIZE - 1. Launch with torchrun, which sets both."
+        )
     if torch.cuda.is_available():
         if local_rank >= torch.cuda.device_count():
             raise LoraError(
@@ -86,6 +100,48 @@ def setup(fsdp: bool = False, timeout_s: int = 600) -> Dist:
         timeout = timedelta(seconds=timeout_s)
         torch_dist.init_process_group(backend, timeout=timeout)
     return Dist(rank, world_size, local_rank, device, fsdp)
+
+
+# What torchrun sets besides WORLD_SIZE, and torch's env:// rendezvous reads.
+_LAUNCHER_SET = ("RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _refuse_launch_without_ranks() -> None:
+    """``accelerate launch --num_processes N`` without ``--multi_gpu`` starts one process
+    meant for MPI (a rendezvous address, no ranks): it would silently train alone on a
+    fraction of the batch it was asked for."""
+    if "ACCELERATE_USE_CPU" in os.environ and "MASTER_PORT" in os.environ:
+        raise LoraError(
+            "accelerate launch started this process for several processes without giving it "
+            "a rank (its MPI road). Add --multi_gpu: accelerate then launches through "
+            "torchrun, which lorakit joins (on the CPU, with gloo, when there is no GPU); "
+            "see docs/distributed.md."
+        )
+
+
+def launcher_int(name: str, default: int, minimum: int = 1) -> int:
+    """The whole number in environment variable ``name`` (``default`` when unset or empty).
+
+    torchrun sets these (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``); a
+    hand-set one that is not a number, or below ``minimum``, is refused by name rather than
+    ending in a ``ValueError`` or a division by zero.
+
+    Raises:
+        LoraError: naming the variable, its value and what it must be.
+    """
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise LoraError(
+            f"The environment variable {name} is {brief(text)}: it must be a whole number, "
+            f"{minimum} or more. torchrun sets it; unset it to run one process."
+        )
+    return value
 
 
 def teardown(dist: Dist) -> None:

@@ -6,16 +6,17 @@ a model load; what it reads (the generation settings, the test records) is hande
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..data import Example, common_system, read_chat_template, read_data, with_system
+from ..data.tables import is_saved_dataset
 from ..errors import LoraError
 from ..generate import GenerationSettings, split_references
 from ..models.load import resolve_model_spec
 from .config import TrainConfig
-from .run_folder import latest_checkpoint
+from .run_folder import check_output, latest_checkpoint
+from .trackers import check_trackers
 
 DEFAULT = "default"  # the adapter's name in a single-task run
 
@@ -37,9 +38,12 @@ class Inputs:
 
 
 def _read(path: str, flag: str, config: TrainConfig) -> list[Example]:
-    if not Path(path).is_file():
+    if not Path(path).is_file() and not is_saved_dataset(path):
         what = "a folder, not a file" if Path(path).is_dir() else "file not found"
-        raise LoraError(f"{flag} {path}: {what}; pass an existing JSON/JSONL file.")
+        raise LoraError(
+            f"{flag} {path}: {what}; pass an existing JSON/JSONL, CSV or Parquet file, or a "
+            "datasets save_to_disk folder."
+        )
     return read_data(path, config.format, skip_bad_records=config.skip_bad_records).examples
 
 
@@ -73,18 +77,7 @@ def check_inputs(config: TrainConfig, check_model: bool = True) -> Inputs:
         examples = _read(config.test_data, "--test-data", config)
         test = [with_system(e, config.system) for e in examples]
         split_references(test)  # exact match needs a reference reply in every record
+    check_trackers([*config.report_to, *(["tensorboard"] if config.tensorboard else [])])
     resume_dir = latest_checkpoint(config.resume) if config.resume else None
     check_output(Path(config.output))
     return Inputs(settings, test, resume_dir)
-
-
-def check_output(output: Path) -> None:
-    """``--output`` must be a folder we can create or write, found before any model loads."""
-    if output.exists() and not output.is_dir():
-        raise LoraError(f"--output {output} is a file; pass a folder (it is created if missing).")
-    existing = next(p for p in (output, *output.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise LoraError(
-            f"--output {output}: cannot write in {existing} (no permission, or not a folder); "
-            "choose a folder you can write to."
-        )

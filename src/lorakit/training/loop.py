@@ -25,6 +25,7 @@ import copy
 import math
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -42,7 +43,7 @@ from ..generate import (
     json_shape,
     shape_matches,
 )
-from ..inject import add_lora, trainable_parameters
+from ..inject import add_lora, moe_plan, trainable_parameters
 from ..layers.quantized import use_training_kernels
 from ..modality import Modality
 from ..models.load import base_model_name
@@ -54,7 +55,7 @@ from .distributed import Dist
 from .inputs import DEFAULT, Inputs, check_inputs
 from .metrics import PLOT_FILE, Metrics
 from .report import bar_label, describe, describe_parallel, log, print_table, short
-from .run_folder import clean_checkpoints, save_adapter_folder, write_run_config
+from .run_folder import claim_output, clean_checkpoints, save_adapter_folder, start_run_folder
 from .step import (
     BatchStream,
     adapter_parameters,
@@ -113,8 +114,10 @@ def train(
     """
     joined = dist is None
     dist = dist or distributed.setup(config.fsdp, config.dist_timeout)
+    # Rank 0 writes: it alone holds the output, from before the model loads to the end.
+    claim = claim_output(config.output, resume=config.resume, overwrite=config.overwrite)
     try:
-        with distributed.lost_rank_message(dist):
+        with distributed.lost_rank_message(dist), claim if dist.is_main else nullcontext():
             return _train(config, model, tokenizer, dist)
     finally:
         if joined:
@@ -204,10 +207,16 @@ def _prepare(config: TrainConfig, model: nn.Module | None, processor: Any, dist:
 def _add_adapters(run: _Run) -> nn.Module:
     """Add one adapter per task, seeded as a run on that task alone; return the model to step."""
     config, model, dist = run.config, run.model, run.dist
-    lora = run.modality.targets(model, config.lora_config(base_model_name(model, config.model)), config)
+    lora = run.modality.targets(
+        model, config.lora_config(base_model_name(model, config.model)), config
+    )
     plan = run.modality.describe(model, config)
     if plan:
         run.log(plan)
+    # A mixture of experts: its parts in the plan, and the default dropout where PEFT takes it.
+    lora, moe = moe_plan(model, lora, TrainConfig.dropout, next(iter(run.train_sets)))
+    if moe:
+        run.log("\n".join(moe))
     for name in run.train_sets:
         # LoRA's A init draws from the global generator: reseeding gives every task's adapter
         # the init a run on that task alone would draw.
@@ -302,29 +311,27 @@ def _start_loop(run: _Run) -> _Loop:
         )
         run.log(f"resumed from {resume_dir} at step {loop.step}")
     output = Path(config.output)
-    loop.metrics = Metrics(output, loop.step, config.tensorboard, run.is_main)
     if run.is_main:
-        output.mkdir(parents=True, exist_ok=True)
+        # --overwrite replaces the earlier run only now, once the inputs and the model passed.
+        start_run_folder(output, config.to_dict(), replace=config.overwrite)
         # What a killed run left: hidden halves of checkpoints and of adapter folders.
         for path in clean_checkpoints(output) + [
             p for name in run.train_sets for p in clean_leftovers(run.folder(name))
         ]:
             run.log(f"removed {path}, left by an interrupted run")
-        write_run_config(config.to_dict(), output)
+    loop.metrics = Metrics(
+        output, loop.step, config.tensorboard, run.is_main, config.report_to, config.to_dict()
+    )
     return loop
 
 
 def _run_steps(run: _Run, wrapped: nn.Module, loop: _Loop) -> None:
     """Optimizer steps up to ``loop.total_steps``: log, evaluate and save as configured."""
-    from tqdm import tqdm
+    from ..progress import bar as progress_bar
 
     config = run.config
-    bar = tqdm(
-        total=loop.total_steps,
-        initial=loop.step,
-        disable=not run.is_main,
-        desc="train",
-        dynamic_ncols=True,
+    bar = progress_bar(
+        loop.total_steps, "train", initial=loop.step, disable=not run.is_main, dynamic_ncols=True
     )
     while loop.step < loop.total_steps:
         t0 = time.perf_counter()

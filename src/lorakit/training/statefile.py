@@ -18,16 +18,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..atomic import follow_umask
 from ..errors import LoraError
 
 _TREE_KEY = "lorakit.tree"
 
 
 def save_tree(tree: Any, path: str | os.PathLike) -> None:
-    """Write ``tree`` to ``path`` (safetensors; tensors copied to contiguous CPU memory)."""
+    """Write ``tree`` to ``path`` (safetensors; tensors copied to contiguous CPU memory), with
+    the mode any file of this process gets (safetensors alone makes it owner-only)."""
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _encode(tree, tensors)
     save_file(tensors, str(path), metadata={_TREE_KEY: json.dumps(skeleton)})
+    follow_umask(path)
 
 
 def load_tree(path: str | os.PathLike) -> Any:

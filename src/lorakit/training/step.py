@@ -184,12 +184,12 @@ def evaluate_loss(
 
     ``progress``: the label of a progress bar (rate, ETA) over the sequences; ``None``: none.
     """
-    from tqdm import tqdm
+    from ..progress import bar as progress_bar
 
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    bar = tqdm(total=len(dataset), desc=progress, unit="seq", disable=progress is None, leave=False)
+    bar = progress_bar(len(dataset), progress, "seq", leave=False)
     for start in range(0, len(dataset), batch_size):
         batch = dataset.collate(
             [dataset[i] for i in range(start, start + batch_size) if i < len(dataset)], pad_id

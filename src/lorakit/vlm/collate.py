@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ..data import IGNORE_INDEX, IMAGE, Conversation, EncodedDataset, images_of
-from ..data.encode import TextCodec
+from ..data.encode import TextCodec, char_budget
 from ..data.images import ImageSource, load_image
 from ..errors import LoraError
 
@@ -160,9 +160,14 @@ class ImageCodec(TextCodec):
                 beginning (naming the record), or no example left within ``seq_len``.
         """
         masked = image_token_ids(self.processor)
+        budget = char_budget(self.tokenizer, seq_len)
         data = ImageDataset([], [], seq_len, len(examples), processor=self.processor)
         for number, example in enumerate(examples):
             where = sources[number] if sources is not None else f"example {number + 1}"
+            example = _cut_text(example, budget)
+            if example is None:  # an image past any seq_len tokens: dropped, as below
+                data.dropped += 1
+                continue
             text = render(self.processor, example)
             ids, labels = _labels(self.processor, example, text, train_on_prompt, where)
             labels = [IGNORE_INDEX if i in masked else y for i, y in zip(ids, labels, strict=True)]
@@ -201,6 +206,25 @@ class ImageCodec(TextCodec):
         texts = [render(self.processor, c, prompt=True) for c in conversations]
         images = [[load_image(s) for s in images_of(c)] for c in conversations]
         return process(self.processor, texts, images, side="left")
+
+
+def _cut_text(example: Conversation, budget: int) -> Conversation | None:
+    """``example`` with its text past ``budget`` characters left out before the processor
+    sees it (no token of it can fall within ``seq_len``, :func:`char_budget`), so a huge
+    record costs what ``seq_len`` tokens cost; ``None`` when an image's placeholder lies past
+    the budget (its tokens cannot fit: the record is dropped whole, never cut through)."""
+    used, kept = 0, []
+    for message in example:
+        content = message["content"]
+        if used + content.rfind(IMAGE) + len(IMAGE) > budget and IMAGE in content:
+            return None
+        if used >= budget:
+            if any(m.get("images") for m in example[len(kept) :]):
+                return None
+            break
+        kept.append({**message, "content": content[: budget - used]})
+        used += len(content)
+    return kept
 
 
 def _labels(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,12 +80,14 @@ def write_demo_data(
     Returns:
         split name -> data file.
     """
+    from ..progress import progress
+
     rng = random.Random(seed)
     files = {}
     for split, count in (splits or SPLITS).items():
         (folder / split).mkdir(parents=True, exist_ok=True)
         rows = []
-        for i in range(count):
+        for i in progress(range(count), f"drawing {split} images", count, "image"):
             colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
             place = rng.choice(list(PLACES))
             name = f"{split}/{i:04d}.png"
@@ -216,6 +219,10 @@ def demo_base() -> Path:
 
     folder = cache_dir() / _cache_name("smolvlm-demo")
     if not (folder / "config.json").is_file():
+        _status(
+            "assembling the demo's base model, once: SmolLM2-135M with a 2-layer vision encoder "
+            f"and a projector; cached at {folder}"
+        )
         language_model, tokenizer = load_model(DEFAULT_MODEL)
         model, processor = assemble_vlm(language_model, tokenizer, seed=0)
         save_model_folder(model, processor, folder)  # atomic: whole or absent
@@ -233,9 +240,16 @@ def demo_data() -> dict[str, Path]:
 
     folder = cache_dir() / _cache_name("vlm-demo-data")
     if not folder.is_dir():  # a killed write leaves only a hidden temporary folder
+        images = sum(SPLITS.values())
+        _status(f"drawing the demo's {images} images, once; cached at {folder}")
         with atomic_folder(folder) as new:
             write_demo_data(new)
     return {split: folder / f"{split}.jsonl" for split in SPLITS}
+
+
+def _status(message: str) -> None:
+    """A line on stderr while the demo prepares what it caches (results go to stdout)."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def demo_config(yaml_path: str | None, overrides: dict[str, Any]) -> Any:

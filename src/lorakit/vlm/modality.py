@@ -26,6 +26,7 @@ class ImageModality(Modality):
     """A vision-language model, its processor, and LoRA on its language model."""
 
     label = "image data"
+    images = True
     not_implemented: ClassVar[dict[str, str]] = {
         "tasks": "--task",
         "packing": "--packing",
