@@ -97,6 +97,15 @@ def generic_path(model: nn.Module) -> nn.Module:
     return model
 
 
+def per_layer(model: nn.Module) -> nn.Module:
+    """lorakit with each adapted layer in its own node (``layers/shared_input.py`` off): the
+    code before shared-input fusion, for a before/after comparison in one process."""
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            module._shared = None
+    return model
+
+
 def floor_model(base: nn.Module) -> nn.Module:
     """The frozen base with gradients for activations only: the cost LoRA cannot go below."""
     model = copy.deepcopy(base)
@@ -117,6 +126,7 @@ def train_variant(name: str, base: nn.Module, rank: int) -> nn.Module:
         "floor": floor_model,
         "lorakit": lambda b: lorakit_model(b, rank),
         "lorakit-generic": lambda b: generic_path(lorakit_model(b, rank)),
+        "lorakit-per-layer": lambda b: per_layer(lorakit_model(b, rank)),
         "peft": lambda b: peft_model(b, rank),
         "lorakit-dora": lambda b: lorakit_model(b, rank, dora=True),
         "lorakit-dora-generic": lambda b: generic_path(lorakit_model(b, rank, dora=True)),
@@ -126,13 +136,25 @@ def train_variant(name: str, base: nn.Module, rank: int) -> nn.Module:
     return build[name](base).train()
 
 
-def train_step_fn(model: nn.Module, batch: dict) -> Callable[[], None]:
-    """One forward + backward + AdamW step (no optimizer for the floor: nothing trains)."""
+def train_step_fn(model: nn.Module, batch: dict, as_train: bool = False) -> Callable[[], None]:
+    """One forward + backward + AdamW step (no optimizer for the floor: nothing trains).
+
+    ``as_train``: as ``lorakit train`` runs it, the chunked loss from the hidden states and
+    fused AdamW (``lorakit.training``); otherwise transformers' loss and torch's AdamW.
+    """
+    from lorakit.training.loss import token_losses
+
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=as_train) if params else None
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
 
     def step() -> None:
-        loss = model(**batch).loss
+        if as_train:
+            loss = (
+                token_losses(model, inputs, batch["labels"]).sum() / batch["labels"][:, 1:].numel()
+            )
+        else:
+            loss = model(**batch).loss
         loss.backward()
         if opt is not None:
             opt.step()
@@ -172,10 +194,18 @@ def alternate(fns: dict[str, Callable[[], object]], warmup: int, steps: int) -> 
 
 
 def bench_train(base: nn.Module, args: argparse.Namespace) -> dict:
+    """The step of each variant; ``lorakit train`` is lorakit with train's loss and AdamW, and
+    ``--compile`` adds it under torch.compile (its first two calls compile: warm-up)."""
     batch = fake_batch(base.config.vocab_size, args.batch, args.seq)
-    variants = ["floor", "lorakit", "lorakit-generic", "peft"] + ([] if args.no_full else ["full"])
+    variants = ["floor", "lorakit", "lorakit-per-layer", "peft"] + (
+        [] if args.no_full else ["full"]
+    )
     fns = {v: train_step_fn(train_variant(v, base, args.rank), batch) for v in variants}
-    return alternate(fns, args.warmup, args.steps)
+    fns["lorakit train"] = train_step_fn(train_variant("lorakit", base, args.rank), batch, True)
+    if args.compile:
+        compiled = torch.compile(train_variant("lorakit", base, args.rank))
+        fns["lorakit train --compile"] = train_step_fn(compiled, batch, True)
+    return alternate(fns, max(args.warmup, 2 if args.compile else 0), args.steps)
 
 
 def bench_infer(base: nn.Module, args: argparse.Namespace) -> dict:
@@ -357,6 +387,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--only", nargs="*", default=SECTIONS, help=f"sections: {SECTIONS}")
     parser.add_argument("--no-full", action="store_true", help="skip full fine-tuning")
+    parser.add_argument("--compile", action="store_true", help="train: add torch.compile")
     parser.add_argument(
         "--threads",
         type=int,

@@ -1,26 +1,30 @@
-"""Quantized bases (QLoRA): peak memory and step time at float32, bfloat16, nf4 and int8,
-lorakit against PEFT, on a ~1.1B Llama built from a config (random weights, no download).
+"""Quantized bases (QLoRA): whole-process peak memory and step time at float32, bfloat16, nf4
+and int8, lorakit against PEFT, on a Llama built from a config (random weights, no download).
 
 Run by hand (see benchmarks/README.md)::
 
-    .venv/bin/python benchmarks/bench_quant.py                  # all variants
+    .venv/bin/python benchmarks/bench_quant.py                  # all variants, 506M model
     .venv/bin/python benchmarks/bench_quant.py --only nf4 --steps 2
+    .venv/bin/python benchmarks/bench_quant.py --size 1b        # TinyLlama-1.1B's shape
     python benchmarks/bench_quant.py --device cuda --batch 4 --seq 512   # the CUDA rows
 
-The model (TinyLlama-1.1B's shape) is written once to ``benchmarks/results/llama-1b`` in
-bfloat16. Each variant runs in its own process: load, add LoRA (r=16 on the seven
-projections), forget the loading peak (``/proc/self/clear_refs``), then ``--warmup`` + ``--steps``
-training steps; it reports the median step and the peak RSS of the training run (on CUDA:
-tokens/s and the peak GPU memory allocated). A markdown table goes to stdout and the numbers
-to ``benchmarks/results/quant-<time>.json``.
+The model is written once to ``benchmarks/results/llama-<size>`` in bfloat16, with a small
+word-level tokenizer so that lorakit's ``load_model`` (what ``lorakit train`` calls) loads it.
+Each variant runs in its own process, under glibc's default malloc settings: load (lorakit:
+``load_model``, whose ``--quantize`` path streams the checkpoint; PEFT: transformers'
+``from_pretrained`` with the same ``BitsAndBytesConfig``), add LoRA (r=16 on the seven
+projections), then ``--warmup`` + ``--steps`` AdamW steps. It reports the median step, the
+peak RSS of the whole process (``VmHWM``, the counter ``getrusage``'s ``ru_maxrss`` reads,
+taken before and after the loading peak is forgotten) and, as a second figure, the peak of
+the training run alone (``VmHWM`` after ``/proc/self/clear_refs``). On CUDA: tokens/s and the
+peak GPU memory allocated. A markdown table goes to stdout and the numbers to
+``benchmarks/results/quant-<time>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,36 +35,44 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODEL = RESULTS / "llama-1b"
+# Llama shapes: (hidden, intermediate, layers, heads, kv heads); vocab 32000, untied head.
+SIZES = {"500m": (1024, 4096, 28, 16, 8), "1b": (2048, 5632, 22, 32, 4)}
 PRECISIONS = ["float32", "bfloat16", "nf4", "int8"]
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def prepare() -> None:
-    """Write the random 1.1B Llama once (bfloat16 safetensors, ~2.2 GB)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def prepare(size: str) -> Path:
+    """Write the random Llama of ``size`` once (bfloat16 safetensors: 506M params, ~1 GB; or
+    1.1B, ~2.2 GB) with a four-word tokenizer; return its folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    if (MODEL / "config.json").exists():
-        return
+    folder = RESULTS / f"llama-{size}"
+    if (folder / "tokenizer.json").exists():
+        return folder
+    hidden, intermediate, layers, heads, kv_heads = SIZES[size]
     config = LlamaConfig(
         vocab_size=32000,
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=22,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        torch_dtype="bfloat16",
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        dtype="bfloat16",
     )
     torch.manual_seed(0)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(MODEL)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    backend = Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1, "a": 2, "b": 3}, "<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>").save_pretrained(folder)
+    return folder
 
 
-def load(precision: str, device: str, compute: str) -> torch.nn.Module:
-    """The model at ``precision``. A quantized base computes in ``compute``, the dtype of the
-    layers it leaves unquantized (embedding, norms, head) too, as ``--dtype`` does in lorakit."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+def bnb_config(precision: str, compute: str) -> object:
+    """lorakit's ``--quantize`` settings (models/precision.quantization_config), for PEFT."""
+    from transformers import BitsAndBytesConfig
 
-    quant = {
+    return {
         "nf4": BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
@@ -69,10 +81,31 @@ def load(precision: str, device: str, compute: str) -> torch.nn.Module:
         ),
         "int8": BitsAndBytesConfig(load_in_8bit=True),
     }.get(precision)
-    dtype = getattr(torch, compute if quant else precision)
-    return AutoModelForCausalLM.from_pretrained(
-        MODEL, dtype=dtype, quantization_config=quant, device_map={"": device}
-    )
+
+
+def load(folder: Path, library: str, precision: str, device: str, compute: str) -> torch.nn.Module:
+    """The model at ``precision``. A quantized base computes in ``compute``, the dtype of the
+    layers it leaves unquantized (embedding, norms, head) too, as ``--dtype`` does in lorakit.
+    lorakit loads as ``lorakit train`` does; PEFT users load through transformers."""
+    quantized = precision in ("nf4", "int8")
+    dtype = compute if quantized else precision
+    if library == "lorakit":
+        from lorakit.models.load import load_model
+
+        quantize = precision if quantized else None
+        return load_model(str(folder), dtype=dtype, quantize=quantize, device=device)[0]
+    from transformers import AutoModelForCausalLM
+
+    quant = bnb_config(precision, compute)
+    placement = {"quantization_config": quant, "device_map": {"": device}} if quant else {}
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), **placement)
+
+
+def peak_rss_mib() -> float:
+    """``VmHWM``: the process's peak resident set since it started or since ``clear_refs``."""
+    status = Path("/proc/self/status").read_text()
+    kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM"))
+    return kib / 1024
 
 
 def adapt(model: torch.nn.Module, library: str) -> torch.nn.Module:
@@ -86,13 +119,15 @@ def adapt(model: torch.nn.Module, library: str) -> torch.nn.Module:
 
 
 def child(library: str, precision: str, args: argparse.Namespace) -> dict:
-    """One variant, in its own process: median step seconds, training peak RSS (CUDA: peak
-    GPU memory allocated)."""
+    """One variant, in its own process: median step seconds, peak RSS of the whole process
+    and of the training run alone (CUDA: peak GPU memory allocated)."""
     cuda = args.device == "cuda"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = adapt(load(precision, args.device, args.compute), library).train()
-    Path("/proc/self/clear_refs").write_text("5")  # forget the loading peak
+        base = load(RESULTS / f"llama-{args.size}", library, precision, args.device, args.compute)
+        model = adapt(base, library).train()
+    load_peak = peak_rss_mib()
+    Path("/proc/self/clear_refs").write_text("5")  # from here VmHWM counts the training run
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     ids = torch.randint(
@@ -109,37 +144,52 @@ def child(library: str, precision: str, args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()  # the step's kernels finish before the clock stops
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
+    train_peak = peak_rss_mib()
     step = statistics.median(times)
-    result = {"step_s": step, "peak_rss_mib": peak, "tokens_s": args.batch * args.seq / step}
+    result = {
+        "step_s": step,
+        "tokens_s": args.batch * args.seq / step,
+        "load_rss_mib": load_peak,
+        "train_rss_mib": train_peak,
+        "peak_rss_mib": max(load_peak, train_peak),
+    }
     if cuda:
         result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return result
 
 
 def table(results: dict, device: str) -> str:
-    """Markdown rows; memory is the peak RSS on the CPU, the peak GPU allocation on CUDA."""
-    key, what = ("peak_gpu_mib", "peak GPU mem") if device == "cuda" else ("peak_rss_mib", "RSS")
-    lines = [f"| precision | library | step | tokens/s | peak {what} | vs float32 | vs PEFT |"]
-    lines.append("|---|---|---|---|---|---|---|")
+    """Markdown rows: whole-process peak RSS (loading included) and its ratio to the same
+    library's float32 run, the loading's and the training run's own peaks, step time; on
+    CUDA the peak GPU allocation instead of the whole-process RSS."""
+    cuda = device == "cuda"
+    key = "peak_gpu_mib" if cuda else "peak_rss_mib"
+    what = "peak GPU mem" if cuda else "whole-process peak RSS"
+    lines = [
+        f"| precision | library | step | tokens/s | {what} | vs float32 | loading peak RSS "
+        "| training-loop peak RSS | vs PEFT |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for (precision, library), r in results.items():
         fp32 = results.get(("float32", library))
         peer = results.get((precision, "peft"))
-        mem = f"{r[key] / fp32[key]:.2f}x {what}" if fp32 else ""
+        mem = f"{r[key] / fp32[key]:.2f}x" if fp32 else ""
         vs = (
-            f"{r['step_s'] / peer['step_s']:.2f}x step, {r[key] / peer[key]:.2f}x {what}"
+            f"{r['step_s'] / peer['step_s']:.2f}x step, {r[key] / peer[key]:.2f}x memory"
             if peer and library == "lorakit"
             else ""
         )
         lines.append(
             f"| {precision} | {library} | {r['step_s']:.2f} s | {r['tokens_s']:.3g} "
-            f"| {r[key]:.0f} MiB | {mem} | {vs} |"
+            f"| {r[key]:.0f} MiB | {mem} | {r['load_rss_mib']:.0f} MiB "
+            f"| {r['train_rss_mib']:.0f} MiB | {vs} |"
         )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="500m", choices=list(SIZES))
     parser.add_argument("--only", nargs="*", default=PRECISIONS, choices=PRECISIONS)
     parser.add_argument("--libraries", nargs="*", default=["lorakit", "peft"])
     parser.add_argument("--batch", type=int, default=1)
@@ -163,19 +213,17 @@ def main() -> None:
         print(json.dumps(child(*args.child, args)))
         return
     RESULTS.mkdir(exist_ok=True)
-    prepare()
+    prepare(args.size)
     results = {}
     for precision in args.only:
         for library in args.libraries:
             cmd = [sys.executable, __file__, "--child", library, precision]
             cmd += ["--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
             cmd += ["--warmup", str(args.warmup), "--threads", str(args.threads)]
-            cmd += ["--device", args.device, "--compute", args.compute]
-            # glibc keeps freed blocks of the heap mapped, so RSS would grow step after step with
-            # fragmentation (+0.5 GB in 2 steps on nf4); served from mmap, a freed tensor leaves
-            # RSS at once and the peak is that of live memory, for both libraries alike.
-            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-            done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+            cmd += ["--device", args.device, "--compute", args.compute, "--size", args.size]
+            # glibc's default malloc settings, as `lorakit train` runs: heap fragmentation is
+            # part of what a user's process holds.
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if done.returncode:  # one failed variant (out of memory, say) keeps the others
                 print(f"[{precision} {library} failed]\n{done.stderr[-2000:]}", file=sys.stderr)
                 continue

@@ -90,6 +90,10 @@ def test_placeholders_and_content_parts(folder, monkeypatch, tmp_path_factory):
         ),
         (_chat([{"type": "video", "video": "a.mp4"}]), "content part is"),
         (_chat("<image>hi", reply="", images=["img/red.png"]), "is empty"),
+        (  # found by tests/test_data_fuzz.py: a list as a ShareGPT role was a TypeError
+            {"conversations": [{"from": [], "value": "hi"}, {"from": "gpt", "value": "ok"}]},
+            "has a role that is not text",
+        ),
     ],
 )
 def test_bad_records_are_named_by_line(folder, record, message):

@@ -318,7 +318,9 @@ def test_merged_f32_equals_lorakits_merge_and_transformers_reads_it(tmp_path):
     assert kv["tokenizer.ggml.tokens"][:2] == ["t0", "t1"]
     assert set(types.values()) == {"F32"}
     with torch.no_grad():
-        assert torch.equal(model(x).logits, before)  # the model itself is untouched
+        # the model itself is untouched (not bit for bit: the first forward after add_lora
+        # runs each layer alone, later ones share q/k/v's node, layers/shared_input.py)
+        torch.testing.assert_close(model(x).logits, before, atol=1e-6, rtol=0)
         # transformers' GGUF loader undoes llama.cpp's layout on its own
         theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name).eval()
         torch.testing.assert_close(theirs(x).logits, before, atol=1e-5, rtol=1e-5)

@@ -19,6 +19,10 @@ times smaller than what the adapter itself changes (max |Δlogit| > 5): an adapt
 sqrt(r) the wrong way, or q/k rows in the wrong order, is far outside it (checked below with
 llama.cpp's own converter, which does mis-scale rsLoRA). f16 weights round each weight by up
 to 2^-11 relative, so the f16 merged model gets F16_TOL = 0.25; Q8_0 is reported, not bounded.
+GELU is the exception among the ops: ggml's CPU GELU rounds its input to f16 and reads the
+result from an f16 table (``GGML_GELU_FP16`` in ggml-cpu/vec.h), an error of up to 2^-11
+relative per activation, so the families that use it (Gemma, GPT-2) get GELU_TOL = 2e-2, still
+250 times smaller than the adapter's effect (measured on the tiny Gemma-2: 6.9e-3).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 LOGIT_TOL = 5e-3
+GELU_TOL = 2e-2
 F16_TOL = 0.25
 NEW_TOKENS = 32
 PROMPTS = [
@@ -252,7 +257,8 @@ def families():
 )
 def test_every_family_runs_in_llama_cpp(llama_cpp, families, smollm2, tmp_path, name):
     """Each family's tiny merged GGUF (tests/export_families.py): llama.cpp tokenizes as
-    transformers does and continues greedily as lorakit does, logits within LOGIT_TOL."""
+    transformers does and continues greedily as lorakit does, logits within LOGIT_TOL
+    (GELU_TOL for the GELU families)."""
     from lorakit import load_adapter, unload
     from lorakit.cli import main
     from lorakit.models.load import load_model
@@ -277,7 +283,9 @@ def test_every_family_runs_in_llama_cpp(llama_cpp, families, smollm2, tmp_path, 
     RESULTS[f"{name}: greedy equal, max |Δlogit|"] = (
         f"{ours == theirs}, {np.abs(our_logits - their_logits).max():.2e}"
     )
-    assert ours == theirs and np.abs(our_logits - their_logits).max() < LOGIT_TOL
+    activation = {k: v for k, v in model.config.to_dict().items() if "act" in k}
+    tol = GELU_TOL if any("gelu" in str(v) for v in activation.values()) else LOGIT_TOL
+    assert ours == theirs and np.abs(our_logits - their_logits).max() < tol
 
 
 def perplexity(logits: np.ndarray, ids: list[int], start: int) -> tuple[float, int]:

@@ -65,6 +65,32 @@ def test_kaiming_bound_and_gaussian_std():
     assert torch.count_nonzero(layer.lora_B["g"]) == 0
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: LoraLinear(nn.Linear(40, 8)),
+        lambda: LoraParameter(Experts(False), parameter="weight"),
+    ],
+)
+def test_nora_is_the_kaiming_draw_with_unit_columns(make):
+    layer = make()
+    torch.manual_seed(3)
+    layer.add_adapter("k", r=4, scale=1.0)
+    torch.manual_seed(3)
+    layer.add_adapter("n", r=4, scale=1.0, init="nora")
+    kaiming, nora = layer.lora_A["k"], layer.lora_A["n"]  # (r, in) or (experts, r, in)
+    torch.testing.assert_close(nora, kaiming / kaiming.norm(dim=-2, keepdim=True))
+    torch.testing.assert_close(nora.norm(dim=-2), torch.ones(nora.shape[:-2] + nora.shape[-1:]))
+    assert torch.count_nonzero(layer.lora_B["n"]) == 0
+
+
+def test_nora_on_a_layer_whose_a_has_no_columns_is_refused_by_name():
+    model = nn.ModuleDict({"emb": nn.Embedding(10, 4), "lin": nn.Linear(4, 4)})
+    with pytest.raises(LoraError, match="emb: init='nora' needs a Linear"):
+        add_lora(model, LoraConfig(r=2, init="nora", target_modules=["emb", "lin"]))
+    assert type(model["lin"]) is nn.Linear  # nothing was changed
+
+
 def test_gpt2_conv1d_uses_transposed_weight():
     torch.manual_seed(0)
     base = Conv1D(9, 4)  # weight (in=4, out=9)

@@ -19,10 +19,6 @@ For every case this file proves, in float32 and in eval mode, to float32 roundin
    module behind. A PEFT-made grouped-conv adapter, which PEFT itself cannot merge, may
    be refused, but merging never changes the outputs.
 
-One exception to "PEFT's outputs": PEFT 0.21.2 applies a MultiheadAttention adapter's out_proj
-delta twice (huggingface/peft#3774). While the installed PEFT does that, the MHA cases compare
-lorakit against the LoRA definition (W + ΔW, applied by hand) instead; the files still match.
-
 Methods that are not plain LoRA / DoRA (KaSA, MiCA, VeLoRA, MonteCLoRA, BD-LoRA) carry a
 ``refused_key``: lorakit must refuse both PEFT's saved adapter and PEFT's config dict with a
 ``LoraError`` that names that key, never load them as something they are not.
@@ -38,9 +34,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import json
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -74,6 +70,7 @@ from lorakit import (
     unload,
     unmerge,
 )
+from lorakit.config import PEFT_FILE_VERSION
 
 # Outputs are log-probabilities up to ~800 in size. float32 rounding grows with that size:
 # PEFT's own merge moves its Conv2d outputs (|y| ~ 40) by 1.5e-5, so a pure absolute 1e-5 would
@@ -544,48 +541,6 @@ def peft_adapter(case: Case, directory: Path) -> Tensor:
     return output
 
 
-# PEFT 0.21.2's MultiheadAttention LoRA adds the out_proj delta twice: its merge() writes
-# W + ΔW into out_proj and then calls out_proj.merge(), which adds ΔW again (unmerge() subtracts
-# twice, so round trips hide it), and its forward merges that way. It computes W_out + 2·ΔW_out;
-# see huggingface/peft#3774. Where the installed PEFT has that bug, the oracle for an MHA adapter
-# file is the LoRA definition, W + ΔW on in_proj and on out_proj, applied by hand.
-@functools.cache
-def peft_doubles_mha_out_proj() -> bool:
-    """Whether the installed PEFT merges MultiheadAttention's out_proj delta twice."""
-    config = peft.LoraConfig(target_modules=["mha"], init_lora_weights=False)
-    model = peft.get_peft_model(build_model("MHA"), config)
-    delta = model.base_model.model.mha.base_layer.out_proj.get_delta_weight("default")
-    change = model.merge_and_unload().mha.out_proj.weight - build_model("MHA").mha.out_proj.weight
-    return torch.allclose(change, 2 * delta)
-
-
-def merged_by_hand(model_id: str, directory: Path) -> nn.Module:
-    """The base model with each LoRA pair of the adapter file added as W <- W + scale · B @ A.
-
-    Enough for the MHA cases: plain pairs on nn.Linear and nn.MultiheadAttention, one r and alpha.
-    """
-    config = json.loads((directory / "adapter_config.json").read_text())
-    scale = config["lora_alpha"] / config["r"]
-    tensors = load_file(directory / "adapter_model.safetensors")
-    model = build_model(model_id)
-    with torch.no_grad():
-        for key, A in tensors.items():
-            if key.endswith(".lora_A.weight"):
-                path = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-                module = model.get_submodule(path.replace(".base_layer", ""))
-                is_mha = isinstance(module, nn.MultiheadAttention)
-                weight = module.in_proj_weight if is_mha else module.weight
-                weight += scale * tensors[key.replace("lora_A", "lora_B")] @ A
-    return model
-
-
-def oracle(case: Case, peft_output: Tensor, directory: Path) -> Tensor:
-    """What the adapter file for ``case`` computes: PEFT's output, unless PEFT is wrong there."""
-    if case.model_id == "MHA" and peft_doubles_mha_out_proj():
-        return run(merged_by_hand(case.model_id, directory), case.model_id)
-    return peft_output
-
-
 def lorakit_model(case: Case) -> nn.Module:
     """The base model with lorakit's adapter for ``case`` added and perturbed (B != 0)."""
     model = build_model(case.model_id)
@@ -622,7 +577,7 @@ def lorakit_modules(model: nn.Module) -> list[str]:
 # --- 1. PEFT -> lorakit ----------------------------------------------------------------------
 @pytest.mark.parametrize("case", SUPPORTED, ids=_ids(SUPPORTED))
 def test_peft_adapter_loads_in_lorakit(case: Case, tmp_path: Path) -> None:
-    expected = oracle(case, peft_adapter(case, tmp_path), tmp_path)
+    expected = peft_adapter(case, tmp_path)
     assert_adapter_matters(expected, case.model_id)
 
     model = build_model(case.model_id)
@@ -643,7 +598,50 @@ def test_lorakit_adapter_loads_in_peft(case: Case, tmp_path: Path) -> None:
     assert_same_meaning(tmp_path, case)
 
     loaded = peft.PeftModel.from_pretrained(build_model(case.model_id), tmp_path).eval()
-    assert_same(expected, oracle(case, run(loaded, case.model_id), tmp_path))
+    assert_same(expected, run(loaded, case.model_id))
+
+
+# PEFT before 0.22 applied a MultiheadAttention adapter's out_proj delta twice
+# (huggingface/peft#3774); PEFT 0.22 reads the files those releases wrote with out_proj's B
+# doubled, by the peft_version the file records. lorakit must read every such file as PEFT does.
+MHA_CASE = next(c for c in SUPPORTED if c.name == "MHA 1 LoRA")
+
+
+@pytest.mark.parametrize("version", ["0.21.2", "0.17.0", None, "0.21.1.dev0@abc", "0.22.0"])
+def test_mha_adapter_from_an_older_peft_reads_as_peft_reads_it(version, tmp_path: Path) -> None:
+    peft_adapter(MHA_CASE, tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    data = json.loads(config_file.read_text())
+    data.pop("peft_version")
+    config_file.write_text(
+        json.dumps(data | ({} if version is None else {"peft_version": version}))
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT says it doubled B
+        expected = run(peft.PeftModel.from_pretrained(build_model("MHA"), tmp_path), "MHA")
+    loaded = load_adapter(build_model("MHA"), tmp_path).eval()
+    assert_same(run(loaded, "MHA"), expected)
+    B = load_file(tmp_path / "adapter_model.safetensors")[
+        "base_model.model.mha.base_layer.out_proj.lora_B.weight"
+    ]
+    doubled = version not in ("0.21.1.dev0@abc", "0.22.0")
+    assert_same(loaded.mha.out_proj.lora_B["default"], (2 if doubled else 1) * B)
+
+
+def test_lorakit_records_the_peft_release_its_files_are_written_for(tmp_path: Path) -> None:
+    save_adapter(lorakit_model(MHA_CASE), tmp_path)
+    recorded = json.loads((tmp_path / "adapter_config.json").read_text())["peft_version"]
+    assert recorded == PEFT_FILE_VERSION == peft.__version__.partition("@")[0]
+
+
+def test_an_mha_adapter_with_a_peft_version_that_is_no_version_is_refused(tmp_path: Path) -> None:
+    peft_adapter(MHA_CASE, tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    data = json.loads(config_file.read_text()) | {"peft_version": "latest"}
+    config_file.write_text(json.dumps(data))
+    model = build_model("MHA")
+    with pytest.raises(LoraError, match="peft_version='latest', not a version"):
+        load_adapter(model, tmp_path)
 
 
 # --- 3. merge = unmerged = unloaded ----------------------------------------------------------
@@ -860,9 +858,9 @@ def test_every_peft_field_round_trips_or_is_refused(field: dataclasses.Field) ->
             LoraConfig.from_peft_dict(data)
 
 
-INIT_IMPLEMENTED = [True, False, "gaussian", "pissa", "olora"]
+INIT_IMPLEMENTED = [True, False, "gaussian", "nora", "pissa", "olora"]
 # Inits that pair the adapter with a changed base model or extra data lorakit does not reproduce.
-INIT_REFUSED = ["eva", "corda", "loftq", "orthogonal", "mica", "lora_ga"]
+INIT_REFUSED = ["eva", "corda", "astra", "loftq", "orthogonal", "mica", "lora_ga"]
 
 
 @pytest.mark.parametrize("init", INIT_IMPLEMENTED + INIT_REFUSED)

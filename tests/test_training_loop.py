@@ -131,9 +131,9 @@ def test_nan_loss_stops_naming_the_step(tokenizer, data_file, tmp_path, monkeypa
     real = step_module.summed_loss
     calls = {"n": 0}
 
-    def poisoned(model, batch):
+    def poisoned(model, batch, *args):
         calls["n"] += 1
-        loss = real(model, batch)
+        loss = real(model, batch, *args)
         return loss * float("nan") if calls["n"] == 3 else loss
 
     monkeypatch.setattr(step_module, "summed_loss", poisoned)
@@ -148,6 +148,20 @@ def test_gradient_checkpointing_trains_with_frozen_embedding(tokenizer, data_fil
     ckpt = run(tokenizer, data_file, tmp_path / "ckpt", max_steps=2, gradient_checkpointing=True)
     assert ckpt.train_losses[2] == pytest.approx(plain.train_losses[2], abs=1e-5)
     assert ckpt.train_losses[2] != pytest.approx(ckpt.train_losses[1], abs=1e-4)
+
+
+def test_a_compiled_run_trains_as_the_eager_one(tokenizer, data_file, tmp_path):
+    # torch.compile (inductor) over lorakit's fused nodes, the shared q/k/v node and the
+    # chunked loss: the same losses and adapter as without it (without dropout: inductor
+    # draws its masks from its own random stream).
+    eager = run(tokenizer, data_file, tmp_path / "eager", max_steps=3)
+    compiled = run(tokenizer, data_file, tmp_path / "compiled", max_steps=3, compile=True)
+    for step in (1, 2, 3):
+        assert compiled.train_losses[step] == pytest.approx(eager.train_losses[step], abs=1e-5)
+    a, b = _adapter(eager.model), _adapter(compiled.model)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=0)
 
 
 # --- outputs ------------------------------------------------------------------------------------

@@ -102,3 +102,50 @@ def test_no_weight_decay_on_biases_and_norms():
     for group in optimizer.param_groups:
         dims = {p.ndim for p in group["params"]}
         assert group["weight_decay"] == (0.1 if dims == {2} else 0.0)
+
+
+def _three_steps(model, optimizer) -> dict[str, torch.Tensor]:
+    """Three AdamW updates on a fixed batch; the trainable parameters after them."""
+    ids = torch.tensor([[3, 4, 5, 6, 7], [8, 9, 10, 11, 12]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    for _ in range(3):
+        row_losses(model, batch).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_the_fused_optimizer_gives_the_default_loop_s_parameters():
+    import copy
+
+    from lorakit import LoraConfig
+
+    model = tiny.llama()
+    add_lora(model, LoraConfig(r=2, target_modules="all-linear", bias="all"))
+    reference = copy.deepcopy(model)
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    config = TrainConfig(lr=1e-2, weight_decay=0.1, loraplus_ratio=4, data="x")
+    optimizer = build_optimizer(model, config)
+    assert optimizer.defaults["fused"] is True  # torch has a CPU kernel
+    # The same groups, run by torch's per-tensor loop (its CPU default).
+    groups = build_optimizer(reference, config).param_groups
+    plain = torch.optim.AdamW(
+        [{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in groups],
+        foreach=False,
+        fused=False,
+    )
+    ours, theirs = _three_steps(model, optimizer), _three_steps(reference, plain)
+    assert ours.keys() == theirs.keys() == start.keys()
+    for name, param in ours.items():
+        assert not torch.equal(param, start[name]), name  # every parameter was updated
+        torch.testing.assert_close(param, theirs[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_parameters_without_a_fused_kernel_use_foreach():
+    from lorakit import LoraConfig
+
+    with torch.device("meta"):  # no fused AdamW kernel on the meta device
+        model = tiny.llama()
+    add_lora(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    optimizer = build_optimizer(model, TrainConfig(data="x"))
+    assert optimizer.defaults["foreach"] is True and not optimizer.defaults["fused"]

@@ -24,11 +24,13 @@ from .errors import LoraError
 
 BIAS_MODES = ("none", "all", "lora_only")
 # "random": B random too, so the adapter changes the output from the start (PEFT's
-# init_lora_weights=False, for tests); the others start at B = 0 or from the weight.
-INIT_MODES = ("kaiming", "gaussian", "random", "pissa", "olora")
+# init_lora_weights=False, for tests); "nora": A's columns of unit norm; B = 0 or from the weight.
+INIT_MODES = ("kaiming", "gaussian", "random", "nora", "pissa", "olora")
 # Inits that take A, B from the base weight and leave the residual in it (LoRA layers only).
 WEIGHT_INITS = ("pissa", "olora")
 ALL_LINEAR = "all-linear"
+# The PEFT release lorakit's files are written for (PEFT reads some tensors by it).
+PEFT_FILE_VERSION = "0.22.0"
 
 
 def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
@@ -257,6 +259,7 @@ class LoraConfig:
         """The ``adapter_config.json`` content PEFT's ``LoraConfig`` reads."""
         return {
             "peft_type": "LORA",
+            "peft_version": PEFT_FILE_VERSION,
             "task_type": None,
             "base_model_name_or_path": self.base_model_name_or_path,
             "r": self.r,
@@ -486,9 +489,9 @@ def _init_mode(init_lora_weights: Any) -> str:
     if isinstance(init_lora_weights, str):
         if init_lora_weights.startswith("pissa"):
             return "pissa"
-        if init_lora_weights in ("gaussian", "olora"):
+        if init_lora_weights in ("gaussian", "nora", "olora"):
             return init_lora_weights
-        # loftq, eva, corda, ...: their adapters pair with a changed base or init data that
+        # loftq, eva, corda, astra, ...: their adapters pair with a changed base or init data that
         # lorakit does not reproduce, so reading them as plain LoRA would be silently wrong.
         raise LoraError(
             f"adapter_config.json has init_lora_weights={init_lora_weights!r}, which lorakit "

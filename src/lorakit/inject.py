@@ -23,6 +23,7 @@ from .hf.integration import attach
 from .layers import (
     LoraFused,
     LoraKind,
+    LoraLinear,
     LoraParameter,
     ModulesToSave,
     TrainableTokens,
@@ -316,6 +317,8 @@ def _option_problems(layer: type[LoraKind], config: LoraConfig, target: str) -> 
         found.append(f"{target}: use_dora is not supported by {name} (nor by PEFT)")
     if config.lora_bias and not layer.supports_lora_bias:
         found.append(f"{target}: lora_bias is not supported by {name} (nor by PEFT)")
+    if config.init == "nora" and not layer.supports_nora:  # PEFT: its default init, silently
+        found.append(f"{target}: init='nora' needs a Linear or a parameter target, not {name}")
     if config.dropout and layer.dropout_mode == "refused":
         found.append(
             f"{target}: dropout={config.dropout} is not defined for {name} (the delta is added "
@@ -468,6 +471,7 @@ def apply_plan(model: nn.Module, result: Plan) -> nn.Module:
         # Merged adapters stay active: their deltas are in the weights (unmerge to drop them).
         merged = [n for n in module.active if n in module.merged]
         module.set_active([*merged, result.adapter_name])
+    LoraLinear.link_shared_inputs(model)
     return model
 
 

@@ -296,8 +296,9 @@ def load_adapter(
             f"Cannot load adapter from {directory}:{_listed(problems)}\n"
             "Check that the adapter was made for this base model."
         )
+    entries = _entry_tensors(directory, tensors, expected)
     apply_plan(model, result)
-    _copy_in(model, tensors, expected, adapter_name)
+    _copy_in(model, tensors, expected, entries, adapter_name)
     return model
 
 
@@ -356,10 +357,17 @@ def reload_adapter(
             f"Cannot reload {directory} into adapter '{adapter_name}':{_listed(problems)}\n"
             "It holds another adapter; load it as a new one with load_adapter."
         )
+    version, modules = found.get("peft_version"), top_level(model, adapter_name)
+    per_module = [  # read through the recorded PEFT release before anything changes
+        module.as_current_peft(
+            {k: tensors[f"{PREFIX}{path}.{k}"] for k in module.peft_tensors(adapter_name)},
+            version,
+        )
+        for path, module in modules
+    ]
     adapted, copies = set(), set()
-    for path, module in top_level(model, adapter_name):
-        keys = module.peft_tensors(adapter_name)
-        module.load_peft_tensors(adapter_name, {k: tensors[f"{PREFIX}{path}.{k}"] for k in keys})
+    for (path, module), own in zip(modules, per_module, strict=True):
+        module.load_peft_tensors(adapter_name, own)
         (copies if module.whole_copy else adapted).add(path)
     with torch.no_grad():
         for key, param in bias_keys(model, saved, adapted, copies).items():
@@ -429,15 +437,26 @@ def _peft_duplicate(key: str, entries: list[PlanEntry]) -> bool:
     )
 
 
-def _copy_in(model: nn.Module, tensors: dict, expected: dict, adapter_name: str) -> None:
-    """Copy checked file tensors into the freshly added adapter (and biases)."""
+def _entry_tensors(directory: object, tensors: dict, expected: dict) -> list[tuple]:
+    """(plan entry, its file tensors) per entry, read as the current PEFT reads a file that
+    the PEFT release it records wrote (``Wrapper.as_current_peft``), before the model changes."""
+    version = _read_json(Path(directory) / CONFIG_NAME).get("peft_version")
     per_entry: dict[int, tuple[PlanEntry, dict[str, Tensor]]] = {}
+    for key, (entry, name, _) in expected.items():
+        if entry is not None:  # None: a bias or a full embedding weight, copied as it is
+            per_entry.setdefault(id(entry), (entry, {}))[1][name] = tensors[key]
+    return [(e, e.layer.as_current_peft(found, version)) for e, found in per_entry.values()]
+
+
+def _copy_in(
+    model: nn.Module, tensors: dict, expected: dict, entries: list[tuple], adapter_name: str
+) -> None:
+    """Copy checked file tensors into the freshly added adapter (``entries``: from
+    ``_entry_tensors``) and the biases and embeddings the file holds."""
     with torch.no_grad():
-        for key, (entry, name, _) in expected.items():
-            if entry is None:  # a bias or a full embedding weight
+        for key, (entry, _, _) in expected.items():
+            if entry is None:
                 model.get_parameter(key.removeprefix(PREFIX)).copy_(tensors[key])
-            else:
-                per_entry.setdefault(id(entry), (entry, {}))[1][name] = tensors[key]
-    for entry, found in per_entry.values():
+    for entry, found in entries:
         wrapper = entry.layer.existing(model.get_submodule(entry.path), **entry.options)
         wrapper.load_peft_tensors(adapter_name, found)

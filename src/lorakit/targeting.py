@@ -388,18 +388,18 @@ def _add_tokens(
 
 
 # --- how an MoE adapter is written for PEFT ----------------------------------------------------
-# PEFT 0.21 rewrites the config of an adapter for these model types before it adapts anything
+# PEFT 0.22 rewrites the config of an adapter for these model types before it adapts anything
 # (``_convert_peft_config_moe``, for transformers 5's fused experts): a target_modules entry
 # named, or ending with, one of these names becomes a target_parameters entry for the routed
 # experts (and "gate" the router's weight), whatever module it named, and a regex or
 # "all-linear" is first resolved to leaf names. The table is PEFT's for the model types
 # transformers 5.25 maps to its "qwen2_moe" and "mixtral" conversions
-# (tests/test_moe_peft.py checks it against the installed PEFT and transformers).
+# (tests/test_moe_files.py checks it against the installed PEFT and transformers).
 _QWEN2_MOE_NAMES = ("gate", "gate_proj", "up_proj", "down_proj")
 _QWEN2_MOE_TYPES = """afmoe beam cohere2_moe deepseek_v2 deepseek_v3 deepseek_v32 dots1
 ernie4_5_moe exaone_moe flex_olmo glm4_moe glm4_moe_lite glm4v_moe glm_moe_dsa hunyuan_v1_moe
 longcat_flash mellum olmoe qwen3_moe qwen3_next qwen3_omni_moe qwen3_omni_moe_text
-qwen3_omni_moe_thinker sarvam_mla solar_open""".split()  # noqa: SIM905 (a table of words)
+qwen2_moe qwen3_omni_moe_thinker sarvam_mla solar_open""".split()  # noqa: SIM905 (a table of words)
 PEFT_MOE_RENAMES: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("mixtral", "minimax", "minimax_m2"), ("gate", "w1", "w2", "w3")),
     **dict.fromkeys(_QWEN2_MOE_TYPES, _QWEN2_MOE_NAMES),

@@ -80,6 +80,8 @@ def parse_image_record(record: Any, where: str, folder: Path) -> Conversation:
         if not isinstance(turn, dict):
             raise BadRecord(where, "not an object", f"field '{key}[{i}]' must be an object.")
         role = turn.get("role", turn.get("from"))
+        if not isinstance(role, str | None):  # parse_chat names the turn's missing role
+            raise BadRecord(where, "bad role", f"field '{key}[{i}]' has a role that is not text.")
         role = _SHAREGPT_ROLES.get(role, role) if "from" in turn else role
         text, found = _flatten(turn.get("content", turn.get("value")), f"{key}[{i}]", where)
         if found and role != "user":

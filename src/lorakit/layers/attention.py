@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import LoraError, brief
 from .base import LoraLayer, lora_delta
 from .linear import LoraLinear
 from .registry import register
@@ -89,6 +90,16 @@ class LoraMultiheadAttention(LoraLayer):
             f"base_layer.out_proj.{k}": v for k, v in inner.items()
         }
 
+    @classmethod
+    def as_current_peft(cls, tensors: dict[str, Tensor], peft_version: str | None) -> dict:
+        """PEFT before 0.22 applied out_proj's ΔW twice (huggingface/peft#3774); PEFT 0.22
+        keeps such a file's outputs by doubling its out_proj B when it loads it, and so does
+        lorakit, by PEFT's rule for which files those are."""
+        key = "base_layer.out_proj.lora_B.weight"
+        if key not in tensors or not _applied_out_proj_twice(peft_version):
+            return tensors
+        return tensors | {key: 2 * tensors[key]}
+
     def load_peft_tensors(self, name: str, tensors: dict[str, Tensor]) -> None:
         prefix = "base_layer.out_proj."
         self.out_proj.load_peft_tensors(
@@ -109,3 +120,23 @@ class LoraMultiheadAttention(LoraLayer):
         if not swapped:
             return self.base_layer(*args, **kwargs)
         return torch.func.functional_call(self.base_layer, swapped, args, kwargs, strict=False)
+
+
+def _applied_out_proj_twice(peft_version: str | None) -> bool:
+    """Whether the PEFT that wrote a file (``peft_version``: "0.21.0", "0.22.0.dev0@sha", None
+    before PEFT 0.18 recorded it) had the doubled out_proj; main's 0.21.1 dev versions had the
+    fix already."""
+    from packaging.version import InvalidVersion, Version
+
+    if peft_version is None:
+        return True
+    try:
+        version = Version(str(peft_version).partition("@")[0])
+    except InvalidVersion:
+        raise LoraError(
+            f"adapter_config.json has peft_version={brief(peft_version)}, not a version; "
+            "PEFT reads a MultiheadAttention adapter by the release that wrote it. Set it to "
+            'the PEFT version that saved the adapter (e.g. "0.22.0").'
+        ) from None
+    release = Version(version.base_version)
+    return release < Version("0.21.1") or (not version.is_devrelease and release < Version("0.22"))

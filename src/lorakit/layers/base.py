@@ -26,7 +26,8 @@ the only writer of its state: other modules call its methods (the ``wrapper.Wrap
 contract, and the LoRA-only ones: ranks, scales, factors).
 
 Initialisation: A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's default ``kaiming_uniform_``
-with ``a=sqrt(5)``, as PEFT) or N(0, (1/r)²) for ``init="gaussian"``; B = 0.
+with ``a=sqrt(5)``, as PEFT) or N(0, (1/r)²) for ``init="gaussian"``; for ``init="nora"`` the
+uniform A with every column A[..., :, j] scaled to unit L2 norm (per expert); B = 0.
 """
 
 from __future__ import annotations
@@ -119,6 +120,8 @@ class LoraLayer(LoraKind):
         else:
             bound = 1.0 / math.sqrt(self.fan_in)
             nn.init.uniform_(A, -bound, bound)
+        if init == "nora":  # PEFT's floor on the norm, so a zero column stays zero
+            A /= A.norm(dim=-2, keepdim=True).clamp_min(1e-6)
         B = torch.zeros(shape_b, device=weight.device, dtype=dtype)
         if init == "random":  # B's fan-in is r: the bound nn.Linear(r, out) would use
             nn.init.uniform_(B, -1.0 / math.sqrt(r), 1.0 / math.sqrt(r))

@@ -135,6 +135,137 @@ class LoraLinearFunction(torch.autograd.Function):
         return gx, None, gb, None, *grads
 
 
+# --- linear layers reading one input -------------------------------------------------------
+def _add_product(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """out += a @ b, in place where the dtypes agree (fp32 adapters on a half base: cast)."""
+    if out.dtype == a.dtype:
+        out.addmm_(a, b)
+    else:
+        out.add_(torch.mm(a, b).to(out.dtype))
+
+
+def input_grad_into(gx: Tensor, g: Tensor, weight: Tensor) -> None:
+    """gx += g W (``input_grad``'s layout rule for a half-precision W on the CPU)."""
+    if weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16):
+        gx.add_(input_grad(g, weight))
+    else:
+        _add_product(gx, g, weight)
+
+
+def shared_lora_linear(
+    x: Tensor, layout: SharedLayout, tensors: Sequence, outs: Sequence[Tensor]
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """The forward maths of ``SharedLoraFunction`` on flattened x (N, in), written into the
+    (N, out_j) ``outs``: (A_cat, each adapter's flat input, each adapter's sᵢ Aᵢ xᵀ (rᵢ, N))."""
+    weights, adapters = tensors[: 2 * layout.members], tensors[2 * layout.members :]
+    for j, y in enumerate(outs):
+        W, b = weights[2 * j : 2 * j + 2]
+        if b is None:
+            torch.mm(x, W.t(), out=y)
+        else:
+            torch.addmm(b, x, W.t(), out=y)
+    xs, As, Bs = adapters[0::3], adapters[1::3], adapters[2::3]
+    xa = x if x.dtype == As[0].dtype else x.to(As[0].dtype)
+    undropped = [A for xi, A in zip(xs, As, strict=True) if xi is None]
+    A_cat = torch.cat(undropped) if undropped else As[0][:0]  # (Σr, in)
+    # (Σr, in) @ (in, N): every undropped adapter's A x at once, each one's rows contiguous
+    # (the (N, Σr) layout would hand BLAS strided column blocks, several times slower)
+    HT = torch.mm(A_cat, xa.t())
+    inputs, hts, offset = [], [], 0
+    for i, (xi, A, B) in enumerate(zip(xs, As, Bs, strict=True)):
+        if xi is None:
+            inputs.append(xa)
+            ht = HT[offset : offset + A.shape[0]].mul_(layout.scales[i])
+            offset += A.shape[0]
+        else:  # its own dropout mask (PEFT draws one per layer): its own product
+            inputs.append(xi.reshape(x.shape).to(A.dtype))
+            ht = torch.mm(A, inputs[-1].t()).mul_(layout.scales[i])
+        _add_product(outs[layout.owner[i]], ht.t(), B.t())  # y_j += (N, r) @ (r, out)
+        hts.append(ht)
+    return A_cat, inputs, hts
+
+
+class SharedLayout:
+    """Which adapters of a ``SharedLoraFunction`` belong to which layer, and their scales."""
+
+    def __init__(self, members: int, owner: list[int], scales: list[float]) -> None:
+        self.members, self.owner, self.scales = members, owner, scales
+
+
+class SharedLoraFunction(torch.autograd.Function):
+    """Linear layers j that read one x, each with its pending plain adapters i, as one node:
+    ``y_j = x W_jᵀ + b_j + Σ_{i of j} sᵢ (xᵢ Aᵢᵀ) Bᵢᵀ`` (q/k/v of an attention, gate/up).
+
+    x (N, in), W_j (out_j, in), Aᵢ (rᵢ, in), Bᵢ (out_j, rᵢ); A_cat stacks the Aᵢ of the
+    adapters without dropout (xᵢ = x). Kept transposed, (r, N), so each adapter's block is
+    contiguous::
+
+        forward   Hᵀ  = s ⊙ A_cat xᵀ           (Σr, N)  one product for all of them
+                  y_j = x W_jᵀ + b_j + Σᵢ Hᵢ Bᵢᵀ        (the base products unchanged)
+        backward  Gᵢᵀ = sᵢ Bᵢᵀ g_jᵀ            (rᵢ, N)
+                  ∂x  = Σ_j g_j W_j + G A_cat          one product, accumulated in place
+                  ∂A_cat = Gᵀ x  (Σr, in)  one product;   ∂Bᵢ = g_jᵀ Hᵢ;   ∂b_j = Σ_N g_j
+
+    An adapter with dropout has its own xᵢ = dropout(x) and products, as in
+    ``LoraLinearFunction``. Outputs are separate tensors, not views: model code may add to
+    them in place.
+    """
+
+    @staticmethod
+    def forward(ctx, x, layout, *tensors):  # tensors: W₁, b₁, ..., W_m, b_m, x₁, A₁, B₁, ...
+        flat = x.reshape(-1, x.shape[-1])
+        weights = tensors[: 2 * layout.members : 2]
+        ys = [x.new_empty(*x.shape[:-1], W.shape[0]) for W in weights]
+        outs = [y.view(-1, y.shape[-1]) for y in ys]
+        A_cat, inputs, hts = shared_lora_linear(flat, layout, tensors, outs)
+        adapters = tensors[2 * layout.members :]
+        ctx.layout, ctx.x_shape = layout, x.shape
+        ctx.dropped = [xi is not None for xi in adapters[0::3]]
+        ctx.save_for_backward(*weights, A_cat, *inputs, *adapters[1::3], *adapters[2::3], *hts)
+        return tuple(ys)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        layout, needs, dropped = ctx.layout, ctx.needs_input_grad, ctx.dropped
+        m, k = layout.members, len(layout.owner)
+        saved = ctx.saved_tensors  # read once: checkpointing unpacks on each read
+        weights, (A_cat, *rest) = saved[:m], saved[m:]
+        xs, As, Bs, hts = (rest[j * k : (j + 1) * k] for j in range(4))
+        gs = [g.reshape(-1, g.shape[-1]) for g in grads]  # (N, out_j)
+        gx = None
+        if needs[0]:
+            gx = input_grad(gs[0], weights[0])
+            for g, W in zip(gs[1:], weights[1:], strict=True):
+                input_grad_into(gx, g, W)
+        shared_GT, adapter_grads = [], []
+        for i in range(k):
+            g = gs[layout.owner[i]]
+            g = g if g.dtype == Bs[i].dtype else g.to(Bs[i].dtype)
+            slot = 2 + 2 * m + 3 * i  # needs_input_grad index of xᵢ (then Aᵢ, Bᵢ)
+            gB = torch.mm(hts[i], g).t() if needs[slot + 2] else None  # (r, N) @ (N, out)
+            GT = torch.mm(Bs[i].t(), g.t()).mul_(layout.scales[i])  # (r, out) @ (out, N)
+            gA = gxi = None
+            if dropped[i]:
+                gA = torch.mm(GT, xs[i]) if needs[slot + 1] else None  # (r, N) @ (N, in)
+                gxi = torch.mm(GT.t(), As[i]).view(*ctx.x_shape[:-1], As[i].shape[1])
+            else:
+                shared_GT.append(GT)
+            adapter_grads.append([gxi, gA, gB])
+        if shared_GT:
+            GT = torch.cat(shared_GT)  # (Σr, N)
+            if gx is not None:
+                _add_product(gx, GT.t(), A_cat)  # ∂x += (N, Σr) @ (Σr, in)
+            undropped = [i for i in range(k) if not dropped[i]]
+            gA_cat = torch.mm(GT, xs[undropped[0]])  # (Σr, in): every undropped ∂A at once
+            pieces = gA_cat.split([As[i].shape[0] for i in undropped])
+            for i, piece in zip(undropped, pieces, strict=True):
+                adapter_grads[i][1] = piece if needs[2 + 2 * m + 3 * i + 1] else None
+        biases = [g.sum(0) if needs[3 + 2 * j] else None for j, g in enumerate(gs)]
+        gx = gx.view(ctx.x_shape) if gx is not None else None
+        base = [t for j in range(m) for t in (None, biases[j])]
+        return gx, None, *base, *(t for trio in adapter_grads for t in trio)
+
+
 # --- routed experts: LoRA per token group --------------------------------------------------
 def _groupable(a: Tensor, b: Tensor, n: int) -> bool:
     """Whether ``torch.nn.functional.grouped_mm`` takes a and b: one dtype it supports, and

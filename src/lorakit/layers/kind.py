@@ -39,6 +39,7 @@ class LoraKind(Wrapper):
     supports_dora: ClassVar[bool] = False
     supports_lora_bias: ClassVar[bool] = False
     supports_weight_init: ClassVar[bool] = False  # PiSSA / OLoRA
+    supports_nora: ClassVar[bool] = False  # A shaped (..., r, in): its columns can be normalised
     # "input": dropout acts on x; "ignored": no input to drop (token ids); "refused".
     dropout_mode: ClassVar[str] = "input"
     # The wrapped module's children are part of this kind (not separate targets).

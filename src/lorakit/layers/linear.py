@@ -6,6 +6,7 @@ same output (``_path``), and PiSSA / OLoRA initialisation, which reads the weigh
 
 from __future__ import annotations
 
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 from .base import LoraLayer, lora_delta
 from .kernels import LoraLinearFunction, lora_linear
 from .registry import register
+from .shared_input import SharedInput, settle_probes
 
 
 def is_gpt2_conv1d(module: nn.Module) -> bool:
@@ -50,6 +52,7 @@ class LoraLinear(LoraLayer):
     supports_dora = True
     supports_lora_bias = True
     supports_weight_init = True
+    supports_nora = True
 
     @classmethod
     def matrix_shape(cls, module: nn.Module, **options: Any) -> tuple[int, int]:
@@ -71,6 +74,34 @@ class LoraLinear(LoraLayer):
         super().__init__(base_layer, **options)
         self.fan_in_fan_out = is_gpt2_conv1d(base_layer)
         self.out_features, self.in_features = self.matrix_shape(base_layer)
+        # The layers reading this one's input, run as one node (shared_input.py); not a
+        # submodule, so neither saved nor moved.
+        self._shared: SharedInput | None = None
+
+    @classmethod
+    def link_shared_inputs(cls, model: nn.Module) -> None:
+        """Give every layer of this kind in ``model`` its candidate ``SharedInput`` set: the
+        layers of one parent module with its input size, weight dtype and device (split by
+        the first forward; see ``shared_input``). Earlier sets are replaced: after a wrapper
+        was added or replaced the sets are made anew. A layer under two parents runs alone."""
+        layers = [
+            (p, c) for p, m in model.named_modules() for c in m.children() if isinstance(c, cls)
+        ]
+        parents = Counter(id(c) for _, c in layers)
+        candidates: dict[tuple, list[LoraLinear]] = defaultdict(list)
+        for parent, layer in layers:
+            layer._shared = None
+            weight = layer.base_weight
+            if parents[id(layer)] == 1:
+                candidates[parent, layer.in_features, weight.dtype, weight.device].append(layer)
+        for members in candidates.values():
+            if len(members) > 1:
+                group = SharedInput(members)
+                for member in members:
+                    member._shared = group
+        model._lorakit_probing = len(candidates) > 0
+        if not any(hook is settle_probes for hook in model._forward_pre_hooks.values()):
+            model.register_forward_pre_hook(settle_probes)
 
     @classmethod
     def to_matrix(cls, module: nn.Module, weight: Tensor, **options: Any) -> Tensor:
@@ -187,10 +218,24 @@ class LoraLinear(LoraLayer):
             return super().forward(x, *args, **kwargs)
         return self._fused(x)
 
+    def _shareable(self, x: Tensor) -> bool:
+        """Whether this layer's output for ``x`` may come from its ``SharedInput`` node: the
+        fused path with pending plain adapters on a plain weight (no DoRA, no quantized base)."""
+        names = self.pending()
+        return (
+            bool(names)
+            and self._path(x, False) == "fused"
+            and not any(self.is_dora(n) for n in names)
+            and not callable(self._fused_weight())
+        )
+
     def _fused(self, x: Tensor) -> Tensor:
         base, names = self.base_layer, self.pending()
         if not names:
             return base(x)
+        shared = self._shared.output(self, x) if self._shared is not None else None
+        if shared is not None:
+            return shared
         lora: list[Tensor | None] = []
         for n in names:
             dropped = self.dropout[n] > 0 and self.training

@@ -51,6 +51,7 @@ class LoraParameter(LoraLayer):
     """
 
     supports_routing = False
+    supports_nora = True  # per expert: A is (E, r, in)
     dropout_mode = "refused"
     nests = True
 

@@ -131,6 +131,13 @@ class Wrapper(nn.Module):
         """Copy checked tensors (``peft_tensors``' names and shapes) into adapter ``name``."""
         raise NotImplementedError
 
+    @classmethod
+    def as_current_peft(cls, tensors: dict[str, Tensor], peft_version: str | None) -> dict:
+        """This kind's file ``tensors`` (``peft_tensors``' names) from a file that PEFT release
+        ``peft_version`` wrote (None: not recorded), as the current PEFT reads them: where a
+        PEFT release changed what a tensor means, the file's meaning is kept."""
+        return tensors
+
     def base_shape(self) -> Shape | None:
         """The base weight's logical shape, as an adapter's fingerprint records it (None: this
         kind is not part of the fingerprint)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -136,7 +137,8 @@ def load_model(
         dtype: dtype of the model's weights, or a ``--dtype`` name (``auto``: see
             :func:`lorakit.models.precision.resolve_dtype`).
         quantize: ``nf4`` or ``int8`` to load the linear layers quantized by bitsandbytes
-            (their compute dtype is ``dtype``); ``None`` for float weights.
+            (their compute dtype is ``dtype``), one checkpoint tensor at a time; ``None`` for
+            float weights.
         device: where the model will run; a quantized model is loaded straight onto it
             (bitsandbytes' 8-bit layers cannot move afterwards), a float one stays on the CPU.
         trust_remote_code: let a model folder's own Python (``auto_map``) run; refused
@@ -182,7 +184,12 @@ def _load_weights(
     device: torch.device | str,
     trust_remote_code: bool,
 ) -> PreTrainedModel:
-    """The model in ``folder``: factorised layout, quantized onto ``device``, or float on CPU."""
+    """The model in ``folder``: factorised layout, quantized onto ``device``, or float on CPU.
+
+    A quantized model is built tensor by tensor (:func:`lorakit.models.quantize.load_streaming`,
+    never the whole float model in memory); a folder it cannot map exactly loads through
+    transformers' ``from_pretrained`` with a warning.
+    """
     from transformers import AutoModelForCausalLM
 
     if _is_factorized(folder):
@@ -196,6 +203,17 @@ def _load_weights(
         return load_factorized(folder, dtype)
     placement = {"quantization_config": quant, "device_map": {"": device}} if quant else {}
     with _reading(folder):
+        if quant is not None:
+            from .quantize import NotStreamable, load_streaming
+
+            try:
+                return load_streaming(folder, dtype, quant, device, trust_remote_code)
+            except NotStreamable as reason:
+                warnings.warn(
+                    f"{folder}: {reason}, so it loads through transformers instead, which "
+                    "holds the float weights while it quantizes (more memory, same model).",
+                    stacklevel=3,
+                )
         return AutoModelForCausalLM.from_pretrained(
             folder,
             dtype=dtype,

@@ -2,7 +2,8 @@
 
 ``--dtype`` picks the float type of the base weights; ``auto`` is bfloat16 on a CUDA device
 that supports it and float32 elsewhere (the CPU demo stays exact). ``--quantize`` loads the
-linear layers through bitsandbytes (via transformers' ``BitsAndBytesConfig``):
+linear layers through bitsandbytes, as transformers' ``BitsAndBytesConfig`` describes them
+(:mod:`lorakit.models.quantize` builds the model from it one tensor at a time):
 
 - ``nf4``: 4-bit NormalFloat with double quantization (the quantization constants are
   quantized too, ~0.4 bit/param less), computing in the ``--dtype`` (bf16 or fp32, as QLoRA does);

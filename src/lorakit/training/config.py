@@ -110,7 +110,13 @@ class TrainConfig:
     warmup_steps: int = _opt(10, "steps of linear warmup from 0")
     max_grad_norm: float = _opt(1.0, "clip gradients to this norm (0 = off)")
     gradient_checkpointing: bool = _opt(False, "recompute activations to save memory")
+    loss_chunk_tokens: int | None = _opt(
+        None,
+        "loss from the hidden states N tokens at a time, never the full logits; unset: 1024 "
+        "where exact (a frozen plain head, no logit softcap/scale), 0: the plain loss",
+    )
     bf16: bool = _opt(False, "bf16 autocast")
+    compile: bool = _opt(False, "torch.compile the model (inductor); the first 2 steps compile")
     seed: int = _opt(0, "seed for init, shuffling and dropout")
     # --- evaluation, checkpoints, logging
     eval_every: int = _opt(0, "validation loss every N steps (0 = at the end only)")
@@ -247,8 +253,8 @@ def _range_problems(config: TrainConfig) -> list[str]:
     for name in (*positive, "dist_timeout"):
         if getattr(config, name) <= 0:
             problems.append(f"{name} must be a positive integer, got {getattr(config, name)}")
-    for name in ("max_steps", "warmup_steps", "eval_every", "save_every"):
-        if getattr(config, name) < 0:
+    for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "loss_chunk_tokens"):
+        if (getattr(config, name) or 0) < 0:  # loss_chunk_tokens None: chosen per model
             problems.append(f"{name} must be 0 or more, got {getattr(config, name)}")
     for name in ("lr", "alpha", "loraplus_ratio", "epochs"):
         if getattr(config, name) <= 0:
@@ -346,6 +352,7 @@ RESUMABLE_CHANGES = {
     "fsdp",
     "dist_timeout",
     "trust_remote_code",
+    "compile",  # the same maths, compiled or not
 }
 
 

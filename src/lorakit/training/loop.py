@@ -53,6 +53,7 @@ from .checkpoint import check_resumable, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import Dist
 from .inputs import DEFAULT, Inputs, check_inputs
+from .loss import chunk_size
 from .metrics import PLOT_FILE, Metrics
 from .report import bar_label, describe, describe_parallel, log, print_table, short
 from .run_folder import claim_output, clean_checkpoints, save_adapter_folder, start_run_folder
@@ -240,8 +241,10 @@ def _add_adapters(run: _Run) -> nn.Module:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
-    # ``model`` keeps the parameter names (checkpoints, adapter); the wrapper runs the steps.
-    return distributed.wrap(model, dist)
+    # ``model`` keeps the parameter names (checkpoints, adapter); the wrapper runs the steps,
+    # compiled where asked (two graphs: the first forward finds the shared inputs).
+    wrapped = distributed.wrap(model, dist)
+    return torch.compile(wrapped) if config.compile else wrapped
 
 
 @dataclass
@@ -262,6 +265,7 @@ class _Loop:
 def _train(config: TrainConfig, model: nn.Module | None, tokenizer: Any, dist: Dist) -> TrainResult:
     run = _prepare(config, model, tokenizer, dist)
     wrapped = _add_adapters(run)
+    chunk_size(wrapped, config.loss_chunk_tokens)  # refuse a forced chunked loss up front
     loop = _start_loop(run)
     if run.val_set is not None and loop.step == 0 and config.eval_every:
         loop.metrics.eval(0, _val_loss(run))
@@ -400,7 +404,10 @@ def _check_finite(run: _Run, loop: _Loop) -> None:
 def _val_loss(run: _Run) -> float:
     """Mean next-token loss over the validation set (a progress bar on rank 0)."""
     label = "val loss" if run.is_main else None
-    return evaluate_loss(run.model, run.val_set, run.config.batch_size, run.pad_id, label)
+    config = run.config
+    return evaluate_loss(
+        run.model, run.val_set, config.batch_size, run.pad_id, label, config.loss_chunk_tokens
+    )
 
 
 def _step(run: _Run, wrapped: nn.Module, loop: _Loop) -> tuple[dict[str, float], int, float]:
@@ -421,7 +428,7 @@ def _step(run: _Run, wrapped: nn.Module, loop: _Loop) -> tuple[dict[str, float],
     for index, (batch, rows) in enumerate(micro):
         with distributed.no_grad_sync(wrapped, dist, sync=index == len(micro) - 1):
             with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                shares = step_loss(wrapped, batch, rows, targets)
+                shares = step_loss(wrapped, batch, rows, targets, config.loss_chunk_tokens)
             # DDP and FSDP2 average gradients over the N ranks: (1/N) sum_r g_r. Rank r's
             # loss is its share of the global mean, so N times it makes that average
             # sum_r g_r, the gradient of the global mean loss.

@@ -4,7 +4,9 @@ The loss of a step is the sum of next-token cross-entropy over the target tokens
 micro-batches divided by their count (:func:`step_loss`), so batch ``b`` with ``k``
 accumulation steps gives the same update as one batch of ``b * k``. Data comes as an endless
 stream of shuffled indices (:class:`BatchStream`) whose position is two integers, so a resumed
-run sees the same batches as an uninterrupted one. :mod:`.loop` runs the loop.
+run sees the same batches as an uninterrupted one. Where the output head is frozen and plain,
+the cross-entropy comes from the hidden states a chunk of tokens at a time, never the whole
+(tokens, vocab) logits (:mod:`.loss`). :mod:`.loop` runs the loop.
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..data import IGNORE_INDEX, EncodedDataset
 from ..targeting import lora_layers
 from .config import TrainConfig
+from .loss import token_losses
 
 
 # --- learning-rate schedule -------------------------------------------------------------------
@@ -90,35 +92,35 @@ def target_count(
     return int(per_row.sum())
 
 
-def row_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def row_losses(
+    model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int | None = None
+) -> torch.Tensor:
     """Per row, the sum of next-token cross-entropy over its target tokens: shape (B,).
 
     The batch moves to the device of the model's parameters (a GPU under ``torchrun``).
+    ``chunk_tokens``: how the loss is computed (:func:`lorakit.training.loss.token_losses`:
+    ``None`` = chunked from the hidden states where exact, 0 = over full logits).
     """
     device = next(model.parameters()).device
     batch = {key: value.to(device) for key, value in batch.items()}
     # Every input but the labels: a VLM's batch also holds pixel_values, image_grid_thw, ...
     inputs = {key: value for key, value in batch.items() if key != "labels"}
-    logits = model(**inputs).logits
-    # (B, T-1, V) predicts labels (B, T-1): position t predicts token t + 1.
-    logits = logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    token_loss = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)),
-        labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    )
-    return token_loss.view(labels.shape).sum(dim=1)  # ignored tokens count 0
+    return token_losses(model, inputs, batch["labels"], chunk_tokens).sum(dim=1)
 
 
-def summed_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def summed_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int | None = None
+) -> torch.Tensor:
     """Sum (not mean) of next-token cross-entropy over the target tokens of ``batch``."""
-    return row_losses(model, batch).sum()
+    return row_losses(model, batch, chunk_tokens).sum()
 
 
 def step_loss(
-    model: nn.Module, batch: dict[str, torch.Tensor], rows: list[str], targets: dict[str, float]
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    rows: list[str],
+    targets: dict[str, float],
+    chunk_tokens: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """This micro-batch's share of each task's step loss: its loss / the task's target tokens.
 
@@ -126,16 +128,17 @@ def step_loss(
     the loss to minimise is the sum of the values. One task: the summed loss over ``targets``.
     Several: rows are routed to their task's adapter (:func:`lorakit.route`), so each adapter's
     gradient is its own task's mean-loss gradient, exactly as if it were trained alone.
+    ``chunk_tokens``: as for :func:`row_losses` (``TrainConfig.loss_chunk_tokens``).
     """
     if len(targets) == 1:
         ((name, count),) = targets.items()
-        return {name: summed_loss(model, batch) / max(count, 1)}
+        return {name: summed_loss(model, batch, chunk_tokens) / max(count, 1)}
     from ..adapters import route
 
     # Adapters are found on the model itself, not on a DDP wrapper around it.
     inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     with route(inner, rows):
-        per_row = row_losses(model, batch)
+        per_row = row_losses(model, batch, chunk_tokens)
     losses = {}
     for name, count in targets.items():
         mine = [i for i, task in enumerate(rows) if task == name]
@@ -179,10 +182,13 @@ def evaluate_loss(
     batch_size: int,
     pad_id: int,
     progress: str | None = None,
+    chunk_tokens: int | None = None,
 ) -> float:
     """Mean next-token loss over every target token of ``dataset`` (eval mode, no dropout).
 
     ``progress``: the label of a progress bar (rate, ETA) over the sequences; ``None``: none.
+    ``chunk_tokens``: as for :func:`row_losses`; without gradients the chunked loss keeps
+    nothing for a backward, so it only saves the (tokens, vocab) logits.
     """
     from ..progress import bar as progress_bar
 
@@ -194,7 +200,7 @@ def evaluate_loss(
         batch = dataset.collate(
             [dataset[i] for i in range(start, start + batch_size) if i < len(dataset)], pad_id
         )
-        total += float(summed_loss(model, batch))
+        total += float(summed_loss(model, batch, chunk_tokens))
         count += target_count(batch)
         bar.update(len(batch["input_ids"]))
     bar.close()
@@ -203,11 +209,19 @@ def evaluate_loss(
 
 
 # --- optimizer ------------------------------------------------------------------------------------
+# Devices with torch's fused AdamW kernel (torch checks this only at the first step, too late
+# to fall back, so it is checked here).
+FUSED_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW over trainable parameters only, in up to four groups.
 
     Weight decay applies to matrices only (never biases and norms, which are 1-D). With LoRA+
-    the B matrices learn ``loraplus_ratio`` times faster than the rest.
+    the B matrices learn ``loraplus_ratio`` times faster than the rest. The update is torch's
+    fused kernel (one call for every tensor) where all parameters allow it, else ``foreach``
+    (a few batched calls): the same AdamW maths as the default per-tensor loop, which on a CPU
+    is what torch picks without being asked, and costs one Python round per tensor.
     """
     b_params = {id(p) for _, layer in lora_layers(model) for p in layer.lora_B.values()}
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
@@ -222,4 +236,7 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
         }
         for (decay, is_b), params in sorted(groups.items())
     ]
-    return torch.optim.AdamW(param_groups, lr=config.lr)
+    params = [p for group in param_groups for p in group["params"]]
+    if all(p.is_floating_point() and p.device.type in FUSED_DEVICES for p in params):
+        return torch.optim.AdamW(param_groups, lr=config.lr, fused=True)
+    return torch.optim.AdamW(param_groups, lr=config.lr, foreach=True)
