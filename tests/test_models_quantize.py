@@ -17,7 +17,7 @@ import warnings
 import pytest
 import tiny
 import torch
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaForCausalLM
 
 from lorakit import LoraConfig, LoraError, add_lora
 from lorakit.models import quantize
@@ -32,17 +32,7 @@ def _llama(tie: bool) -> LlamaForCausalLM:
     """A 2-layer Llama whose every quantized layer has out % 32 == 0 and in % 64 == 0, the
     shapes bitsandbytes' AVX-512 BF16 eval kernel accepts (tiny.llama's 32-wide ones it
     rejects, transformers' model included)."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tie,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny.llama(tie=tie, hidden=64, intermediate=128)
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])

@@ -8,15 +8,17 @@ import torch
 from torch import nn
 
 
-def llama(tie: bool = False, seed: int = 0, vocab: int = 64) -> nn.Module:
+def llama(
+    tie: bool = False, seed: int = 0, vocab: int = 64, hidden: int = 32, intermediate: int = 48
+) -> nn.Module:
     """A 2-layer Llama-style causal LM (q/k/v/o, gate/up/down, rotary)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=48,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

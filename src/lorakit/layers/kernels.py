@@ -10,6 +10,7 @@ formulas in ``tests/test_layers_kernels.py``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -185,11 +186,19 @@ def shared_lora_linear(
     return A_cat, inputs, hts
 
 
-class SharedLayout:
+class SharedLayout(NamedTuple):
     """Which adapters of a ``SharedLoraFunction`` belong to which layer, and their scales."""
 
-    def __init__(self, members: int, owner: list[int], scales: list[float]) -> None:
-        self.members, self.owner, self.scales = members, owner, scales
+    members: int  # layers
+    owner: list[int]  # per adapter: the index of its layer
+    scales: list[float]  # per adapter
+
+
+def shared_outputs(x: Tensor, weights: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """Each layer's output tensor in x's leading shape, and the flat (N, out_j) view of it the
+    maths writes into: separate tensors, not views, so model code may add to them in place."""
+    ys = [x.new_empty(*x.shape[:-1], W.shape[0]) for W in weights]
+    return ys, [y.view(-1, y.shape[-1]) for y in ys]
 
 
 class SharedLoraFunction(torch.autograd.Function):
@@ -215,8 +224,7 @@ class SharedLoraFunction(torch.autograd.Function):
     def forward(ctx, x, layout, *tensors):  # tensors: W₁, b₁, ..., W_m, b_m, x₁, A₁, B₁, ...
         flat = x.reshape(-1, x.shape[-1])
         weights = tensors[: 2 * layout.members : 2]
-        ys = [x.new_empty(*x.shape[:-1], W.shape[0]) for W in weights]
-        outs = [y.view(-1, y.shape[-1]) for y in ys]
+        ys, outs = shared_outputs(x, weights)
         A_cat, inputs, hts = shared_lora_linear(flat, layout, tensors, outs)
         adapters = tensors[2 * layout.members :]
         ctx.layout, ctx.x_shape = layout, x.shape

@@ -27,9 +27,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .kernels import SharedLayout, SharedLoraFunction, shared_lora_linear
+from .kernels import SharedLayout, SharedLoraFunction, shared_lora_linear, shared_outputs
 
-LoraLinear = Any  # linear.LoraLinear, which imports this module: the type, not an import
+# Members are linear.LoraLinear layers; linear imports this module, so they are typed as
+# modules here.
+LoraLinear = nn.Module
 
 
 class SharedInput:
@@ -128,7 +130,6 @@ def _run(members: list[LoraLinear], x: Tensor) -> list[Tensor]:
     layout = SharedLayout(len(members), owner, scales)
     if torch.is_grad_enabled():
         return list(SharedLoraFunction.apply(x, layout, *tensors, *adapters))
-    ys = [x.new_empty(*x.shape[:-1], t.shape[0]) for t in tensors[0::2]]
-    outs = [y.view(-1, y.shape[-1]) for y in ys]
+    ys, outs = shared_outputs(x, tensors[0::2])
     shared_lora_linear(x.reshape(-1, x.shape[-1]), layout, [*tensors, *adapters], outs)
     return ys
