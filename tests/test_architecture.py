@@ -192,7 +192,8 @@ def _names(node: ast.AST) -> set[str]:
 
 
 def _class_checks(tree: ast.AST, classes: set[str]) -> Iterator[tuple[int, str]]:
-    """``isinstance(x, C)`` and ``type(x) is C`` (``is not``, ``==``, ``in``) on ``classes``."""
+    """``isinstance(x, C)``, ``issubclass(x, C)`` and every comparison naming ``C``
+    (``type(x) is C``, ``layer_class_for(m) is not C``, ``==``, ``in``) on ``classes``."""
     aliases = {
         alias.asname: alias.name
         for node in ast.walk(tree)
@@ -202,12 +203,9 @@ def _class_checks(tree: ast.AST, classes: set[str]) -> Iterator[tuple[int, str]]
     }
     for node in ast.walk(tree):
         operands: list[ast.AST] = []
-        if isinstance(node, ast.Call) and ast.unparse(node.func) == "isinstance":
+        if isinstance(node, ast.Call) and ast.unparse(node.func) in ("isinstance", "issubclass"):
             operands = node.args[1:2]
-        elif isinstance(node, ast.Compare) and any(
-            isinstance(o, ast.Call) and ast.unparse(o.func) == "type"
-            for o in [node.left, *node.comparators]
-        ):
+        elif isinstance(node, ast.Compare):
             operands = [node.left, *node.comparators]
         named = {aliases.get(n, n) for o in operands for n in _names(o)} & classes
         if named:
@@ -381,6 +379,9 @@ def test_layer_class_checks_are_found_with_their_comments(tmp_path):
                 "\n"
                 "ok = type(m) in (int, LoraLinear)\n"
                 "isinstance(err, LoraError)\n"  # not a layer class
+                "if entry.layer is not LoraLinear: pass\n"
+                "layer_class_for(m) is LoraLinear  # why\n"
+                "issubclass(kind, LoraLayer)\n"  # the line above comments it
             ),
         },
     )
@@ -390,6 +391,9 @@ def test_layer_class_checks_are_found_with_their_comments(tmp_path):
             "pkg/io.py:4 LoraLinear",
             "pkg/io.py:5 Tokens",
             "pkg/io.py:7 LoraLinear",
+            "pkg/io.py:9 LoraLinear",
+            "pkg/io.py:10 LoraLinear",
+            "pkg/io.py:11 LoraLayer",
         ],
-        ["pkg/io.py:7 LoraLinear"],
+        ["pkg/io.py:7 LoraLinear", "pkg/io.py:9 LoraLinear"],
     )

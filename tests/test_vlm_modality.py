@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from vlm_tiny import FAMILIES, build
+from vlm_tiny import FAMILIES, build, template
 
 from lorakit.data import read_data
 from lorakit.errors import LoraError
@@ -140,6 +140,40 @@ def test_skipped_image_records_are_reported(tmp_path, smollm2_tokenizer, capsys)
     data = _records(tmp_path, "data.jsonl", [_MISSING_IMAGE])
     train(_config(data, tmp_path / "out", skip_bad_records=True), model, processor)
     assert f"skipped 1 bad records of 5 in {data}: 1 missing image" in capsys.readouterr().out
+
+
+# A template that refuses any user turn saying BAD (as a template's raise_exception does).
+_REFUSING = (
+    "{% for m in messages %}{% if m['role'] == 'user' and 'BAD' in "
+    "(m['content'] if m['content'] is string else m['content'] | map(attribute='text') "
+    "| select | join) %}{{ raise_exception('no BAD here') }}{% endif %}{% endfor %}"
+)
+_REFUSED = {
+    "messages": [
+        {"role": "user", "content": "<image>BAD colour?"},
+        {"role": "assistant", "content": "red"},
+    ],
+    "images": ["0.png"],
+}
+
+
+def test_image_records_the_template_refuses_are_bad_records(tmp_path, smollm2_tokenizer):
+    """As on the text road: named without skip_bad_records, skipped and counted with it."""
+    _, processor = build("llava", smollm2_tokenizer)
+    processor.chat_template = processor.tokenizer.chat_template = _REFUSING + template("<image>")
+    data = read_data(_records(tmp_path, "data.jsonl", [_REFUSED]))
+    codec = ImageCodec(processor)
+    with pytest.raises(LoraError, match=r"data\.jsonl, line 5: the chat template refuses it"):
+        codec.encode(data.examples, 256, sources=data.sources)
+    encoded = codec.encode(data.examples, 256, sources=data.sources, skip_bad_records=True)
+    assert (encoded.examples, len(encoded), encoded.skipped) == (
+        4,
+        4,
+        {"refused by the chat template": 1},
+    )
+    assert encoded.refused == [4]
+    with pytest.raises(LoraError, match="No example could be encoded: skipped 1 bad records"):
+        codec.encode(data.examples[4:], 256, skip_bad_records=True)
 
 
 def test_image_runs_save_the_system_prompt_their_records_share(tmp_path, smollm2_tokenizer):

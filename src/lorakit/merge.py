@@ -20,6 +20,7 @@ from .inject import replace_module
 from .layers import LoraQuantizedLinear, Wrapper, iter_adapter_modules, layer_class_for
 from .layers.quantized import float_linear
 from .state import AdapterState, adapter_configs
+from .targeting import inside
 
 
 def _mergeable(model: nn.Module) -> list[tuple[str, Wrapper]]:
@@ -51,7 +52,7 @@ def _untie(model: nn.Module, weight: nn.Parameter, owner: str) -> None:
         (path, module, name)
         for path, module in model.named_modules(remove_duplicate=False)
         for name, p in module._parameters.items()
-        if p is weight and path != owner and not path.startswith(owner + ".")
+        if p is weight and not inside(path, owner)
     ]
     for path, module, name in others:
         module._parameters[name] = nn.Parameter(weight.detach().clone(), weight.requires_grad)

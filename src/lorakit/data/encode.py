@@ -10,7 +10,8 @@ token from those before it.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -230,19 +231,16 @@ def cut_example(example: Example, budget: int) -> Example:
     return kept
 
 
-def _encode(
-    example: Example, tokenizer: PreTrainedTokenizerBase, train_on_prompt: bool, where: str
-) -> tuple[list[int], list[int]]:
-    """Token ids and labels of one example, the first token without loss; what the chat
-    template or the tokenizer refuses in it becomes a :class:`BadRecord` naming ``where``."""
+@contextmanager
+def refusals(where: str) -> Iterator[None]:
+    """Turn what the chat template or the tokenizer refuses while rendering one record into a
+    :class:`BadRecord` naming ``where`` (so ``skip_bad_records`` can count it); a template that
+    does not compile is the template's fault, not the record's: a :class:`LoraError`."""
     from jinja2 import TemplateError, TemplateSyntaxError  # comes with transformers
 
     try:
-        if isinstance(example, str):
-            ids, labels = _encode_text(example, tokenizer)
-        else:
-            ids, labels = _encode_conversation(example, tokenizer, train_on_prompt)
-    except TemplateSyntaxError as error:  # the template itself, not this example
+        yield
+    except TemplateSyntaxError as error:
         raise LoraError(
             f"The chat template does not compile (template line {error.lineno}: {error}). "
             "Fix the template file given with --chat-template, or leave it out."
@@ -259,6 +257,18 @@ def _encode(
             "refused by the tokenizer",
             f"the chat template or tokenizer fails on it: {error!r}.",
         ) from error
+
+
+def _encode(
+    example: Example, tokenizer: PreTrainedTokenizerBase, train_on_prompt: bool, where: str
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one example, the first token without loss; what the chat
+    template or the tokenizer refuses in it becomes a :class:`BadRecord` naming ``where``."""
+    with refusals(where):
+        if isinstance(example, str):
+            ids, labels = _encode_text(example, tokenizer)
+        else:
+            ids, labels = _encode_conversation(example, tokenizer, train_on_prompt)
     if ids:
         labels[0] = IGNORE_INDEX
     return ids, labels

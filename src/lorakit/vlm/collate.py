@@ -30,8 +30,9 @@ from typing import Any
 import torch
 
 from ..data import IGNORE_INDEX, IMAGE, Conversation, EncodedDataset, images_of
-from ..data.encode import TextCodec, char_budget
+from ..data.encode import TextCodec, char_budget, refusals
 from ..data.images import ImageSource, load_image
+from ..data.records import BadRecord, skip_report
 from ..errors import LoraError
 
 Parts = list[dict[str, Any]]  # a turn's content parts, as processors' chat templates take them
@@ -148,16 +149,19 @@ class ImageCodec(TextCodec):
         *,
         train_on_prompt: bool = False,
         sources: Sequence[str] | None = None,
+        skip_bad_records: bool = False,
         **options: Any,
     ) -> ImageDataset:
         """Render, expand and label every example (see the module docstring).
 
-        ``options`` (``pack``, ``skip_bad_records``) are refused before a run reaches here
-        (:mod:`lorakit.modality`).
+        What the chat template or the tokenizer refuses in a record is a bad record (named;
+        with ``skip_bad_records`` skipped and counted, as on the text road). ``options``
+        (``pack``) are refused before a run reaches here (:mod:`lorakit.modality`).
 
         Raises:
             LoraError: a chat template that renders a conversation differently from its
-                beginning (naming the record), or no example left within ``seq_len``.
+                beginning or refuses it (naming the record), or no example left within
+                ``seq_len``.
         """
         masked = image_token_ids(self.processor)
         budget = char_budget(self.tokenizer, seq_len)
@@ -168,8 +172,16 @@ class ImageCodec(TextCodec):
             if example is None:  # an image past any seq_len tokens: dropped, as below
                 data.dropped += 1
                 continue
-            text = render(self.processor, example)
-            ids, labels = _labels(self.processor, example, text, train_on_prompt, where)
+            try:
+                with refusals(where):
+                    text = render(self.processor, example)
+                    ids, labels = _labels(self.processor, example, text, train_on_prompt, where)
+            except BadRecord as bad:
+                if not skip_bad_records:
+                    raise
+                data.skipped[bad.reason] = data.skipped.get(bad.reason, 0) + 1
+                data.refused.append(number)
+                continue
             labels = [IGNORE_INDEX if i in masked else y for i, y in zip(ids, labels, strict=True)]
             last_image = max((p for p, i in enumerate(ids) if i in masked), default=-1)
             if last_image >= seq_len or all(y == IGNORE_INDEX for y in labels[:seq_len]):
@@ -180,6 +192,10 @@ class ImageCodec(TextCodec):
             data.labels.append(labels[:seq_len])
             data.texts.append(text)
             data.images.append(images_of(example))
+        data.examples -= sum(data.skipped.values())
+        if not data.input_ids and data.skipped:
+            report = skip_report(data.skipped, len(examples), "the data")
+            raise LoraError(f"No example could be encoded: {report}.")
         if not data.input_ids:
             source = sources[0].rsplit(", ", 1)[0] if sources else "the data"
             raise LoraError(
