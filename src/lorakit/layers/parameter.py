@@ -176,7 +176,7 @@ class LoraParameter(LoraLayer):
     def _experts_path(self, args: tuple, kwargs: dict) -> str | None:
         """``"routed"`` or ``"dense"`` when the experts fast path computes this call exactly:
         a known experts module without hooks, frozen expert weights, only expert weights
-        adapted, no autocast, and the call its forward takes; else None."""
+        adapted, and the call its forward takes; else None."""
         owner = self.owner[0]
         dense = type(owner).__name__ in _DENSE_EXPERTS
         routed = all(hasattr(owner, a) for a in ("has_gate", "is_transposed", "_apply_gate"))
@@ -190,7 +190,6 @@ class LoraParameter(LoraLayer):
             or getattr(owner, "_is_expert_parallel", False)
             or any(w.requires_grad for w in weights)
             or any(w.parameter_name not in _EXPERT_WEIGHTS for w in self._chain())
-            or torch.is_autocast_enabled(args[0].device.type)
         ):
             return None
         return "dense" if dense else "routed"
@@ -207,8 +206,7 @@ class LoraParameter(LoraLayer):
                     P, Q = wrapper.input_factors(n)
                     pairs.setdefault(wrapper.parameter_name, []).append((P, Q, wrapper.scale[n]))
             if pairs:
-                run = _routed_experts if path == "routed" else _dense_experts
-                return run(self.owner[0], pairs, *args)
+                return _run_experts(self.owner[0], path, pairs, args)
         if not names:
             return self.base_layer(*args, **kwargs)
         weight = self.base_weight
@@ -219,28 +217,57 @@ class LoraParameter(LoraLayer):
         )
 
 
-def _project(owner: nn.Module, name: str, x: Tensor, groups: Groups, pairs: Pairs) -> Tensor:
-    """x (S, in), sorted by expert, through expert weight ``name`` and its LoRA pairs."""
+def _run_experts(owner: nn.Module, path: str, pairs: Pairs, args: tuple) -> Tensor:
+    """The fast path ``path`` on the call ``args``. Under autocast the module's own forward
+    multiplies in the autocast dtype; the custom autograd node is not autocast-aware, so its
+    operands (x, W, P, Q) are cast to that dtype explicitly and autocast is off inside."""
+    run = _routed_experts if path == "routed" else _dense_experts
+    device = args[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return run(owner, pairs, *args)
+    dtype = torch.get_autocast_dtype(device)
+    cast = {n: [(P.to(dtype), Q.to(dtype), s) for P, Q, s in ps] for n, ps in pairs.items()}
+    with torch.autocast(device, enabled=False):
+        return run(owner, cast, *args, dtype=dtype)
+
+
+def _project(
+    owner: nn.Module,
+    name: str,
+    x: Tensor,
+    groups: Groups,
+    pairs: Pairs,
+    dtype: torch.dtype | None,
+) -> Tensor:
+    """x (S, in), sorted by expert, through expert weight ``name`` (cast to ``dtype`` if given)
+    and its LoRA pairs; x meets the weight in the weight's dtype."""
     weight = getattr(owner, name)  # (E, out, in), or (E, in, out) when applied as x @ W
+    weight = weight if dtype is None else weight.to(dtype)
     applied = type(owner).__name__ in _DENSE_EXPERTS or owner.is_transposed
     return grouped_lora(x, weight if applied else weight.mT, groups, pairs.get(name, []))
 
 
 def _routed_experts(
-    owner: nn.Module, pairs: Pairs, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor
+    owner: nn.Module,
+    pairs: Pairs,
+    hidden: Tensor,
+    top_k_index: Tensor,
+    top_k_weights: Tensor,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """transformers' experts forward (its ``grouped_mm`` implementation's maths) with each
-    expert's LoRA on its own tokens: hidden (T, H), top-k experts and weights (T, k) -> (T, H)."""
+    expert's LoRA on its own tokens: hidden (T, H), top-k experts and weights (T, k) -> (T, H).
+    ``dtype``: the expert weights' compute dtype (autocast's); None: their own."""
     k = top_k_index.shape[-1]
     expert_ids, perm = torch.sort(top_k_index.reshape(-1))  # (S = T·k,) slots, by expert
     groups = Groups(torch.bincount(expert_ids, minlength=owner.num_experts))
     x = hidden[perm // k]  # (S, H): each slot's token
     up = "gate_up_proj" if owner.has_gate else "up_proj"
-    h = _project(owner, up, x, groups, pairs)
+    h = _project(owner, up, x, groups, pairs, dtype)
     if owner.has_bias:
         h = h + getattr(owner, f"{up}_bias")[expert_ids]
     h = owner._apply_gate(h) if owner.has_gate else owner.act_fn(h)  # (S, I)
-    y = _project(owner, "down_proj", h, groups, pairs)  # (S, H)
+    y = _project(owner, "down_proj", h, groups, pairs, dtype)  # (S, H)
     if owner.has_bias:
         y = y + owner.down_proj_bias[expert_ids]
     if owner.has_post_expert_norm:
@@ -252,11 +279,13 @@ def _routed_experts(
     return y[restore].view(-1, k, y.shape[-1]).sum(dim=1).to(hidden.dtype)
 
 
-def _dense_experts(owner: nn.Module, pairs: Pairs, hidden: Tensor) -> Tensor:
+def _dense_experts(
+    owner: nn.Module, pairs: Pairs, hidden: Tensor, dtype: torch.dtype | None = None
+) -> Tensor:
     """Llama-4's experts forward (every expert on its own equal share of the rows, weights
-    applied as x @ W) with LoRA: hidden (E·n, H) -> (E·n, H)."""
+    applied as x @ W) with LoRA: hidden (E·n, H) -> (E·n, H); ``dtype`` as for routed ones."""
     experts = owner.gate_up_proj.shape[0]
     rows = hidden.shape[0] // experts
     groups = Groups(torch.full((experts,), rows, device=hidden.device))
-    gate, up = _project(owner, "gate_up_proj", hidden, groups, pairs).chunk(2, dim=-1)
-    return _project(owner, "down_proj", up * owner.act_fn(gate), groups, pairs)
+    gate, up = _project(owner, "gate_up_proj", hidden, groups, pairs, dtype).chunk(2, dim=-1)
+    return _project(owner, "down_proj", up * owner.act_fn(gate), groups, pairs, dtype)
