@@ -198,3 +198,16 @@ def test_a_folder_of_wrapped_keys_is_refused_saying_what_it_is_and_how_to_recove
     add_lora(fresh, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
     fresh.load_state_dict(load_file(folder / "model.safetensors"), strict=False)
     assert tiny.max_diff(tiny.logits(fresh), tiny.logits(model)) == 0
+
+
+def test_save_pretrained_refuses_full_instead_of_writing_the_adapter(adapted, tmp_path):
+    _, model = adapted
+    for full in (True, False):
+        with pytest.raises(LoraError, match=r"lorakit\.unload\(model\)\.save_pretrained\(dir\)"):
+            model.save_pretrained(tmp_path / "out", full=full)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+    model.save_pretrained(tmp_path / "out")  # without full=: the adapter folder
+    assert (tmp_path / "out" / "adapter_config.json").is_file()
+    plain = unload(copy.deepcopy(model))  # no adapters left: transformers' own method again
+    plain.save_pretrained(tmp_path / "merged")
+    assert (tmp_path / "merged" / "config.json").is_file()

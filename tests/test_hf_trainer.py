@@ -148,62 +148,76 @@ def test_load_best_model_at_end_loads_the_best_checkpoints_adapter(base, rows, t
     _loads_alike(best, base, tiny.logits(trainer.model.eval()))
 
 
-def test_trl_sft_trainer_saves_the_adapter(smollm2_tokenizer, tmp_path):
+def test_trl_sft_trainer_saves_loads_and_resumes_the_adapter(smollm2_tokenizer, tmp_path):
     from datasets import Dataset
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     torch.manual_seed(0)
-    vocab = len(smollm2_tokenizer)
     config = LlamaConfig(
-        vocab_size=vocab,
+        vocab_size=len(smollm2_tokenizer),
         hidden_size=16,
         intermediate_size=32,
         num_hidden_layers=1,
         num_attention_heads=2,
         num_key_value_heads=1,
     )
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
-    rows = [
-        {
-            "messages": [
-                {"role": "user", "content": f"Order {i}?"},
-                {"role": "assistant", "content": f"pizza {i}"},
-            ]
-        }
-        for i in range(8)
-    ]
-    args = SFTConfig(
-        output_dir=str(tmp_path / "run"),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        save_strategy="steps",
-        save_steps=2,
-        max_length=32,
-        bf16=False,  # TRL's default autocast would make the trained logits bf16's
+    base = tmp_path / "base"
+    LlamaForCausalLM(config).save_pretrained(base)
+    rows = Dataset.from_list(
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": f"Order {i}?"},
+                    {"role": "assistant", "content": f"pizza {i}"},
+                ]
+            }
+            for i in range(16)
+        ]
     )
-    trainer = SFTTrainer(
-        model=_model(tmp_path / "base"),
-        args=args,
-        train_dataset=Dataset.from_list(rows),
-        processing_class=smollm2_tokenizer,
-    )
-    trainer.train()
-    trainer.save_model(tmp_path / "final")
-    ids = torch.tensor([smollm2_tokenizer("pizza order 3")["input_ids"]])
-    trained = tiny.logits(trainer.model.eval(), ids)
-    for folder in (tmp_path / "final", tmp_path / "run" / "checkpoint-2"):
-        saved = json.loads((folder / "adapter_config.json").read_text())
-        assert saved["base_model_name_or_path"] == str(tmp_path / "base"), folder
-        assert not (folder / "model.safetensors").exists(), folder
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
+    trainer_class = type("LoraSFTTrainer", (AdapterCheckpoints, SFTTrainer), {})
 
-        peft = PeftModel.from_pretrained(
-            AutoModelForCausalLM.from_pretrained(tmp_path / "base"), folder
+    def run(output: Path):
+        args = SFTConfig(
+            output_dir=str(output),
+            max_steps=4,
+            per_device_train_batch_size=4,
+            learning_rate=1e-2,
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+            save_strategy="steps",
+            save_steps=2,
+            max_length=32,
+            seed=0,
+            bf16=False,  # TRL's default autocast would make the trained logits bf16's
         )
+        return trainer_class(
+            model=_model(base), args=args, train_dataset=rows, processing_class=smollm2_tokenizer
+        )
+
+    whole = run(tmp_path / "run")
+    whole.train()
+    whole.save_model(tmp_path / "final")
+    ids = torch.tensor([smollm2_tokenizer("pizza order 3")["input_ids"]])
+    trained = tiny.logits(whole.model.eval(), ids)
+    full_size = (base / "model.safetensors").stat().st_size
+    for folder in (tmp_path / "final", tmp_path / "run" / "checkpoint-4"):
+        saved = json.loads((folder / "adapter_config.json").read_text())
+        assert saved["base_model_name_or_path"] == str(base), folder
+        assert not (folder / "model.safetensors").exists(), folder
+        assert (folder / "adapter_model.safetensors").stat().st_size < full_size / 4, folder
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)
         assert tiny.max_diff(tiny.logits(peft.eval(), ids), trained) < 1e-5, folder
+        ours = load_adapter(AutoModelForCausalLM.from_pretrained(base).eval(), folder)
+        assert tiny.max_diff(tiny.logits(ours, ids), trained) < 1e-5, folder
+    plain = tiny.logits(AutoModelForCausalLM.from_pretrained(base).eval(), ids)
+    assert tiny.max_diff(trained, plain) > 1e-4, "training changed nothing"
+    resumed = run(tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+    a, b = _adapter(whole.model), _adapter(resumed.model)
+    assert a.keys() == b.keys() and a
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)

@@ -539,3 +539,33 @@ def test_reload_adapter_refuses_another_adapter_listing_every_difference(tmp_pat
     add_lora(pissa, LoraConfig(r=2, target_modules=["q_proj"], init="pissa"), "p")
     with pytest.raises(LoraError, match=r"init='pissa' adapter is saved as an equivalent pair"):
         reload_adapter(pissa, tmp_path, "p")
+
+
+def test_base_of_a_folder_model_is_read_back_from_the_metadata_and_older_files(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.io import read_adapter
+
+    tiny.llama().save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    add_lora(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init="random"))
+    save_adapter(model, tmp_path / "ad")
+    folder, weights = tmp_path / "ad", tmp_path / "ad" / "adapter_model.safetensors"
+    assert json.loads((folder / "adapter_config.json").read_text())[
+        "base_model_name_or_path"
+    ] == str(tmp_path / "base")
+    assert read_adapter(folder)[0].base_model_name_or_path == str(tmp_path / "base")
+    # A file from before the metadata kept the base: the JSON's is read.
+    from safetensors import safe_open
+
+    with safe_open(weights, framework="pt") as f:
+        metadata = f.metadata()
+    old = {**json.loads(metadata["lorakit.config"]), "base_model_name_or_path": None}
+    save_file(load_file(weights), weights, metadata={**metadata, "lorakit.config": json.dumps(old)})
+    assert read_adapter(folder)[0].base_model_name_or_path == str(tmp_path / "base")
+    # The JSON must still say what was saved: an edited base is refused.
+    edited = json.loads((folder / "adapter_config.json").read_text())
+    edited["base_model_name_or_path"] = str(tmp_path / "other")
+    (folder / "adapter_config.json").write_text(json.dumps(edited))
+    with pytest.raises(LoraError, match="changed after the adapter was saved"):
+        read_adapter(folder)

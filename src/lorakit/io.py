@@ -39,6 +39,7 @@ from .targeting import unwrap, walk
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+_BASE = "base_model_name_or_path"
 
 
 # --- saving --------------------------------------------------------------------------------
@@ -92,6 +93,8 @@ def write_adapter_files(
     tensors = adapter_state_dict(model, adapter_name)
     saved = adapter_configs(model)[adapter_name].on_original_weight()
     peft = saved.to_peft_file(file_facts(model, adapter_name, base_model))
+    if saved.base_model_name_or_path is None:  # the base the JSON resolved, read back by lorakit
+        saved = saved.replace(base_model_name_or_path=peft[_BASE])
     metadata = {
         "format": "pt",
         "lorakit.config": json.dumps(saved.to_dict()),
@@ -128,6 +131,8 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, Te
         if "lorakit.config" in metadata:
             _check_same_config(config_file, peft_json, _metadata(metadata, "lorakit.peft_config"))
             config = LoraConfig.from_dict(_metadata(metadata, "lorakit.config"))
+            if config.base_model_name_or_path is None:  # saved before the metadata kept it
+                config = config.replace(base_model_name_or_path=peft_json.get(_BASE))
     except LoraError as err:
         raise LoraError(f"{config_file}: {err}") from None
     _check_values(folder, tensors)

@@ -117,14 +117,23 @@ class _PeftConfigs(Mapping):
 
 class _Method:
     """One of ``PeftAdapterMixin``'s methods answered for lorakit's adapters; the class's own
-    method while the model holds none (PEFT's adapters added after an ``unload``)."""
+    method while the model holds none (PEFT's adapters added after an ``unload``).
+    ``save_pretrained`` is the class's own but refuses ``full=``, which it would drop."""
 
     def __init__(self, model: nn.Module, name: str) -> None:
         self.model = model
         self.name = name
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if not _holds_adapters(self.model):
+        if not _holds_adapters(self.model) or self.name == "save_pretrained":
+            if "full" in kwargs and _holds_adapters(self.model):
+                raise LoraError(
+                    f"model.save_pretrained(..., full={kwargs['full']!r}): transformers' "
+                    "save_pretrained has no full= and would ignore it, writing the adapter. "
+                    "For the whole merged model use lorakit.unload(model).save_pretrained(dir) "
+                    "(on a copy.deepcopy(model) to keep the adapter); without full= it writes "
+                    "the adapter folder."
+                )
             return getattr(type(self.model), self.name)(self.model, *args, **kwargs)
         if self.name == "active_adapters":
             return active_names(self.model)
@@ -174,5 +183,5 @@ def attach(model: nn.Module) -> None:
         )
     model.__dict__["_hf_peft_config_loaded"] = _HasAdapters(model)
     model.__dict__["peft_config"] = _PeftConfigs(model)
-    for name in ("active_adapters", "get_adapter_state_dict", *_REFUSED):
+    for name in ("active_adapters", "get_adapter_state_dict", "save_pretrained", *_REFUSED):
         model.__dict__[name] = _Method(model, name)
