@@ -63,6 +63,17 @@ def test_hub_id_says_lorakit_is_offline_and_how_to_pass_a_folder(tmp_path, monke
     assert "--local-dir models/Llama-3-8B" in str(error.value)
 
 
+@pytest.mark.parametrize("spec", ["./nope", "../nope", "runs/demo"])
+def test_a_missing_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch, spec):
+    """./x and ../x are paths, and so is runs/demo once runs/ exists (the README's path
+    before the demo has run): not found, with no download advice."""
+    (tmp_path / "work" / "runs").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work")
+    with pytest.raises(LoraError, match="not found") as error:
+        resolve_model_spec(spec)
+    assert "hf download" not in str(error.value)
+
+
 def test_missing_path_is_named(tmp_path):
     missing = tmp_path / "nope" / "model.gguf"
     with pytest.raises(LoraError, match="not found") as error:

@@ -68,7 +68,9 @@ def _resolve(spec: str, seen: tuple[Path, ...]) -> str:
         return gguf
     path = Path(spec).expanduser()
     if not path.exists():
-        if _HUB_ID.match(spec):
+        # ./x and ../x are paths; so is runs/demo when runs/ is a local folder.
+        local = spec.startswith(".") or (path.parent.is_dir() and str(path.parent) != ".")
+        if _HUB_ID.match(spec) and not local:
             raise LoraError(
                 f"{spec!r} is not a local file or folder. lorakit works offline and does not "
                 "download from the Hugging Face Hub: download the model yourself, e.g. "
