@@ -108,7 +108,10 @@ def test_combine_refuses_a_file_as_output(tiny_folder, capsys):
     data.write_text("precious\n")
     argv = ["combine", "--adapter", str(tiny_folder / "a"), "--output", str(data)]
     assert main(argv) == 2
-    assert f"--output {data} is a file; pass a folder for the adapter." in capsys.readouterr().err
+    assert (
+        f"--output {data} is a file; pass a folder (it is created if missing)."
+        in capsys.readouterr().err
+    )
     assert data.read_text() == "precious\n"
     assert sorted(p.name for p in tiny_folder.iterdir()) == ["a", "b", "data.jsonl", "tiny"]
 
@@ -143,3 +146,21 @@ def test_ctrl_c_exits_130_without_a_traceback(tiny_folder, capsys, monkeypatch):
     monkeypatch.setattr(adapters, "_weights", interrupted)
     assert main(["combine", "--adapter", str(tiny_folder / "a"), "--output", "x"]) == 130
     assert capsys.readouterr().err == "\nlorakit combine: interrupted\n"
+
+
+@pytest.mark.parametrize("command", ["combine", "export"])
+def test_an_adapter_is_never_written_into_a_model_folder(tiny_folder, capsys, command):
+    """combine and export --to vllm write adapter folders: a model folder as --output is
+    refused before anything loads, and left as it was."""
+    model = tiny_folder / "tiny"
+    before = sorted(p.name for p in model.iterdir())
+    adapter = str(tiny_folder / "a")
+    argv = {
+        "combine": ["combine", "--adapter", f"a={adapter}", "--adapter", f"b={adapter}"],
+        "export": ["export", adapter, "--to", "vllm"],
+    }[command]
+    assert main([*argv, "--output", str(model)]) == 2
+    assert "is not empty and holds no adapter; the adapter written there would be mixed" in (
+        capsys.readouterr().err
+    )
+    assert sorted(p.name for p in model.iterdir()) == before

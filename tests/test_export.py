@@ -10,6 +10,7 @@ tests/test_interop_llamacpp.py (``make interop``) runs llama.cpp itself.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import subprocess
@@ -20,6 +21,7 @@ import gguf
 import pytest
 import tiny
 import torch
+from disk import files_on, small_disk  # noqa: F401
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lorakit import LoraConfig, LoraError, add_lora, load_adapter, save_adapter, unload
@@ -572,3 +574,18 @@ def test_core_import_stays_light():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert "gguf" not in out.stdout and "lorakit.export" not in out.stdout
+
+
+def test_an_adapter_gguf_on_a_full_disk_is_one_line_naming_it_and_leaves_nothing(
+    small_disk,  # noqa: F811
+):
+    # The disk filled to its last byte.
+    with open(small_disk / "fill", "wb", buffering=0) as fill, contextlib.suppress(OSError):
+        while True:
+            fill.write(bytes(1024))
+    before = files_on(small_disk)
+    out = small_disk / "a.gguf"
+    with pytest.raises(LoraError) as error:
+        to_gguf(adapted_llama(), out)
+    assert str(error.value).startswith(f"Could not write {out} (No space left on device)")
+    assert files_on(small_disk) == before

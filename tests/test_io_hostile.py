@@ -132,6 +132,25 @@ def test_corrupt_metadata_is_refused(saved, tmp_path):
         load_adapter(_base(), folder)
 
 
+def test_a_huge_rank_in_a_peft_file_is_refused_before_anything_is_allocated(saved, tmp_path):
+    """A PEFT-written file (no lorakit metadata) whose config says r=10**9: the expected
+    shapes are worked out on the meta device, so the mismatch is named, not a 24 GB
+    allocation."""
+    folder = _copy(saved, tmp_path)
+    save_file(load_file(folder / WEIGHTS), folder / WEIGHTS, metadata={"format": "pt"})
+    config = json.loads((folder / CONFIG).read_text())
+    (folder / CONFIG).write_text(json.dumps({**config, "r": 10**9, "lora_alpha": 10**9}))
+    with pytest.raises(LoraError, match="shape"):
+        load_adapter(_base(), folder)
+
+
+def test_a_deeply_nested_config_is_refused_by_name(saved, tmp_path):
+    folder = _copy(saved, tmp_path)
+    (folder / CONFIG).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(LoraError, match="nests its values too deeply"):
+        load_adapter(_base(), folder)
+
+
 # --- fuzzing: anything a file can hold gives a result or a LoraError -----------------------
 JSON_VALUES = st.recursive(
     st.none()

@@ -147,3 +147,14 @@ def test_masked_tokens_at_minus_infinity_are_fine_but_a_row_of_them_is_not():
     params = [SamplingParams(4, temperature=0), SamplingParams(4, temperature=0)]
     params.append(SamplingParams(4, temperature=1.0, seed=0))
     assert next_tokens(logits, params, [new_generator(0)] * 3) == [1, None, 1]
+
+
+def test_an_adapter_name_is_bounded():
+    """A name is listed in every 404: one load must not make them megabytes."""
+    body = {"lora_name": "x" * (api.MAX_ADAPTER_NAME + 1), "lora_path": "/a"}
+    assert "lora_name" in _refusal(body, api.LoadAdapter).message
+    name = "x" * api.MAX_ADAPTER_NAME
+    assert (
+        api.parse(json.dumps({**body, "lora_name": name}).encode(), api.LoadAdapter).lora_name
+        == name
+    )

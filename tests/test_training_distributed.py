@@ -246,6 +246,14 @@ def _environment(monkeypatch, env: dict[str, str]) -> None:
             f"{_VARIABLE} LOCAL_RANK is '-1': it must be a whole number, 0 or more.",
         ),
         (
+            {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "abc"},
+            f"{_VARIABLE} MASTER_PORT is 'abc': it must be a whole number, 1 or more.",
+        ),
+        (
+            {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "70000"},
+            "MASTER_PORT=70000 is not a port (1 to 65535); launch with torchrun",
+        ),
+        (
             {"WORLD_SIZE": "2", "RANK": "2", **_MASTER},
             "RANK=2 is not below WORLD_SIZE=2: ranks run from 0 to WORLD_SIZE - 1. Launch with "
             "torchrun, which sets both.",

@@ -173,6 +173,11 @@ def _read_json(path: Path) -> dict:
         raise LoraError(
             f"{path} is not valid JSON ({err}); restore it or save the adapter again."
         ) from None
+    except RecursionError:
+        raise LoraError(
+            f"{path} nests its values too deeply to be an adapter config; restore it or save "
+            "the adapter again."
+        ) from None
     if not isinstance(data, dict):
         raise LoraError(f"{path} must hold a JSON object, not a {type(data).__name__}.")
     return data

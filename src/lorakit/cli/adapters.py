@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..errors import LoraError
 from .common import (
     check_adapter_folder,
+    check_adapter_output,
     check_model_spec,
     load_adapters,
     model_name,
@@ -43,8 +43,7 @@ def run_combine(args: argparse.Namespace) -> int:
     adapters = parse_named_adapters(args.adapter)
     for folder in adapters.values():
         check_adapter_folder(folder)
-    if Path(args.output).exists() and not Path(args.output).is_dir():
-        raise LoraError(f"--output {args.output} is a file; pass a folder for the adapter.")
+    check_adapter_output(args.output)
     weights = _weights(args.weights, len(adapters))
     if args.method == "svd" and (args.rank is None or args.rank <= 0):
         raise LoraError("--method svd needs --rank N (a positive integer): the rank to keep.")

@@ -225,3 +225,33 @@ def read_message(prompt: str = "> ") -> str | None:
         print()
         return None
     return text or None
+
+
+def check_adapter_output(path: str | Path) -> Path:
+    """``--output`` of the commands that write an adapter folder (``extract``, ``resize``,
+    ``combine``, ``export --to vllm``): a new or empty folder, or an adapter folder
+    (its adapter is replaced, its other files kept); checked before any model loads.
+
+    Raises:
+        LoraError: a file, or a non-empty folder of another kind (a model, a training run,
+            anything without an adapter), which the adapter's files would be mixed into.
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise LoraError(f"--output {out} is a file; pass a folder (it is created if missing).")
+    names = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    if not names:
+        return out
+    weights = any(n.startswith(("model", "pytorch_model")) or n.endswith(".gguf") for n in names)
+    if ADAPTER_CONFIG not in names:
+        kind = "is not empty and holds no adapter"
+    elif names & {"train_config.yaml", "checkpoints"}:
+        kind = "holds a run of lorakit train (its adapter, settings and checkpoints)"
+    elif "config.json" in names or weights:
+        kind = "holds a model"
+    else:
+        return out
+    raise LoraError(
+        f"--output {out} {kind}; the adapter written there would be mixed with it. Pass a new "
+        "or empty folder, or an adapter folder to replace."
+    )

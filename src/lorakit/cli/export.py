@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import LoraError
+from .common import check_adapter_output
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,6 +78,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise LoraError("--ollama writes a Modelfile for a GGUF; use --to gguf.")
     if args.gguf_metadata and not Path(args.gguf_metadata).is_file():
         raise LoraError(f"--gguf-metadata {args.gguf_metadata}: no such file.")
+    if args.to == "vllm" and not args.check:
+        check_adapter_output(args.output)
 
 
 def run_export(args: argparse.Namespace) -> int:

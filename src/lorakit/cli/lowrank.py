@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 from ..config import ALL_LINEAR
 from ..errors import LoraError
 from .common import (
-    ADAPTER_CONFIG,
     check_adapter_folder,
+    check_adapter_output,
     check_data_file,
     check_empty_output,
     check_model_spec,
@@ -49,35 +49,6 @@ def perplexity(
     data = encode_examples(examples, tokenizer, seq_len, train_on_prompt=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return math.exp(evaluate_loss(model, data, batch_size, pad, "perplexity"))
-
-
-def check_adapter_output(path: str | Path) -> Path:
-    """``--output`` of ``extract`` and ``resize``: a new or empty folder, or an adapter folder
-    (its adapter is replaced, its other files kept); checked before any model loads.
-
-    Raises:
-        LoraError: a file, or a non-empty folder of another kind (a model, a training run,
-            anything without an adapter), which the adapter's files would be mixed into.
-    """
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise LoraError(f"--output {out} is a file; pass a folder (it is created if missing).")
-    names = {p.name for p in out.iterdir()} if out.is_dir() else set()
-    if not names:
-        return out
-    weights = any(n.startswith(("model", "pytorch_model")) or n.endswith(".gguf") for n in names)
-    if ADAPTER_CONFIG not in names:
-        kind = "is not empty and holds no adapter"
-    elif names & {"train_config.yaml", "checkpoints"}:
-        kind = "holds a run of lorakit train (its adapter, settings and checkpoints)"
-    elif "config.json" in names or weights:
-        kind = "holds a model"
-    else:
-        return out
-    raise LoraError(
-        f"--output {out} {kind}; the adapter written there would be mixed with it. Pass a new "
-        "or empty folder, or an adapter folder to replace."
-    )
 
 
 def _targets(values: list[str]) -> list[str] | str:

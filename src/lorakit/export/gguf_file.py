@@ -7,6 +7,7 @@ outtype; a Q8_0 tensor whose rows are not a multiple of 32 values falls back to 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from pathlib import Path
@@ -79,5 +80,6 @@ def write_atomic(writer: gguf.GGUFWriter, path: str | os.PathLike) -> Path:
 def _abandon(writer: gguf.GGUFWriter, tmp: Path) -> None:
     if writer.fout is not None:
         for f in writer.fout:
-            f.close()
+            with contextlib.suppress(OSError):  # a full disk fails the flush of close()
+                f.close()
     tmp.unlink(missing_ok=True)

@@ -91,7 +91,12 @@ class LoraKind(Wrapper):
         """PEFT tensor name -> shape for an adapter of rank ``settings["r"]`` (with
         ``use_dora`` / ``lora_bias`` when set): A and B in PEFT's layout, B's bias, m."""
         shape_a, shape_b = cls.adapter_shapes(module, settings["r"], **options)
-        A, B = cls.to_peft(torch.empty(shape_a), torch.empty(shape_b), module, **options)
+        # On the meta device: a config's r of 10**9 costs nothing before the file's shapes
+        # are found not to match it.
+        meta = {"device": "meta"}
+        A, B = cls.to_peft(
+            torch.empty(shape_a, **meta), torch.empty(shape_b, **meta), module, **options
+        )
         shapes = {cls.peft_keys[0]: tuple(A.shape), cls.peft_keys[1]: tuple(B.shape)}
         if settings.get("lora_bias"):
             shapes["lora_B.bias"] = (cls.matrix_shape(module, **options)[0],)

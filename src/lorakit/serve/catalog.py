@@ -88,7 +88,8 @@ class Catalog:
         if served is None and requested.startswith(prefix):
             served = self._served.get(requested[len(prefix) :])
         if served is None:
-            names = ", ".join(repr(n) for n in self._served)
+            names = ", ".join(brief(n) for n in list(self._served)[:10])
+            names += f" and {len(self._served) - 10} more" if len(self._served) > 10 else ""
             raise UnknownModel(
                 f"The model {brief(requested)} does not exist; this server has {names}."
             )

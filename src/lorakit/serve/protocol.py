@@ -144,8 +144,12 @@ class CompletionRequest(_Sampling):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
+# A name is echoed in every 404's list of served names: bounded, so one load cannot bloat them.
+MAX_ADAPTER_NAME = 256
+
+
 class LoadAdapter(_Strict):
-    lora_name: str
+    lora_name: Annotated[str, Field(max_length=MAX_ADAPTER_NAME)]
     lora_path: str
     load_inplace: bool = False
 

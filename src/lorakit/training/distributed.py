@@ -81,6 +81,11 @@ def setup(fsdp: bool = False, timeout_s: int = 600) -> Dist:
             "all) or lorakit train --nproc N, or unset WORLD_SIZE to train in one process."
         )
     rank, local_rank = launcher_int("RANK", 0, minimum=0), launcher_int("LOCAL_RANK", 0, minimum=0)
+    if launcher_int("MASTER_PORT", 0) > 65535:
+        raise LoraError(
+            f"MASTER_PORT={os.environ['MASTER_PORT']} is not a port (1 to 65535); launch with "
+            "torchrun, which sets it."
+        )
     if rank >= world_size:
         raise LoraError(
             f"RANK={rank} is not below WORLD_SIZE={world_size}: ranks run from 0 to "
