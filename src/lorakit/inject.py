@@ -19,6 +19,7 @@ from torch import nn
 
 from .config import WEIGHT_INITS, LoraConfig
 from .errors import LoraError
+from .hf.enclosing import guard
 from .hf.integration import attach
 from .layers import (
     LoraFused,
@@ -455,9 +456,11 @@ def apply_plan(model: nn.Module, result: Plan) -> nn.Module:
 
     ``model`` must be as it was when planned. A transformers model is first given lorakit's
     answers to transformers' adapter integration (``lorakit.hf.integration``), so that its
-    ``save_pretrained`` writes the adapter in PEFT's form.
+    ``save_pretrained`` writes the adapter in PEFT's form; a transformers model enclosing
+    ``model`` is refused its whole-model ``save_pretrained`` (``lorakit.hf.enclosing``).
     """
     attach(model)
+    guard(model)
     for entry in result.entries:
         module = model.get_submodule(entry.path)
         wrapper = entry.layer.existing(module, **entry.options)
