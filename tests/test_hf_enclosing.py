@@ -37,7 +37,11 @@ def test_a_whole_model_save_around_an_adapted_part_is_refused_and_writes_nothing
     assert not (tmp_path / "out").exists()  # config.json, written first, is taken back
 
 
-@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], r".*\.q_proj"], ids=["list", "regex"])
+@pytest.mark.parametrize(
+    "targets",
+    [["q_proj", "v_proj"], r".*\.q_proj", "all-linear"],
+    ids=["list", "regex", "all-linear"],
+)
 def test_the_suggested_target_adapts_the_same_layers_on_the_whole_model(targets, tmp_path):
     model, part, path = _parts()[1]
     add_lora(part, LoraConfig(r=4, alpha=8, target_modules=targets, init="random"))

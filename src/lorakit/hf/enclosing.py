@@ -25,7 +25,9 @@ from typing import Any
 
 from torch import nn
 
+from ..config import ALL_LINEAR
 from ..errors import LoraError
+from ..layers import iter_adapter_modules
 from ..state import adapter_configs
 
 _MARK = "_lorakit_save_guard"
@@ -98,14 +100,15 @@ def _message(saver: str, part: str, module: nn.Module, folder: Any) -> str:
 
 def _whole_model_targets(part: str, module: nn.Module) -> str:
     """The ``target_modules=`` that adapts, in the whole model, what the part's adapters
-    adapt: PEFT's regex (matched against the whole path) under ``part``."""
-    names: list[str] = []
+    adapt: PEFT's regex (matched against the whole path) under ``part``. A regex target is
+    kept; otherwise the names of the LoRA layers the part holds are listed, which also
+    spells out what ``"all-linear"`` reached in it."""
     for config in adapter_configs(module).values():
         targets = config.target_modules
-        if targets == "all-linear":
-            return 'target_modules="all-linear", exclude_modules=[the other parts]'
-        if isinstance(targets, str):
+        if isinstance(targets, str) and targets != ALL_LINEAR:
             return f'target_modules=r"{re.escape(part)}\\.(?:{targets})"'
-        names += [n for n in targets or () if n not in names]
+    names = sorted(
+        {path.rsplit(".", 1)[-1] for path, w in iter_adapter_modules(module) if w.is_lora}
+    )
     listed = "|".join(map(re.escape, names)) or "..."
     return f'target_modules=r"{re.escape(part)}\\..*\\.({listed})"'
